@@ -1,0 +1,223 @@
+"""The agent runtime: what a source or target agent does with its model, free of Ray and gRPC.
+
+Serving (`services/`) and evaluation/training (`bridge/`) call the same functions here, so a
+prompt, primer or mask that differs between training and serving cannot happen by construction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from latentwire import profiles
+from latentwire.errors import InvalidArgument, ResourceExhausted
+from latentwire.settings import Limits
+
+_SLOT = "\x00PAYLOAD\x00"  # where the packet goes inside the rendered target prompt
+
+SOURCE_INSTRUCTION = ("Write a short message to another agent that passes on every fact it needs "
+                      "to answer the question (names, numbers, places, dates). Reply with the message only.")
+
+
+def now_ms() -> float:
+    return time.perf_counter() * 1000.0
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+class _StopForward(Exception):
+    pass
+
+
+class AgentModel:
+    """One model and its tokenizer, with the prompts of the LatentWire protocol."""
+
+    def __init__(self, profile: str | profiles.ModelProfile, *, device: str = "cpu", dtype: str | None = None,
+                 limits: Limits | None = None, model=None, tokenizer=None, cache_factory: Callable | None = None):
+        self.profile = profiles.get_profile(profile) if isinstance(profile, str) else profile
+        if model is None:
+            model, tokenizer = profiles.load(self.profile, device=device, dtype=dtype)
+        self.model, self.tok = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.limits = limits or Limits()
+        self.cache_factory = cache_factory  # e.g. an FMKVC cache; None: transformers' DynamicCache
+        cfg = model.config.get_text_config()
+        self.hidden_size = cfg.hidden_size
+        self.num_layers = cfg.num_hidden_layers
+        self.embed = model.get_input_embeddings()
+        self.eos_ids = self._eos_ids()
+        self._prefix_cache: dict[str, torch.Tensor] = {}
+        self._embed_rms: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for x in [self.tok.eos_token_id, gen_eos]:
+            if isinstance(x, int):
+                ids.add(x)
+            elif isinstance(x, list):
+                ids.update(x)
+        for t in ["<|im_end|>", "<end_of_turn>", "<eos>", "</s>"]:
+            tid = self.tok.convert_tokens_to_ids(t)
+            if isinstance(tid, int) and tid != self.tok.unk_token_id and tid is not None:
+                ids.add(tid)
+        if self.profile.stop_on_newline:
+            ids.update(i for i in self.tok.convert_tokens_to_ids(["\n", "Ċ", "\n\n"]) if isinstance(i, int)
+                       and i != self.tok.unk_token_id)
+        return ids
+
+    # ---- shared helpers -------------------------------------------------------------------
+    def tokenize(self, text: str) -> torch.Tensor:
+        return self.tok(text, add_special_tokens=False, return_tensors="pt").input_ids[0].to(self.device)
+
+    def render(self, user: str, system: str | None = None) -> str:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    def embed_rms(self) -> float:
+        """RMS of the input embeddings of real text: the scale soft tokens must match."""
+        if self._embed_rms is None:
+            from latentwire.textdata import text_chunks
+
+            ids = self.tokenize(" ".join(text_chunks(8)))[:2048]
+            with torch.no_grad():
+                e = self.embed(ids[None]).float()
+            self._embed_rms = float(e.pow(2).mean(-1).sqrt().mean())
+        return self._embed_rms
+
+    # ---- source side ----------------------------------------------------------------------
+    def source_ids(self, context: str, question: str) -> torch.Tensor:
+        """Token ids of what the source reads (the same prompt for LATENT and TEXT)."""
+        if len(question) > self.limits.max_question_chars:
+            raise InvalidArgument(f"{len(question)} characters exceed the limit of "
+                                  f"{self.limits.max_question_chars}", "question")
+        ids = self.tokenize(self.render(f"{context}\n\nQuestion: {question}", SOURCE_INSTRUCTION))
+        if len(ids) > self.limits.max_context_tokens:
+            raise ResourceExhausted(f"{len(ids)} tokens exceed the configured limit of "
+                                    f"{self.limits.max_context_tokens} (max_context_tokens)", "context")
+        return ids
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+        """Hidden states after `layer` decoder layers (T x d), without running the layers above."""
+        if not 1 <= layer <= self.num_layers:
+            raise ValueError(f"layer must be in 1..{self.num_layers}, got {layer}")
+        return self.hidden_states_batch(input_ids[None], torch.ones_like(input_ids)[None], layer)[0]
+
+    def hidden_states_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        captured = {}
+
+        def hook(_mod, _args, out):
+            captured["h"] = out[0] if isinstance(out, tuple) else out
+            raise _StopForward
+
+        handle = self.model.model.layers[layer - 1].register_forward_hook(hook)
+        try:
+            self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["h"]
+
+    def write_message(self, input_ids: torch.Tensor, max_tokens: int) -> Generation:
+        """Text relay: the source writes its message to the target, at most `max_tokens` tokens."""
+        embeds = self.embed(input_ids[None])
+        return self.generate(embeds, max_tokens)
+
+    # ---- target side ----------------------------------------------------------------------
+    def _target_template(self, question: str) -> tuple[str, str]:
+        text = self.render(f"{self.profile.primer}{_SLOT}\n\nQuestion: {question}\nAnswer in a few words.")
+        prefix, suffix = text.split(_SLOT)
+        return prefix, suffix
+
+    def prefix_embeds(self) -> torch.Tensor:
+        """Template + primer before the payload: identical for every request, so embedded once."""
+        if "prefix" not in self._prefix_cache:
+            prefix, _ = self._target_template("?")
+            with torch.no_grad():
+                self._prefix_cache["prefix"] = self.embed(self.tokenize(prefix)[None])[0]
+        return self._prefix_cache["prefix"]
+
+    def payload_embeds(self, payload: torch.Tensor | str | None) -> torch.Tensor:
+        if payload is None:
+            return self.prefix_embeds()[:0]
+        if isinstance(payload, str):
+            return self.embed(self.tokenize(payload)[None])[0] if payload else self.prefix_embeds()[:0]
+        if payload.ndim != 2 or payload.shape[-1] != self.hidden_size:
+            raise InvalidArgument(f"soft tokens must be (K, {self.hidden_size}), got {tuple(payload.shape)}",
+                                  "soft_tokens")
+        return payload.to(device=self.device, dtype=self.prefix_embeds().dtype)
+
+    def target_inputs(self, payload: torch.Tensor | str | None, question: str) -> torch.Tensor:
+        """[template+primer] + payload (soft tokens | message | context | nothing) + [question]: (1, L, d)."""
+        _, suffix = self._target_template(question)
+        parts = [self.prefix_embeds(), self.payload_embeds(payload), self.embed(self.tokenize(suffix)[None])[0]]
+        return torch.cat(parts, 0)[None]
+
+    def answer(self, payload: torch.Tensor | str | None, question: str, max_new_tokens: int,
+               on_token: Callable[[str], None] | None = None) -> Generation:
+        with torch.no_grad():
+            embeds = self.target_inputs(payload, question)
+        return self.generate(embeds, max_new_tokens, on_token=on_token)
+
+    # ---- generation -----------------------------------------------------------------------
+    def new_cache(self):
+        if self.cache_factory is not None:
+            return self.cache_factory(self.model)
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int,
+                 on_token: Callable[[str], None] | None = None) -> Generation:
+        """Greedy decoding from embeddings with an explicit attention mask and positions.
+
+        A hand-written loop rather than `model.generate` so that prefill and decode are timed
+        apart, tokens can be streamed, and a compressed cache whose length differs from the
+        token position still gets the right positions.
+        """
+        n = inputs_embeds.shape[1]
+        cache = self.new_cache()
+        t0 = now_ms()
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=torch.ones(1, n, dtype=torch.long,
+                         device=self.device), position_ids=torch.arange(n, device=self.device)[None],
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        t1 = now_ms()
+        ids: list[int] = []
+        text_so_far = ""
+        pos = n
+        while True:
+            nxt = int(out.logits[0, -1].argmax())
+            if nxt in self.eos_ids:
+                break
+            ids.append(nxt)
+            if on_token is not None:
+                text = self.tok.decode(ids, skip_special_tokens=True)
+                if len(text) > len(text_so_far):
+                    on_token(text[len(text_so_far):])
+                    text_so_far = text
+            if len(ids) >= max_new_tokens:
+                break
+            past = cache.get_seq_length()
+            out = self.model(input_ids=torch.tensor([[nxt]], device=self.device),
+                             attention_mask=torch.ones(1, past + 1, dtype=torch.long, device=self.device),
+                             position_ids=torch.tensor([[pos]], device=self.device),
+                             past_key_values=cache, use_cache=True)
+            pos += 1
+        t2 = now_ms()
+        return Generation(self.tok.decode(ids, skip_special_tokens=True).strip(), ids, t1 - t0, t2 - t1)

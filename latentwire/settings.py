@@ -1,0 +1,49 @@
+"""Explicit limits and service settings (pydantic), shared by the services, CLI and tests."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Limits(BaseModel):
+    """What one request may ask for; anything beyond is refused with a status that names the limit."""
+
+    max_context_tokens: int = Field(2048, gt=0)
+    max_question_chars: int = Field(4000, gt=0)
+    max_new_tokens: int = Field(256, gt=0)
+    default_new_tokens: int = Field(24, gt=0)
+    max_packet_elements: int = Field(1 << 24, gt=0)  # 64 MiB of fp32
+    max_packet_tokens: int = Field(8192, gt=0)
+    max_message_bytes: int = Field(256 << 20, gt=0)  # gRPC channel limit on both ends
+
+
+class AgentSettings(BaseModel):
+    profile: str
+    role: str = "source"  # "source" | "target"
+    source_layer: int | None = None  # None: the profile's default
+    message_tokens: int = Field(64, gt=0)  # text relay budget M
+    wire_dtype: str = "bfloat16"
+    device: str = "cpu"
+    dtype: str | None = None
+    threads: int | None = None  # torch intra-op threads in this actor
+    limits: Limits = Limits()
+    # source only: where the other services are reached over gRPC (the Serve proxy)
+    grpc_address: str = "127.0.0.1:9000"
+    bridge_app: str = "bridge"
+    targets: dict[str, str] = {"default": "target"}  # agent name -> Serve application
+    # target only: bridges whose packets are accepted (ids); empty: any bridge for this target
+    accepted_bridges: list[str] = []
+
+
+class BridgeSettings(BaseModel):
+    weights: str | None = None  # path to .safetensors (manifest beside it); None: the packaged default
+    device: str = "cpu"
+    wire_dtype: str = "bfloat16"
+    threads: int | None = None
+    limits: Limits = Limits()
+
+
+def grpc_channel_options(limits: Limits = Limits()) -> list[tuple[str, int]]:
+    # gRPC clients default to 4 MiB messages even though the Serve proxy allows 2 GiB.
+    return [("grpc.max_send_message_length", limits.max_message_bytes),
+            ("grpc.max_receive_message_length", limits.max_message_bytes)]

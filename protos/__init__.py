@@ -1,0 +1,1 @@
+"""Protobuf definitions (package latentwire.v1) and their generated Python modules."""

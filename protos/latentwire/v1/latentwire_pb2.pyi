@@ -1,0 +1,214 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LATENT: _ClassVar[Mode]
+    TEXT: _ClassVar[Mode]
+    DIRECT: _ClassVar[Mode]
+    NONE: _ClassVar[Mode]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT16: DType
+BFLOAT16: DType
+LATENT: Mode
+TEXT: Mode
+DIRECT: Mode
+NONE: Mode
+
+class Tensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Provenance(_message.Message):
+    __slots__ = ("request_id", "source_model", "source_layer", "source_hidden_size", "target_model", "target_hidden_size", "bridge_id", "bridge_sha256")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_LAYER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_ID_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    source_model: str
+    source_layer: int
+    source_hidden_size: int
+    target_model: str
+    target_hidden_size: int
+    bridge_id: str
+    bridge_sha256: str
+    def __init__(self, request_id: _Optional[str] = ..., source_model: _Optional[str] = ..., source_layer: _Optional[int] = ..., source_hidden_size: _Optional[int] = ..., target_model: _Optional[str] = ..., target_hidden_size: _Optional[int] = ..., bridge_id: _Optional[str] = ..., bridge_sha256: _Optional[str] = ...) -> None: ...
+
+class HiddenStatePacket(_message.Message):
+    __slots__ = ("hidden", "provenance")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    hidden: Tensor
+    provenance: Provenance
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
+
+class LatentPacket(_message.Message):
+    __slots__ = ("soft_tokens", "provenance")
+    SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    soft_tokens: Tensor
+    provenance: Provenance
+    def __init__(self, soft_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
+
+class TextPacket(_message.Message):
+    __slots__ = ("text", "num_tokens", "provenance")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    num_tokens: int
+    provenance: Provenance
+    def __init__(self, text: _Optional[str] = ..., num_tokens: _Optional[int] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("source_prefill_ms", "source_decode_ms", "packet_encode_ms", "bridge_hop_ms", "bridge_ms", "target_hop_ms", "packet_decode_ms", "target_prefill_ms", "target_decode_ms", "source_total_ms")
+    SOURCE_PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    PACKET_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_HOP_MS_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_MS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HOP_MS_FIELD_NUMBER: _ClassVar[int]
+    PACKET_DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    source_prefill_ms: float
+    source_decode_ms: float
+    packet_encode_ms: float
+    bridge_hop_ms: float
+    bridge_ms: float
+    target_hop_ms: float
+    packet_decode_ms: float
+    target_prefill_ms: float
+    target_decode_ms: float
+    source_total_ms: float
+    def __init__(self, source_prefill_ms: _Optional[float] = ..., source_decode_ms: _Optional[float] = ..., packet_encode_ms: _Optional[float] = ..., bridge_hop_ms: _Optional[float] = ..., bridge_ms: _Optional[float] = ..., target_hop_ms: _Optional[float] = ..., packet_decode_ms: _Optional[float] = ..., target_prefill_ms: _Optional[float] = ..., target_decode_ms: _Optional[float] = ..., source_total_ms: _Optional[float] = ...) -> None: ...
+
+class AskRequest(_message.Message):
+    __slots__ = ("request_id", "context", "question", "mode", "max_new_tokens", "target_agent")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_AGENT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    context: str
+    question: str
+    mode: Mode
+    max_new_tokens: int
+    target_agent: str
+    def __init__(self, request_id: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., target_agent: _Optional[str] = ...) -> None: ...
+
+class AskReply(_message.Message):
+    __slots__ = ("request_id", "answer", "mode", "timings", "packet_bytes", "source_tokens", "message_tokens", "answer_tokens", "source_model", "target_model", "target_agent")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    PACKET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_AGENT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    answer: str
+    mode: Mode
+    timings: Timings
+    packet_bytes: int
+    source_tokens: int
+    message_tokens: int
+    answer_tokens: int
+    source_model: str
+    target_model: str
+    target_agent: str
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., packet_bytes: _Optional[int] = ..., source_tokens: _Optional[int] = ..., message_tokens: _Optional[int] = ..., answer_tokens: _Optional[int] = ..., source_model: _Optional[str] = ..., target_model: _Optional[str] = ..., target_agent: _Optional[str] = ...) -> None: ...
+
+class AskChunk(_message.Message):
+    __slots__ = ("text", "reply")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    reply: AskReply
+    def __init__(self, text: _Optional[str] = ..., reply: _Optional[_Union[AskReply, _Mapping]] = ...) -> None: ...
+
+class ReceiveRequest(_message.Message):
+    __slots__ = ("request_id", "mode", "question", "max_new_tokens", "latent", "text")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LATENT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    mode: Mode
+    question: str
+    max_new_tokens: int
+    latent: LatentPacket
+    text: TextPacket
+    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., question: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., latent: _Optional[_Union[LatentPacket, _Mapping]] = ..., text: _Optional[_Union[TextPacket, _Mapping]] = ...) -> None: ...
+
+class ReceiveReply(_message.Message):
+    __slots__ = ("request_id", "answer", "answer_tokens", "packet_decode_ms", "prefill_ms", "decode_ms", "total_ms", "target_model")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PACKET_DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    answer: str
+    answer_tokens: int
+    packet_decode_ms: float
+    prefill_ms: float
+    decode_ms: float
+    total_ms: float
+    target_model: str
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., answer_tokens: _Optional[int] = ..., packet_decode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., target_model: _Optional[str] = ...) -> None: ...
+
+class ReceiveChunk(_message.Message):
+    __slots__ = ("text", "reply")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    reply: ReceiveReply
+    def __init__(self, text: _Optional[str] = ..., reply: _Optional[_Union[ReceiveReply, _Mapping]] = ...) -> None: ...
+
+class TranslateReply(_message.Message):
+    __slots__ = ("latent", "bridge_ms", "total_ms")
+    LATENT_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    latent: LatentPacket
+    bridge_ms: float
+    total_ms: float
+    def __init__(self, latent: _Optional[_Union[LatentPacket, _Mapping]] = ..., bridge_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
