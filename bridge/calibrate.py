@@ -1,0 +1,36 @@
+"""Calibrate an (untrained) bridge: normaliser statistics from the real models on offline text.
+
+Source side: per-dimension mean/std of layer-L hidden states over pydoc text. Target side: the
+per-dimension mean/std of the input embeddings of the same text, so soft tokens start at the
+target's embedding scale (the RMS ratio metric starts near 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from bridge.model import Bridge, BridgeConfig
+from latentwire.runtime import AgentModel
+from latentwire.textdata import text_chunks
+
+
+@torch.no_grad()
+def calibrate(source: AgentModel, target: AgentModel, *, layer: int | None = None, num_queries: int = 32,
+              n_texts: int = 48, seed: int = 0, progress: bool = True, **cfg_kw) -> Bridge:
+    layer = layer or source.profile.source_layer
+    torch.manual_seed(seed)
+    cfg = BridgeConfig(source.name, target.name, layer, source.hidden_size, target.hidden_size,
+                       num_queries=num_queries, **cfg_kw)
+    bridge = Bridge(cfg)
+    texts = text_chunks(n_texts, min_chars=400)
+    hs, es = [], []
+    for text in tqdm(texts, desc="calibrate", disable=not progress):
+        hs.append(source.hidden_states(source.tokenize(text)[:256], layer).float())
+        es.append(target.embed(target.tokenize(text)[:256][None])[0].float())
+    h, e = torch.cat(hs), torch.cat(es)
+    bridge.normalizer.mean.copy_(h.mean(0))
+    bridge.normalizer.log_std.copy_(h.std(0).clamp_min(1e-5).log())
+    bridge.scaling.scale.copy_(e.std(0))
+    bridge.scaling.shift.copy_(e.mean(0))
+    return bridge.eval()
