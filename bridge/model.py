@@ -117,9 +117,12 @@ class Bridge(nn.Module):
     def bridge_id(self) -> str:
         return self.cfg.bridge_id
 
-    def save(self, path: str | Path, *, data: dict | None = None, metrics: dict | None = None) -> dict:
-        man = weights.save(path, self.state_dict(), kind="bridge", config=asdict(self.cfg), data=data,
-                           metrics=metrics)
+    def save(self, path: str | Path, *, data: dict | None = None, metrics: dict | None = None,
+             dtype: torch.dtype = torch.float32) -> dict:
+        """Write safetensors + manifest. `dtype=torch.bfloat16` halves the file (loads back as fp32)."""
+        tensors = {k: v.to(dtype) for k, v in self.state_dict().items()}
+        man = weights.save(path, tensors, kind="bridge", config=asdict(self.cfg), data=data,
+                           metrics={**(metrics or {}), "stored_dtype": str(dtype).removeprefix("torch.")})
         self.sha256 = man["sha256"]
         return man
 
@@ -127,7 +130,7 @@ class Bridge(nn.Module):
     def load(cls, path: str | Path, device: str = "cpu") -> "Bridge":
         tensors, manifest = weights.load(path, kind="bridge")
         bridge = cls(BridgeConfig(**manifest["config"]))
-        bridge.load_state_dict(tensors)
+        bridge.load_state_dict({k: v.float() for k, v in tensors.items()})
         bridge.sha256 = manifest["sha256"]
         return bridge.to(device).eval()
 
