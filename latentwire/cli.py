@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import sys
 
-COMMAND_MODULES = ["services.commands", "bridge.commands", "compression.commands"]
+COMMAND_MODULES = ["latentwire.commands", "services.commands", "bridge.commands", "compression.commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -58,8 +59,10 @@ def decode(msg: pb.Tensor, *, field: str = "tensor", ndim: int | None = None,
                               f"elements ({n * itemsize} expected)", f"{field}.data")
     # frombuffer is a view on the protobuf's bytes; the cast to out_dtype makes the only copy.
     arr = np.frombuffer(msg.data, dtype=_NP_VIEW[dtype])
-    t = torch.from_numpy(arr).view(dtype) if dtype is torch.bfloat16 else torch.from_numpy(arr)
-    t = t.reshape(shape).to(out_dtype)
+    with warnings.catch_warnings():  # read-only view: safe, the cast below copies before any write
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(arr)
+    t = (t.view(dtype) if dtype is torch.bfloat16 else t).reshape(shape).to(out_dtype)
     if not torch.isfinite(t).all():
         raise InvalidArgument("contains NaN or Inf", f"{field}.data")
     return t

@@ -42,10 +42,11 @@ class AgentModel:
     """One model and its tokenizer, with the prompts of the LatentWire protocol."""
 
     def __init__(self, profile: str | profiles.ModelProfile, *, device: str = "cpu", dtype: str | None = None,
-                 limits: Limits | None = None, model=None, tokenizer=None, cache_factory: Callable | None = None):
+                 limits: Limits | None = None, model=None, tokenizer=None, cache_factory: Callable | None = None,
+                 local_path: str | None = None):
         self.profile = profiles.get_profile(profile) if isinstance(profile, str) else profile
         if model is None:
-            model, tokenizer = profiles.load(self.profile, device=device, dtype=dtype)
+            model, tokenizer = profiles.load(self.profile, device=device, dtype=dtype, local_path=local_path)
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self.limits = limits or Limits()

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
-class Limits(BaseModel):
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a config is an error, not a silent default
+
+
+class Limits(_Strict):
     """What one request may ask for; anything beyond is refused with a status that names the limit."""
 
     max_context_tokens: int = Field(2048, gt=0)
@@ -17,9 +23,18 @@ class Limits(BaseModel):
     max_message_bytes: int = Field(256 << 20, gt=0)  # gRPC channel limit on both ends
 
 
-class AgentSettings(BaseModel):
+class TargetRoute(_Strict):
+    """Where a named target agent is reached (Serve applications behind the gRPC proxy)."""
+
+    app: str = "target"
+    bridge_app: str = "bridge"
+
+
+class AgentSettings(_Strict):
+    """One agent actor. Every agent can answer (`Receive`); one with `targets` can also `Ask`."""
+
     profile: str
-    role: str = "source"  # "source" | "target"
+    role: Literal["source", "target"] = "source"  # informational: any agent can receive
     source_layer: int | None = None  # None: the profile's default
     message_tokens: int = Field(64, gt=0)  # text relay budget M
     wire_dtype: str = "bfloat16"
@@ -27,15 +42,16 @@ class AgentSettings(BaseModel):
     dtype: str | None = None
     threads: int | None = None  # torch intra-op threads in this actor
     limits: Limits = Limits()
+    local_path: str | None = None  # production profiles: a local weights directory instead of the hub id
     # source only: where the other services are reached over gRPC (the Serve proxy)
     grpc_address: str = "127.0.0.1:9000"
-    bridge_app: str = "bridge"
-    targets: dict[str, str] = {"default": "target"}  # agent name -> Serve application
+    targets: dict[str, TargetRoute] = {"default": TargetRoute()}  # agent name -> its Serve apps
+    hop_timeout_s: float = Field(120.0, gt=0)  # deadline of each call to the bridge / target
     # target only: bridges whose packets are accepted (ids); empty: any bridge for this target
     accepted_bridges: list[str] = []
 
 
-class BridgeSettings(BaseModel):
+class BridgeSettings(_Strict):
     weights: str | None = None  # path to .safetensors (manifest beside it); None: the packaged default
     device: str = "cpu"
     wire_dtype: str = "bfloat16"

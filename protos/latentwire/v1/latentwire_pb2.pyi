@@ -204,11 +204,15 @@ class ReceiveChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., reply: _Optional[_Union[ReceiveReply, _Mapping]] = ...) -> None: ...
 
 class TranslateReply(_message.Message):
-    __slots__ = ("latent", "bridge_ms", "total_ms")
+    __slots__ = ("latent", "bridge_ms", "total_ms", "packet_decode_ms", "packet_encode_ms")
     LATENT_FIELD_NUMBER: _ClassVar[int]
     BRIDGE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    PACKET_DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    PACKET_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     latent: LatentPacket
     bridge_ms: float
     total_ms: float
-    def __init__(self, latent: _Optional[_Union[LatentPacket, _Mapping]] = ..., bridge_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    packet_decode_ms: float
+    packet_encode_ms: float
+    def __init__(self, latent: _Optional[_Union[LatentPacket, _Mapping]] = ..., bridge_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., packet_decode_ms: _Optional[float] = ..., packet_encode_ms: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""Ray Serve deployments, gRPC servicers and clients of LatentWire."""

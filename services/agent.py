@@ -1,0 +1,228 @@
+"""The agent servicer: one model actor that answers packets and, as a source, orchestrates a request.
+
+Plain class (no Ray): `services.app` wraps it as a Serve deployment. gRPC methods are named
+after the RPCs of `AgentService` and the standard health service, as Serve's gRPC proxy requires.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from latentwire import codec
+from latentwire.errors import InvalidArgument, NotFound, ResourceExhausted
+from latentwire.runtime import AgentModel, now_ms
+from latentwire.settings import AgentSettings, grpc_channel_options
+from protos.latentwire.v1 import latentwire_pb2 as pb
+from protos.latentwire.v1 import latentwire_pb2_grpc as pb_grpc
+from services import packets
+from services.status import HopError, rpc
+
+
+class AgentServicer:
+    def __init__(self, settings: dict | AgentSettings):
+        self.settings = s = AgentSettings.model_validate(settings)
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        self.model = AgentModel(s.profile, device=s.device, dtype=s.dtype, limits=s.limits,
+                                local_path=s.local_path)
+        self.limits = s.limits
+        self.layer = s.source_layer or self.model.profile.source_layer
+        self._channel = None
+        self._channel_lock = threading.Lock()
+        self._replies: collections.OrderedDict[str, tuple[bytes, pb.AskReply]] = collections.OrderedDict()
+        self._replies_lock = threading.Lock()
+
+    # ---- health (grpc.health.v1.Health/Check) ----------------------------------------------------
+    def Check(self, request, grpc_context=None):
+        from grpc_health.v1 import health_pb2
+
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    # ---- receiving side (target) -------------------------------------------------------------
+    @rpc(pb.ReceiveReply)
+    def Receive(self, request: pb.ReceiveRequest, grpc_context=None) -> pb.ReceiveReply:
+        return self._receive(request, None)
+
+    @rpc(pb.ReceiveChunk)
+    def ReceiveStream(self, request: pb.ReceiveRequest, grpc_context=None) -> Iterator[pb.ReceiveChunk]:
+        yield from _stream(lambda emit: self._receive(request, emit),
+                           lambda text: pb.ReceiveChunk(text=text), lambda r: pb.ReceiveChunk(reply=r))
+
+    def _payload(self, req: pb.ReceiveRequest):
+        mode, which = packets.check_mode(req.mode), req.WhichOneof("payload")
+        want = {pb.LATENT: "latent", pb.TEXT: "text", pb.DIRECT: "text", pb.NONE: None}[mode]
+        if which != want:
+            raise InvalidArgument(f"mode {packets.mode_name(mode).upper()} needs payload "
+                                  f"{want or 'none'}, got {which or 'none'}", "payload")
+        if mode == pb.LATENT:
+            return self._soft_tokens(req.latent)
+        if mode in (pb.TEXT, pb.DIRECT):
+            n = len(self.model.tok(req.text.text, add_special_tokens=False).input_ids)
+            if n > self.limits.max_context_tokens:
+                raise ResourceExhausted(f"{n} tokens exceed the configured limit of "
+                                        f"{self.limits.max_context_tokens} (max_context_tokens)", "text.text")
+            return req.text.text
+        return None
+
+    def _soft_tokens(self, packet: pb.LatentPacket) -> torch.Tensor:
+        p = packet.provenance
+        packets.expect("latent.provenance.target_model", p.target_model, self.model.name, "target model")
+        packets.expect("latent.provenance.target_hidden_size", p.target_hidden_size, self.model.hidden_size,
+                       "target hidden size")
+        accepted = self.settings.accepted_bridges
+        if accepted and p.bridge_id not in accepted:
+            packets.expect("latent.provenance.bridge_id", p.bridge_id, accepted[0] if len(accepted) == 1
+                           else accepted, "bridge id")
+        soft = codec.decode(packet.soft_tokens, field="latent.soft_tokens", ndim=2,
+                            last_dim=self.model.hidden_size, max_elements=self.limits.max_packet_elements)
+        if soft.shape[0] > self.limits.max_packet_tokens:
+            raise ResourceExhausted(f"{soft.shape[0]} soft tokens exceed the limit of "
+                                    f"{self.limits.max_packet_tokens}", "latent.soft_tokens.shape")
+        return soft
+
+    def _receive(self, req: pb.ReceiveRequest, emit) -> pb.ReceiveReply:
+        t0 = now_ms()
+        packets.check_question(req.question, self.limits.max_question_chars)
+        max_new = packets.check_new_tokens(req.max_new_tokens, self.limits.default_new_tokens,
+                                           self.limits.max_new_tokens)
+        payload = self._payload(req)
+        t1 = now_ms()
+        gen = self.model.answer(payload, req.question, max_new, on_token=emit)
+        return pb.ReceiveReply(request_id=req.request_id, answer=gen.text, answer_tokens=len(gen.token_ids),
+                               packet_decode_ms=t1 - t0, prefill_ms=gen.prefill_ms, decode_ms=gen.decode_ms,
+                               total_ms=now_ms() - t0, target_model=self.model.name)
+
+    # ---- asking side (source) ----------------------------------------------------------------
+    @rpc(pb.AskReply)
+    def Ask(self, request: pb.AskRequest, grpc_context=None) -> pb.AskReply:
+        key = request.request_id and request.SerializeToString(deterministic=True)
+        with self._replies_lock:  # a retried request id gets the reply it already had
+            hit = self._replies.get(request.request_id) if key else None
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        reply = self._ask(request, None)
+        if key:
+            with self._replies_lock:
+                self._replies[request.request_id] = (key, reply)
+                while len(self._replies) > 1024:
+                    self._replies.popitem(last=False)
+        return reply
+
+    @rpc(pb.AskChunk)
+    def AskStream(self, request: pb.AskRequest, grpc_context=None) -> Iterator[pb.AskChunk]:
+        yield from _stream(lambda emit: self._ask(request, emit),
+                           lambda text: pb.AskChunk(text=text), lambda r: pb.AskChunk(reply=r))
+
+    def _stubs(self):
+        with self._channel_lock:  # one channel per replica, reused by every request
+            if self._channel is None:
+                self._channel = grpc.insecure_channel(self.settings.grpc_address,
+                                                      options=grpc_channel_options(self.limits))
+                self._agent_stub = pb_grpc.AgentServiceStub(self._channel)
+                self._bridge_stub = pb_grpc.BridgeServiceStub(self._channel)
+        return self._agent_stub, self._bridge_stub
+
+    def _ask(self, req: pb.AskRequest, emit) -> pb.AskReply:
+        t_start = now_ms()
+        rid = packets.request_id(req.request_id)
+        mode = packets.check_mode(req.mode)
+        packets.check_question(req.question, self.limits.max_question_chars)
+        max_new = packets.check_new_tokens(req.max_new_tokens, self.limits.default_new_tokens,
+                                           self.limits.max_new_tokens)
+        name = req.target_agent or "default"
+        route = self.settings.targets.get(name)
+        if route is None:
+            raise NotFound(f"unknown agent {name!r}; this source knows {sorted(self.settings.targets)}",
+                           "target_agent")
+        agent_stub, bridge_stub = self._stubs()
+        tm = pb.Timings()
+        out = pb.ReceiveRequest(request_id=rid, mode=mode, question=req.question, max_new_tokens=max_new)
+        prov = pb.Provenance(request_id=rid, source_model=self.model.name)
+        wire, source_tokens, message_tokens = 0, 0, 0
+        timeout = self.settings.hop_timeout_s
+
+        if mode in (pb.LATENT, pb.TEXT):
+            ids = self.model.source_ids(req.context, req.question)
+            source_tokens = len(ids)
+        if mode == pb.LATENT:
+            t0 = now_ms()
+            hidden = self.model.hidden_states(ids, self.layer)
+            t1 = now_ms()
+            prov.source_layer, prov.source_hidden_size = self.layer, self.model.hidden_size
+            packet = pb.HiddenStatePacket(hidden=codec.encode(hidden, self.settings.wire_dtype), provenance=prov)
+            t2 = now_ms()
+            try:
+                tr = bridge_stub.Translate(packet, metadata=(("application", route.bridge_app),), timeout=timeout)
+            except grpc.RpcError as err:
+                raise HopError("bridge", err) from None
+            t3 = now_ms()
+            tm.source_prefill_ms, tm.packet_encode_ms = t1 - t0, (t2 - t1) + tr.packet_encode_ms
+            tm.bridge_hop_ms, tm.bridge_ms = (t3 - t2) - tr.total_ms, tr.bridge_ms
+            tm.packet_decode_ms = tr.packet_decode_ms
+            out.latent.CopyFrom(tr.latent)
+            wire += packet.ByteSize() + tr.latent.ByteSize()
+            message_tokens = tr.latent.soft_tokens.shape[0] if tr.latent.soft_tokens.shape else 0
+        elif mode == pb.TEXT:
+            gen = self.model.write_message(ids, self.settings.message_tokens)
+            tm.source_prefill_ms, tm.source_decode_ms = gen.prefill_ms, gen.decode_ms
+            out.text.CopyFrom(pb.TextPacket(text=gen.text, num_tokens=len(gen.token_ids), provenance=prov))
+            message_tokens = len(gen.token_ids)
+        elif mode == pb.DIRECT:
+            out.text.CopyFrom(pb.TextPacket(text=req.context, provenance=prov))
+        if out.WhichOneof("payload") == "text":
+            wire += out.text.ByteSize()
+
+        t4 = now_ms()
+        meta = (("application", route.app),)
+        try:
+            if emit is None:
+                rr = agent_stub.Receive(out, metadata=meta, timeout=timeout)
+            else:
+                rr = None
+                for chunk in agent_stub.ReceiveStream(out, metadata=meta, timeout=timeout):
+                    if chunk.HasField("reply"):
+                        rr = chunk.reply
+                    elif chunk.text:
+                        emit(chunk.text)
+                if rr is None:
+                    raise InvalidArgument("target stream ended without a reply", "target")
+        except grpc.RpcError as err:
+            raise HopError(f"target {name!r}", err) from None
+        t5 = now_ms()
+        tm.target_hop_ms = (t5 - t4) - rr.total_ms
+        tm.packet_decode_ms += rr.packet_decode_ms
+        tm.target_prefill_ms, tm.target_decode_ms = rr.prefill_ms, rr.decode_ms
+        tm.source_total_ms = now_ms() - t_start
+        return pb.AskReply(request_id=rid, answer=rr.answer, mode=mode, timings=tm, packet_bytes=wire,
+                           source_tokens=source_tokens, message_tokens=message_tokens,
+                           answer_tokens=rr.answer_tokens, source_model=self.model.name,
+                           target_model=rr.target_model, target_agent=name)
+
+
+def _stream(run, text_chunk, reply_chunk):
+    """Run `run(emit)` in a thread and yield its streamed text, then the final reply."""
+    import queue
+
+    q: queue.Queue = queue.Queue()
+    done = object()
+
+    def work():
+        try:
+            q.put(("reply", run(lambda text: q.put(("text", text)))))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the serving thread
+            q.put(("error", exc))
+        q.put((done, None))
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        kind, value = q.get()
+        if kind is done:
+            return
+        if kind == "error":
+            raise value
+        yield text_chunk(value) if kind == "text" else reply_chunk(value)

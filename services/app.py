@@ -1,0 +1,28 @@
+"""Serve application builders: what `import_path` in a Serve config points at.
+
+Placement (replicas, CPUs/GPUs, autoscaling) lives in the config's `deployments:` section, not
+here; `args:` are validated by the pydantic settings models before any replica starts.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+
+from latentwire.settings import AgentSettings, BridgeSettings
+
+# Replica defaults for a laptop-sized local cluster; configs override them per deployment.
+_LOCAL = dict(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16, health_check_period_s=10)
+
+
+def agent_app(args: dict) -> serve.Application:
+    from services.agent import AgentServicer
+
+    settings = AgentSettings.model_validate(args)
+    return serve.deployment(AgentServicer, name="Agent", **_LOCAL).bind(settings.model_dump())
+
+
+def bridge_app(args: dict) -> serve.Application:
+    from services.bridge_service import BridgeServicer
+
+    settings = BridgeSettings.model_validate(args)
+    return serve.deployment(BridgeServicer, name="Bridge", **_LOCAL).bind(settings.model_dump())

@@ -1,0 +1,56 @@
+"""The bridge servicer: hidden-state packet in, soft-token packet out (BridgeService.Translate)."""
+
+from __future__ import annotations
+
+import torch
+
+from bridge.model import Bridge, default_weights_path
+from latentwire import codec
+from latentwire.errors import ResourceExhausted
+from latentwire.runtime import now_ms
+from latentwire.settings import BridgeSettings
+from protos.latentwire.v1 import latentwire_pb2 as pb
+from services import packets
+from services.status import rpc
+
+
+class BridgeServicer:
+    def __init__(self, settings: dict | BridgeSettings):
+        self.settings = s = BridgeSettings.model_validate(settings)
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        self.bridge = Bridge.load(s.weights or default_weights_path(), device=s.device)
+        self.cfg = self.bridge.cfg
+        self.limits = s.limits
+
+    def Check(self, request, grpc_context=None):
+        from grpc_health.v1 import health_pb2
+
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    @rpc(pb.TranslateReply)
+    def Translate(self, packet: pb.HiddenStatePacket, grpc_context=None) -> pb.TranslateReply:
+        t0 = now_ms()
+        p, cfg = packet.provenance, self.cfg
+        packets.expect("provenance.source_model", p.source_model, cfg.source_model, "source model")
+        packets.expect("provenance.source_layer", p.source_layer, cfg.source_layer, "source layer")
+        packets.expect("provenance.source_hidden_size", p.source_hidden_size, cfg.d_src, "source hidden size")
+        if p.target_model:
+            packets.expect("provenance.target_model", p.target_model, cfg.target_model, "target model")
+        hidden = codec.decode(packet.hidden, field="hidden", ndim=2, last_dim=cfg.d_src,
+                              max_elements=self.limits.max_packet_elements)
+        if hidden.shape[0] > self.limits.max_packet_tokens:
+            raise ResourceExhausted(f"{hidden.shape[0]} source tokens exceed the limit of "
+                                    f"{self.limits.max_packet_tokens}", "hidden.shape")
+        t1 = now_ms()
+        with torch.no_grad():
+            soft = self.bridge(hidden[None].to(self.settings.device))[0]
+        t2 = now_ms()
+        prov = pb.Provenance()
+        prov.CopyFrom(p)
+        prov.target_model, prov.target_hidden_size = cfg.target_model, cfg.d_tgt
+        prov.bridge_id, prov.bridge_sha256 = self.bridge.bridge_id, self.bridge.sha256
+        latent = pb.LatentPacket(soft_tokens=codec.encode(soft, self.settings.wire_dtype), provenance=prov)
+        t3 = now_ms()
+        return pb.TranslateReply(latent=latent, bridge_ms=t2 - t1, packet_decode_ms=t1 - t0,
+                                 packet_encode_ms=t3 - t2, total_ms=now_ms() - t0)

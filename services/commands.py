@@ -1,0 +1,108 @@
+"""`latentwire serve`, `latentwire ask`, `latentwire demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _quiet() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from services import local
+
+    config = local.load_config(args.config or local.DEFAULT_CONFIG)
+    local.deploy(config, address=args.ray_address)
+    print(f"LatentWire serving {[a['name'] for a in config['applications']]} on gRPC "
+          f"{local.grpc_address(config)}; Ctrl-C stops.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        local.shutdown()
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    import grpc
+
+    from services.client import LatentWireClient
+    from services.report import reply_dict, table
+
+    with LatentWireClient(args.address, source_app=args.app, token=args.token) as client:
+        kw = dict(max_new_tokens=args.max_new_tokens, target_agent=args.target_agent, request_id=args.request_id)
+        t0 = time.perf_counter()
+        try:
+            if args.stream and not args.json:
+                reply = None
+                for chunk in client.ask_stream(args.context, args.question, args.mode, **kw):
+                    if chunk.HasField("reply"):
+                        reply = chunk.reply
+                    else:
+                        print(chunk.text, end="", flush=True)
+                print()
+            else:
+                reply = client.ask(args.context, args.question, args.mode, **kw)
+        except grpc.RpcError as err:
+            print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+        ms = (time.perf_counter() - t0) * 1000
+    if args.json:
+        print(json.dumps(reply_dict(reply, ms), indent=2))
+    else:
+        if not args.stream:
+            print(reply.answer)
+        if args.timings:
+            print(table([("ask", reply, ms)]))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    _quiet()
+    from services import local
+    from services.demo import run_demo
+
+    results = run_demo(local.load_config(args.config or local.DEFAULT_CONFIG), max_new_tokens=args.max_new_tokens)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def register(sub, group) -> None:
+    from services.packets import MODES
+
+    p = sub.add_parser("serve", help="start the Serve applications of a config and serve until Ctrl-C")
+    p.add_argument("--config", default=None, help="Serve config YAML (default: deploy/local.yaml)")
+    p.add_argument("--ray-address", default=None, help="existing Ray cluster (default: start a local one)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("ask", help="send one agent-to-agent request over gRPC")
+    p.add_argument("--mode", choices=sorted(MODES), default="latent")
+    p.add_argument("--context", default="")
+    p.add_argument("--question", required=True)
+    p.add_argument("--address", default="127.0.0.1:9000", help="gRPC ingress HOST:PORT")
+    p.add_argument("--app", default="source", help="Serve application of the source agent")
+    p.add_argument("--target-agent", default="", help="named target agent (default: the source's default)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0: the server default")
+    p.add_argument("--request-id", default="", help="idempotency key (a retry returns the same reply)")
+    p.add_argument("--token", default=None, help="bearer token, when the ingress requires one")
+    p.add_argument("--stream", action="store_true", help="stream the answer token by token (AskStream)")
+    p.add_argument("--timings", action="store_true", help="print the per-stage latency table")
+    p.add_argument("--json", action="store_true", help="print the reply as JSON (answer, timings, bytes)")
+    p.set_defaults(func=_ask)
+
+    p = sub.add_parser("demo", help="local cluster, embedded pair, a few requests in every mode, then stop")
+    p.add_argument("--config", default=None, help="Serve config YAML (default: deploy/local.yaml)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--json", default=None, help="also write the replies to this JSON file")
+    p.set_defaults(func=_demo)

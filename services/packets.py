@@ -1,0 +1,58 @@
+"""Packet building and checking: provenance rules of DESIGN.md, shared by all three services."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from latentwire.errors import FailedPrecondition, InvalidArgument
+from protos.latentwire.v1 import latentwire_pb2 as pb
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+MODES = {"latent": pb.LATENT, "text": pb.TEXT, "direct": pb.DIRECT, "none": pb.NONE}
+
+
+def mode_name(mode: int) -> str:
+    return pb.Mode.Name(mode).lower()
+
+
+def parse_mode(name: str) -> int:
+    try:
+        return MODES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown mode {name!r}; use one of {', '.join(MODES)}") from None
+
+
+def check_mode(mode: int, field: str = "mode") -> int:
+    if mode not in pb.Mode.values():
+        raise InvalidArgument(f"unknown mode {mode}; expected one of {', '.join(pb.Mode.keys())}", field)
+    return mode
+
+
+def request_id(rid: str) -> str:
+    if not rid:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.match(rid):
+        raise InvalidArgument("must be 1-128 characters of [A-Za-z0-9._:-]", "request_id")
+    return rid
+
+
+def check_question(question: str, max_chars: int) -> None:
+    if not question.strip():
+        raise InvalidArgument("must not be empty", "question")
+    if len(question) > max_chars:
+        raise InvalidArgument(f"{len(question)} characters exceed the limit of {max_chars}", "question")
+
+
+def check_new_tokens(n: int, default: int, maximum: int) -> int:
+    if n == 0:
+        return default
+    if not 1 <= n <= maximum:
+        raise InvalidArgument(f"must be in 1..{maximum} (0 for the default {default}), got {n}", "max_new_tokens")
+    return n
+
+
+def expect(field: str, got, want, what: str) -> None:
+    """Refuse a packet whose provenance does not match the receiver."""
+    if got != want:
+        raise FailedPrecondition(f"packet {what} is {got!r}, this receiver expects {want!r}", field)

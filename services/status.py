@@ -1,0 +1,69 @@
+"""Turn refusals into gRPC statuses inside Serve deployments, so bad input never kills a replica.
+
+Serve passes a `RayServegRPCContext` to methods that accept `grpc_context`; a code set on it is
+what the client receives. Model-side code raises `LatentWireError` (which carries the code name);
+a downstream gRPC failure keeps its code and names the hop.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+
+from latentwire.errors import LatentWireError
+
+log = logging.getLogger("latentwire.services")
+
+
+class HopError(Exception):
+    """A call to another service failed; `code` is its grpc.StatusCode."""
+
+    def __init__(self, hop: str, err: grpc.RpcError):
+        self.code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNAVAILABLE
+        details = err.details() if hasattr(err, "details") else str(err)
+        super().__init__(f"{hop}: {details}")
+
+
+def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, LatentWireError):
+        return getattr(grpc.StatusCode, exc.code), str(exc)
+    if isinstance(exc, HopError):
+        return exc.code, str(exc)
+    log.exception("internal error")
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); see the replica log"
+
+
+def _set(ctx, exc: Exception) -> None:
+    code, details = _status(exc)
+    if ctx is None:  # called directly (not through gRPC): surface the exception as is
+        raise exc
+    ctx.set_code(code)
+    ctx.set_details(details)
+
+
+def rpc(reply_type):
+    """Decorate a unary or server-streaming RPC method taking (self, request, grpc_context=None)."""
+
+    def wrap(fn):
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def stream(self, request, grpc_context=None):
+                try:
+                    yield from fn(self, request, grpc_context)
+                except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                    _set(grpc_context, exc)
+            return stream
+
+        @functools.wraps(fn)
+        def unary(self, request, grpc_context=None):
+            try:
+                return fn(self, request, grpc_context)
+            except Exception as exc:  # noqa: BLE001
+                _set(grpc_context, exc)
+                return reply_type()
+        return unary
+
+    return wrap
