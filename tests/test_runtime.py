@@ -1,0 +1,77 @@
+"""The agent runtime: prompts, BOS, attention masks and positions with `inputs_embeds`."""
+
+import pytest
+import torch
+
+from latentwire.errors import InvalidArgument, ResourceExhausted
+from latentwire.runtime import AgentModel
+from latentwire.settings import Limits
+
+
+def test_target_inputs_start_with_bos_and_wrap_the_payload(tiny_target):
+    m = tiny_target
+    soft = torch.randn(5, m.hidden_size)
+    embeds = m.target_inputs(soft, "Where is it?")[0]
+    bos = m.embed(torch.tensor([[m.tok.bos_token_id]]))[0, 0]
+    assert torch.equal(embeds[0], bos)  # BOS is easy to lose with inputs_embeds
+    n_prefix = m.prefix_embeds().shape[0]
+    assert torch.equal(embeds[n_prefix:n_prefix + 5], soft)
+    # the primer sits right before the payload, identically for every request
+    prefix_text = m.tok.decode(m.tokenize(m._target_template("?")[0]))
+    assert prefix_text.endswith(m.profile.primer)
+
+
+def test_modes_differ_only_in_the_payload(tiny_target):
+    m = tiny_target
+    q = "What colour?"
+    none, text = m.target_inputs(None, q)[0], m.target_inputs("the car is red", q)[0]
+    n_prefix, n_msg = m.prefix_embeds().shape[0], len(m.tokenize("the car is red"))
+    assert torch.equal(none[:n_prefix], text[:n_prefix])
+    assert torch.equal(none[n_prefix:], text[n_prefix + n_msg:])
+
+
+def test_generate_from_embeddings_matches_hf_generate(tiny_source):
+    """Explicit positions and mask in our loop give the same greedy tokens as model.generate."""
+    m = tiny_source
+    ids = m.tokenize(m.render("Tell me about the def statement."))
+    ours = m.generate(m.embed(ids[None]), max_new_tokens=12)
+    ref = m.model.generate(ids[None], attention_mask=torch.ones_like(ids)[None], max_new_tokens=12,
+                           do_sample=False, eos_token_id=list(m.eos_ids), pad_token_id=m.tok.pad_token_id)
+    ref_ids = [t for t in ref[0, len(ids):].tolist() if t not in m.eos_ids]
+    assert ours.token_ids == ref_ids[:len(ours.token_ids)] and len(ours.token_ids) > 0
+
+
+def test_hidden_states_equal_the_full_forward_at_that_layer(tiny_source):
+    m = tiny_source
+    ids = m.tokenize("for i in range(10): print(i)")
+    with torch.no_grad():
+        full = m.model(ids[None], output_hidden_states=True).hidden_states
+    assert torch.allclose(m.hidden_states(ids, 2), full[2][0], atol=1e-5)
+    with pytest.raises(ValueError):
+        m.hidden_states(ids, m.num_layers + 1)
+
+
+def test_batched_hidden_states_ignore_padding(tiny_source):
+    m = tiny_source
+    a, b = m.tokenize("short text"), m.tokenize("a somewhat longer piece of text here")
+    pad = torch.full((len(b) - len(a),), m.tok.pad_token_id)
+    ids = torch.stack([torch.cat([a, pad]), b])
+    mask = torch.stack([torch.cat([torch.ones_like(a), torch.zeros_like(pad)]), torch.ones_like(b)])
+    with torch.no_grad():
+        batched = m.hidden_states_batch(ids, mask, 2)
+    assert torch.allclose(batched[0, :len(a)], m.hidden_states(a, 2), atol=1e-5)
+
+
+def test_source_limits_are_enforced(tiny_source):
+    m = AgentModel(tiny_source.profile, model=tiny_source.model, tokenizer=tiny_source.tok,
+                   limits=Limits(max_context_tokens=32, max_question_chars=10))
+    with pytest.raises(ResourceExhausted, match="32"):
+        m.source_ids("word " * 100, "Why?")
+    with pytest.raises(InvalidArgument) as err:
+        m.source_ids("ctx", "a very long question")
+    assert err.value.field == "question"
+
+
+def test_soft_tokens_of_the_wrong_width_are_refused(tiny_target):
+    with pytest.raises(InvalidArgument, match="soft tokens"):
+        tiny_target.payload_embeds(torch.zeros(3, tiny_target.hidden_size + 1))
