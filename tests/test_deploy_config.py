@@ -1,0 +1,33 @@
+"""Every Serve config in deploy/ validates against Serve's schema and our settings models."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from services import local
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "deploy").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_serve_configs_validate(path):
+    cfg = local.load_config(path)
+    if "applications" not in cfg:
+        pytest.skip("not a Serve config")
+    schema = local.validate(cfg)
+    assert {a.name for a in schema.applications} >= {"source", "target", "bridge"}
+
+
+def test_local_config_registers_the_grpc_and_health_servicers():
+    opts = local.load_config(local.DEFAULT_CONFIG)["grpc_options"]["grpc_servicer_functions"]
+    assert any(f.endswith("add_AgentServiceServicer_to_server") for f in opts)
+    assert any(f.endswith("add_BridgeServiceServicer_to_server") for f in opts)
+    assert "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server" in opts
+
+
+def test_a_typo_in_app_args_is_an_error():
+    cfg = local.load_config(local.DEFAULT_CONFIG)
+    cfg["applications"][0]["args"]["mesage_tokens"] = 32
+    with pytest.raises(ValidationError, match="mesage_tokens"):
+        local.validate(cfg)

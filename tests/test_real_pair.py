@@ -1,0 +1,44 @@
+"""The embedded pair (SmolLM2-135M -> Gemma-3-270M) served from deploy/local.yaml, over real gRPC."""
+
+import pytest
+
+from services.demo import DEMO_ITEMS
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client():
+    from services import local
+    from services.client import LatentWireClient
+
+    cfg = local.with_port(local.load_config(), free_port(), free_port())
+    local.deploy(cfg, ray_init=dict(num_cpus=2, object_store_memory=300 * 1024**2, log_to_driver=False))
+    try:
+        with LatentWireClient(local.grpc_address(cfg), timeout_s=300) as c:
+            yield c
+    finally:
+        local.shutdown()
+
+
+def test_direct_mode_reads_the_context(client):
+    context, question, expected = DEMO_ITEMS[0]
+    reply = client.ask(context, question, "direct", max_new_tokens=8)
+    assert expected in reply.answer
+
+
+def test_text_relay_passes_the_fact_on(client):
+    context, question, expected = DEMO_ITEMS[0]
+    reply = client.ask(context, question, "text", max_new_tokens=8)
+    assert 0 < reply.message_tokens <= 64 and reply.timings.source_decode_ms > 0
+    assert expected in reply.answer
+
+
+def test_latent_mode_runs_end_to_end_with_the_packaged_bridge(client):
+    context, question, _ = DEMO_ITEMS[1]
+    reply = client.ask(context, question, "latent", max_new_tokens=8)
+    assert reply.answer and reply.target_model == "gemma3-270m" and reply.source_model == "smollm2-135m"
+    assert reply.timings.bridge_ms > 0 and reply.message_tokens > 0
+    # hidden states (T x 576) in bf16, then K soft tokens (K x 640) in bf16
+    assert reply.packet_bytes >= (reply.source_tokens * 576 + reply.message_tokens * 640) * 2

@@ -1,0 +1,181 @@
+"""The three Serve applications on a real local Ray cluster, over real gRPC, with the tiny pair.
+
+Every refusal is checked for its status code and message, then a good request on the same
+server must still succeed: bad input never kills a replica or changes its state.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import grpc
+import pytest
+import torch
+
+from latentwire import codec
+from protos.latentwire.v1 import latentwire_pb2 as pb
+from tests.conftest import free_port
+
+TINY_BRIDGE_ID = "tiny-llama@2->tiny-mistral/K4"
+CONTEXT = "Alice keeps the red key in Lisbon."
+QUESTION = "Where is the key?"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_bridge_path):
+    from services import local
+
+    cfg = local.with_port(local.load_config(), free_port(), free_port())
+    apps = {a["name"]: a for a in cfg["applications"]}
+    apps["source"]["args"].update(profile="tiny-llama", threads=1, message_tokens=8,
+                                  limits={"max_context_tokens": 256, "max_new_tokens": 32})
+    apps["target"]["args"].update(profile="tiny-mistral", threads=1, accepted_bridges=[TINY_BRIDGE_ID])
+    apps["bridge"]["args"].update(weights=str(tiny_bridge_path))
+    local.deploy(cfg, ray_init=dict(num_cpus=2, object_store_memory=200 * 1024**2, log_to_driver=False))
+    yield local.grpc_address(cfg)
+    local.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    from services.client import LatentWireClient
+
+    with LatentWireClient(cluster, timeout_s=60) as c:
+        yield c
+
+
+def good_ask(client) -> pb.AskReply:
+    reply = client.ask(CONTEXT, QUESTION, "latent", max_new_tokens=4)
+    assert reply.answer_tokens > 0 and reply.target_model == "tiny-mistral"
+    return reply
+
+
+def test_every_application_reports_serving(client):
+    assert {app: client.health(app) for app in ("source", "target", "bridge")} == dict.fromkeys(
+        ("source", "target", "bridge"), "SERVING")
+
+
+@pytest.mark.parametrize("mode", ["latent", "text", "direct", "none"])
+def test_all_four_modes_answer_with_timings_and_bytes(client, mode):
+    reply = client.ask(CONTEXT, QUESTION, mode, max_new_tokens=5)
+    t = reply.timings
+    assert reply.mode == pb.Mode.Value(mode.upper()) and 0 < reply.answer_tokens <= 5
+    assert t.target_prefill_ms > 0 and t.source_total_ms >= t.target_prefill_ms + t.target_decode_ms
+    if mode == "latent":
+        assert reply.message_tokens == 4 and t.bridge_ms > 0 and t.source_prefill_ms > 0
+        # hidden states (T x 64) in + soft tokens (4 x 96) out, bf16 on the wire
+        assert reply.packet_bytes > (reply.source_tokens * 64 + 4 * 96) * 2
+    elif mode == "text":
+        assert 0 < reply.message_tokens <= 8 and t.source_decode_ms > 0
+    elif mode == "direct":
+        assert reply.packet_bytes >= len(CONTEXT) and t.source_prefill_ms == 0
+    else:
+        assert reply.packet_bytes == 0 and t.source_prefill_ms == 0
+
+
+def test_stream_yields_the_answer_token_by_token(client):
+    chunks = list(client.ask_stream(CONTEXT, QUESTION, "latent", max_new_tokens=6))
+    reply = chunks[-1].reply
+    assert len(chunks) >= 2 and all(not c.HasField("reply") for c in chunks[:-1])
+    assert "".join(c.text for c in chunks[:-1]).strip() == reply.answer
+
+
+def test_same_request_id_gets_the_same_reply(client):
+    a = client.ask(CONTEXT, QUESTION, "text", max_new_tokens=4, request_id="retry-1")
+    b = client.ask(CONTEXT, QUESTION, "text", max_new_tokens=4, request_id="retry-1")
+    assert a == b and a.request_id == "retry-1"
+
+
+# ---- refusals -----------------------------------------------------------------------------------
+def hidden_packet(rows=6, dim=64, **prov) -> pb.HiddenStatePacket:
+    p = dict(source_model="tiny-llama", source_layer=2, source_hidden_size=64, request_id="t")
+    p.update(prov)
+    return pb.HiddenStatePacket(hidden=codec.encode(torch.randn(rows, dim)), provenance=pb.Provenance(**p))
+
+
+def latent_request(soft=None, **prov) -> pb.ReceiveRequest:
+    p = dict(target_model="tiny-mistral", target_hidden_size=96, bridge_id=TINY_BRIDGE_ID)
+    p.update(prov)
+    soft = codec.encode(torch.randn(4, 96)) if soft is None else soft
+    return pb.ReceiveRequest(mode=pb.LATENT, question=QUESTION, max_new_tokens=3,
+                             latent=pb.LatentPacket(soft_tokens=soft, provenance=pb.Provenance(**p)))
+
+
+def nan_tensor():
+    t = codec.encode(torch.randn(6, 64))
+    t.data = torch.full((6, 64), float("nan"), dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
+    return t
+
+
+def with_hidden(tensor):
+    pkt = hidden_packet()
+    pkt.hidden.CopyFrom(tensor)
+    return pkt
+
+
+BAD = {
+    "empty question": (lambda c: c.ask(CONTEXT, "  ", "latent"), "INVALID_ARGUMENT", "question"),
+    "context over the limit": (lambda c: c.ask("lisbon " * 400, QUESTION, "latent"), "RESOURCE_EXHAUSTED", "256"),
+    "max_new_tokens too large": (lambda c: c.ask(CONTEXT, QUESTION, "text", max_new_tokens=33),
+                                 "INVALID_ARGUMENT", "max_new_tokens"),
+    "unknown agent": (lambda c: c.ask(CONTEXT, QUESTION, "latent", target_agent="bob"), "NOT_FOUND", "bob"),
+    "unknown mode": (lambda c: c.ask(request=pb.AskRequest(question=QUESTION, mode=7)), "INVALID_ARGUMENT", "mode"),
+    "bad request id": (lambda c: c.ask(CONTEXT, QUESTION, request_id="a b/c"), "INVALID_ARGUMENT", "request_id"),
+    "unknown application": (lambda c: c.agent.Ask(pb.AskRequest(question=QUESTION),
+                                                  metadata=(("application", "nobody"),)), "NOT_FOUND", ""),
+    "hidden wrong ndim": (lambda c: c.translate(with_hidden(codec.encode(torch.randn(1, 6, 64)))),
+                          "INVALID_ARGUMENT", "hidden.shape"),
+    "hidden wrong width": (lambda c: c.translate(hidden_packet(dim=65)), "INVALID_ARGUMENT", "hidden.shape"),
+    "hidden wrong dtype": (lambda c: c.translate(with_hidden(pb.Tensor(shape=[6, 64], dtype=0, data=b"\0" * 768))),
+                           "INVALID_ARGUMENT", "hidden.dtype"),
+    "hidden wrong byte length": (lambda c: c.translate(with_hidden(pb.Tensor(shape=[6, 64], dtype=pb.BFLOAT16,
+                                                                             data=b"\0" * 700))),
+                                 "INVALID_ARGUMENT", "hidden.data"),
+    "hidden NaN": (lambda c: c.translate(with_hidden(nan_tensor())), "INVALID_ARGUMENT", "NaN"),
+    "hidden from another model": (lambda c: c.translate(hidden_packet(source_model="llama-3.1-8b")),
+                                  "FAILED_PRECONDITION", "provenance.source_model"),
+    "hidden from another layer": (lambda c: c.translate(hidden_packet(source_layer=3)),
+                                  "FAILED_PRECONDITION", "provenance.source_layer"),
+    "latent for another target": (lambda c: c.receive(latent_request(target_model="mistral-7b-v0.3")),
+                                  "FAILED_PRECONDITION", "target_model"),
+    "latent of another width": (lambda c: c.receive(latent_request(target_hidden_size=4096)),
+                                "FAILED_PRECONDITION", "target_hidden_size"),
+    "latent from an unknown bridge": (lambda c: c.receive(latent_request(bridge_id="rogue")),
+                                      "FAILED_PRECONDITION", "bridge_id"),
+    "latent Inf": (lambda c: c.receive(latent_request(soft=codec.encode(torch.full((4, 96), float("inf")), "float32"))),
+                   "INVALID_ARGUMENT", "NaN or Inf"),
+    "payload does not fit the mode": (lambda c: c.receive(pb.ReceiveRequest(mode=pb.LATENT, question=QUESTION,
+                                                                            text=pb.TextPacket(text="hi"))),
+                                      "INVALID_ARGUMENT", "payload"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_refused_clearly_then_a_good_request_succeeds(client, case):
+    call, code, words = BAD[case]
+    with pytest.raises(grpc.RpcError) as err:
+        call(client)
+    assert err.value.code() == getattr(grpc.StatusCode, code), err.value.details()
+    assert words in err.value.details()
+    good_ask(client)
+
+
+def test_direct_receive_of_a_good_latent_packet_answers(client):
+    reply = client.receive(latent_request())
+    assert reply.answer_tokens > 0 and reply.packet_decode_ms > 0
+
+
+def test_cli_ask_prints_json(cluster):
+    out = subprocess.run([sys.executable, "-m", "latentwire.cli", "ask", "--address", cluster, "--mode", "direct",
+                          "--context", CONTEXT, "--question", QUESTION, "--max-new-tokens", "3", "--json"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    reply = json.loads(out.stdout)
+    assert reply["mode"] == "DIRECT" and reply["answer_tokens"] > 0 and "target_prefill_ms" in reply["timings"]
+
+
+def test_cli_ask_reports_a_refusal_with_its_status(cluster):
+    out = subprocess.run([sys.executable, "-m", "latentwire.cli", "ask", "--address", cluster, "--question", " "],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "question" in out.stderr
