@@ -20,6 +20,7 @@ from latentwire.settings import AgentSettings, grpc_channel_options
 from protos.latentwire.v1 import latentwire_pb2 as pb
 from protos.latentwire.v1 import latentwire_pb2_grpc as pb_grpc
 from services import packets
+from services.auth import BearerAuth
 from services.status import HopError, rpc
 
 
@@ -31,6 +32,7 @@ class AgentServicer:
         self.model = AgentModel(s.profile, device=s.device, dtype=s.dtype, limits=s.limits,
                                 local_path=s.local_path)
         self.limits = s.limits
+        self.auth = BearerAuth.of(s)  # checked by @rpc; its token also goes on the calls below
         self.layer = s.source_layer or self.model.profile.source_layer
         self._channel = None
         self._channel_lock = threading.Lock()
@@ -157,7 +159,8 @@ class AgentServicer:
             packet = pb.HiddenStatePacket(hidden=codec.encode(hidden, self.settings.wire_dtype), provenance=prov)
             t2 = now_ms()
             try:
-                tr = bridge_stub.Translate(packet, metadata=(("application", route.bridge_app),), timeout=timeout)
+                meta = (("application", route.bridge_app),) + self.auth.metadata()
+                tr = bridge_stub.Translate(packet, metadata=meta, timeout=timeout)
             except grpc.RpcError as err:
                 raise HopError("bridge", err) from None
             t3 = now_ms()
@@ -168,7 +171,10 @@ class AgentServicer:
             wire += packet.ByteSize() + tr.latent.ByteSize()
             message_tokens = tr.latent.soft_tokens.shape[0] if tr.latent.soft_tokens.shape else 0
         elif mode == pb.TEXT:
-            gen = self.model.write_message(ids, self.settings.message_tokens)
+            budget = req.message_tokens or self.settings.message_tokens
+            if budget > self.limits.max_new_tokens:
+                raise InvalidArgument(f"must be at most {self.limits.max_new_tokens}, got {budget}", "message_tokens")
+            gen = self.model.write_message(ids, budget)
             tm.source_prefill_ms, tm.source_decode_ms = gen.prefill_ms, gen.decode_ms
             out.text.CopyFrom(pb.TextPacket(text=gen.text, num_tokens=len(gen.token_ids), provenance=prov))
             message_tokens = len(gen.token_ids)
@@ -178,7 +184,7 @@ class AgentServicer:
             wire += out.text.ByteSize()
 
         t4 = now_ms()
-        meta = (("application", route.app),)
+        meta = (("application", route.app),) + self.auth.metadata()
         try:
             if emit is None:
                 rr = agent_stub.Receive(out, metadata=meta, timeout=timeout)

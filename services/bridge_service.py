@@ -11,6 +11,7 @@ from latentwire.runtime import now_ms
 from latentwire.settings import BridgeSettings
 from protos.latentwire.v1 import latentwire_pb2 as pb
 from services import packets
+from services.auth import BearerAuth
 from services.status import rpc
 
 
@@ -22,6 +23,7 @@ class BridgeServicer:
         self.bridge = Bridge.load(s.weights or default_weights_path(), device=s.device)
         self.cfg = self.bridge.cfg
         self.limits = s.limits
+        self.auth = BearerAuth.of(s)  # checked by @rpc
 
     def Check(self, request, grpc_context=None):
         from grpc_health.v1 import health_pb2

@@ -1,24 +1,78 @@
-"""gRPC client for LatentWire services behind a Serve gRPC proxy (one channel, reused)."""
+"""gRPC client for LatentWire services behind a Serve gRPC proxy (one channel, reused).
+
+Retries: every call is idempotent (Receive/Translate are pure functions of the request; Ask is
+deduplicated by request id on the source agent, and the client fills in a request id when the
+caller gave none), so a call that fails with UNAVAILABLE (a replica died or is restarting, the
+proxy is not up yet) or with Serve's backpressure RESOURCE_EXHAUSTED is retried with
+exponential backoff and jitter, within one overall deadline: the call never outlives `timeout`,
+and when it runs out the caller sees the last status (UNAVAILABLE) or DEADLINE_EXCEEDED.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 
-from latentwire.settings import Limits, grpc_channel_options
+from latentwire.settings import AuthSettings, Limits, grpc_channel_options
 from protos.latentwire.v1 import latentwire_pb2 as pb
 from protos.latentwire.v1 import latentwire_pb2_grpc as pb_grpc
 from services.packets import parse_mode
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: try n waits uniform(0, min(max, initial * mult**n))."""
+
+    attempts: int = 6  # tries in all, the first included; 1 disables retries
+    initial_backoff_s: float = 0.25
+    max_backoff_s: float = 4.0
+    multiplier: float = 2.0
+
+    def backoff(self, attempt: int, rng: random.Random = random) -> float:
+        return rng.uniform(0, min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** attempt))
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+def retryable(err: grpc.RpcError) -> bool:
+    """UNAVAILABLE, or RESOURCE_EXHAUSTED from Serve's request queue (not one of our input limits)."""
+    code = err.code() if hasattr(err, "code") else None
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "backpressure" in (err.details() or "")
+
+
+def call_with_retries(call: Callable[[float], object], timeout: float, policy: RetryPolicy,
+                      sleep: Callable[[float], None] = time.sleep) -> object:
+    """`call(remaining_s)` until it succeeds, fails with a non-retryable status, or time runs out."""
+    deadline = time.monotonic() + timeout
+    for attempt in range(policy.attempts):
+        try:
+            return call(max(deadline - time.monotonic(), 0.001))
+        except grpc.RpcError as err:
+            pause = policy.backoff(attempt)
+            if not retryable(err) or attempt == policy.attempts - 1 or time.monotonic() + pause >= deadline:
+                raise
+            sleep(pause)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class LatentWireClient:
     """`with LatentWireClient("127.0.0.1:9000") as c: c.ask(context, question, mode="latent")`."""
 
     def __init__(self, address: str = "127.0.0.1:9000", *, source_app: str = "source",
-                 timeout_s: float = 300.0, limits: Limits | None = None, token: str | None = None):
-        self.address, self.source_app, self.timeout_s = address, source_app, timeout_s
-        self.token = token
+                 timeout_s: float = 300.0, limits: Limits | None = None, token: str | None = None,
+                 retry: RetryPolicy = RetryPolicy()):
+        self.address, self.source_app, self.timeout_s, self.retry = address, source_app, timeout_s, retry
+        # the bearer token: given, or the one the services read (LATENTWIRE_AUTH_TOKEN by default)
+        self.token = token if token is not None else os.environ.get(AuthSettings().token_env) or None
         self.channel = grpc.insecure_channel(address, options=grpc_channel_options(limits or Limits()))
         self.agent = pb_grpc.AgentServiceStub(self.channel)
         self.bridge = pb_grpc.BridgeServiceStub(self.channel)
@@ -31,33 +85,66 @@ class LatentWireClient:
 
     @staticmethod
     def request(context: str, question: str, mode: str | int = "latent", max_new_tokens: int = 0,
-                target_agent: str = "", request_id: str = "") -> pb.AskRequest:
+                target_agent: str = "", request_id: str = "", message_tokens: int = 0) -> pb.AskRequest:
         mode = parse_mode(mode) if isinstance(mode, str) else mode
         return pb.AskRequest(context=context, question=question, mode=mode, max_new_tokens=max_new_tokens,
-                             target_agent=target_agent, request_id=request_id)
+                             target_agent=target_agent, request_id=request_id, message_tokens=message_tokens)
+
+    def _unary(self, method, request, app: str, timeout: float | None):
+        meta = self.metadata(app)
+        return call_with_retries(lambda left: method(request, metadata=meta, timeout=left),
+                                 timeout or self.timeout_s, self.retry)
+
+    @staticmethod
+    def _with_id(req: pb.AskRequest) -> pb.AskRequest:
+        """A retry must reach the source with the same request id, so the client picks one if needed."""
+        if req.request_id:
+            return req
+        out = pb.AskRequest()
+        out.CopyFrom(req)
+        out.request_id = uuid.uuid4().hex
+        return out
 
     def ask(self, context: str = "", question: str = "", mode: str | int = "latent", *,
             request: pb.AskRequest | None = None, timeout: float | None = None, **kw) -> pb.AskReply:
-        req = request or self.request(context, question, mode, **kw)
-        return self.agent.Ask(req, metadata=self.metadata(self.source_app), timeout=timeout or self.timeout_s)
+        req = self._with_id(request or self.request(context, question, mode, **kw))
+        return self._unary(self.agent.Ask, req, self.source_app, timeout)
 
     def ask_stream(self, context: str = "", question: str = "", mode: str | int = "latent", *,
                    request: pb.AskRequest | None = None, timeout: float | None = None, **kw) -> Iterator[pb.AskChunk]:
-        req = request or self.request(context, question, mode, **kw)
-        return self.agent.AskStream(req, metadata=self.metadata(self.source_app), timeout=timeout or self.timeout_s)
+        """Stream an answer; retried only until the first chunk arrives (a stream cannot resume)."""
+        req = self._with_id(request or self.request(context, question, mode, **kw))
+        meta, total = self.metadata(self.source_app), timeout or self.timeout_s
+        deadline = time.monotonic() + total
+        for attempt in range(self.retry.attempts):
+            stream = self.agent.AskStream(req, metadata=meta, timeout=max(deadline - time.monotonic(), 0.001))
+            started = False
+            try:
+                for chunk in stream:
+                    started = True
+                    yield chunk
+                return
+            except grpc.RpcError as err:
+                pause = self.retry.backoff(attempt)
+                if (started or not retryable(err) or attempt == self.retry.attempts - 1
+                        or time.monotonic() + pause >= deadline):
+                    raise
+                time.sleep(pause)
+            finally:
+                stream.cancel()
 
     def receive(self, request: pb.ReceiveRequest, app: str = "target", timeout: float | None = None) -> pb.ReceiveReply:
-        return self.agent.Receive(request, metadata=self.metadata(app), timeout=timeout or self.timeout_s)
+        return self._unary(self.agent.Receive, request, app, timeout)
 
     def translate(self, packet: pb.HiddenStatePacket, app: str = "bridge",
                   timeout: float | None = None) -> pb.TranslateReply:
-        return self.bridge.Translate(packet, metadata=self.metadata(app), timeout=timeout or self.timeout_s)
+        return self._unary(self.bridge.Translate, packet, app, timeout)
 
     def health(self, app: str, timeout: float = 10.0) -> str:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self.channel)
-        resp = stub.Check(health_pb2.HealthCheckRequest(), metadata=self.metadata(app), timeout=timeout)
+        resp = self._unary(stub.Check, health_pb2.HealthCheckRequest(), app, timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def close(self) -> None:

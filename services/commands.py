@@ -78,6 +78,31 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    _quiet()
+    from services import bench, local
+
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    address, started = args.address, False
+    if args.start_local:
+        config = local.load_config(args.config or local.DEFAULT_CONFIG)
+        local.deploy(config, ray_init={"log_to_driver": False})
+        address, started = local.grpc_address(config), True
+    try:
+        report = bench.run_bench(address, requests=args.requests, concurrency=ints(args.concurrency),
+                                 context_tokens=ints(args.context_tokens), modes=args.modes.split(","),
+                                 targets=[t if t != "default" else "" for t in args.targets.split(",")],
+                                 max_new_tokens=args.max_new_tokens, message_tokens=args.message_tokens,
+                                 warmup=args.warmup, repeats=args.repeats)
+    finally:
+        if started:
+            local.shutdown()
+    bench.write(report, args.json, args.plot)
+    print(bench.table(report))
+    print(json.dumps({"hardware": report["hardware"], "throughput_scaling": report["throughput_scaling"]}))
+    return 0
+
+
 def register(sub, group) -> None:
     from services.packets import MODES
 
@@ -106,3 +131,21 @@ def register(sub, group) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--json", default=None, help="also write the replies to this JSON file")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("bench", help="LATENT vs TEXT latency through the real gRPC stack; JSON + PNG")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--address", default="127.0.0.1:9000", help="gRPC ingress of a running deployment")
+    where.add_argument("--start-local", action="store_true", help="start --config on a local cluster, stop after")
+    p.add_argument("--config", default=None, help="Serve config for --start-local (default: deploy/local.yaml)")
+    p.add_argument("--requests", type=int, default=12, help="items per setting (each sent in every mode)")
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--context-tokens", default="256")
+    p.add_argument("--message-tokens", type=int, default=64, help="text relay budget M")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap")
+    p.add_argument("--modes", default="latent,text,direct")
+    p.add_argument("--targets", default="default", help="target agents, e.g. default,fmkvc (FMKVC off/on)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="rounds the items are split into for the spread")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None)
+    p.set_defaults(func=_bench)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 
 import grpc
 
@@ -24,7 +25,17 @@ class HopError(Exception):
     def __init__(self, hop: str, err: grpc.RpcError):
         self.code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNAVAILABLE
         details = err.details() if hasattr(err, "details") else str(err)
+        if self.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and _REPLICA_DIED.search(details or ""):
+            # Serve's proxy reports a replica that died mid-request as INTERNAL; to our caller it
+            # is a transient outage of that hop (Serve starts a new replica): UNAVAILABLE, retryable.
+            self.code = grpc.StatusCode.UNAVAILABLE
+            details = f"replica died mid-request, retry ({details})"
         super().__init__(f"{hop}: {details}")
+
+
+# What Ray puts in the message of a call whose actor (replica) died or became unreachable.
+_REPLICA_DIED = re.compile(r"ActorDiedError|ActorUnavailableError|RayActorError|actor died|actor is dead|"
+                           r"WorkerCrashedError|ActorUnschedulableError|OwnerDiedError", re.IGNORECASE)
 
 
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
@@ -44,14 +55,29 @@ def _set(ctx, exc: Exception) -> None:
     ctx.set_details(details)
 
 
+def _authenticate(servicer, ctx) -> None:
+    """Check the caller's bearer token when the servicer has an `auth` (services.auth.BearerAuth).
+
+    Direct calls (ctx None: handles inside the cluster, unit tests) are not gRPC ingress calls.
+    """
+    auth = getattr(servicer, "auth", None)
+    if auth is not None and ctx is not None:
+        auth.check(ctx.invocation_metadata())
+
+
 def rpc(reply_type):
-    """Decorate a unary or server-streaming RPC method taking (self, request, grpc_context=None)."""
+    """Decorate a unary or server-streaming RPC method taking (self, request, grpc_context=None).
+
+    Authentication runs first, inside the same try: a refused caller gets UNAUTHENTICATED and the
+    method body never runs.
+    """
 
     def wrap(fn):
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def stream(self, request, grpc_context=None):
                 try:
+                    _authenticate(self, grpc_context)
                     yield from fn(self, request, grpc_context)
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                     _set(grpc_context, exc)
@@ -60,6 +86,7 @@ def rpc(reply_type):
         @functools.wraps(fn)
         def unary(self, request, grpc_context=None):
             try:
+                _authenticate(self, grpc_context)
                 return fn(self, request, grpc_context)
             except Exception as exc:  # noqa: BLE001
                 _set(grpc_context, exc)

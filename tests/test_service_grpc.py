@@ -179,3 +179,19 @@ def test_cli_ask_reports_a_refusal_with_its_status(cluster):
     out = subprocess.run([sys.executable, "-m", "latentwire.cli", "ask", "--address", cluster, "--question", " "],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "question" in out.stderr
+
+
+def test_bench_compares_modes_side_by_side_and_writes_json_and_plot(cluster, tmp_path):
+    from services import bench
+
+    report = bench.run_bench(cluster, requests=3, concurrency=[1, 2], context_tokens=[64], modes=["latent", "text"],
+                             targets=[""], max_new_tokens=3, message_tokens=8, warmup=1, repeats=3)
+    bench.write(report, tmp_path / "b.json", tmp_path / "b.png")
+    s = json.loads((tmp_path / "b.json").read_text())
+    first = s["settings"][0]["summary"]
+    assert first["errors"] == 0 and set(first["modes"]) == {"latent/default", "text/default"}
+    assert first["modes"]["latent/default"]["n"] == 3 and first["modes"]["text/default"]["message_tokens"] > 0
+    assert len(first["speedup_latent_vs_text"]["default"]["per_repeat"]) == 3
+    assert "2" not in s["throughput_scaling"] and s["throughput_scaling"]["64"]["to"] == 2
+    assert (tmp_path / "b.png").stat().st_size > 10_000 and s["hardware"]["cpus"] >= 1
+    assert "LATENT vs TEXT" in bench.table(report)

@@ -110,20 +110,22 @@ class Timings(_message.Message):
     def __init__(self, source_prefill_ms: _Optional[float] = ..., source_decode_ms: _Optional[float] = ..., packet_encode_ms: _Optional[float] = ..., bridge_hop_ms: _Optional[float] = ..., bridge_ms: _Optional[float] = ..., target_hop_ms: _Optional[float] = ..., packet_decode_ms: _Optional[float] = ..., target_prefill_ms: _Optional[float] = ..., target_decode_ms: _Optional[float] = ..., source_total_ms: _Optional[float] = ...) -> None: ...
 
 class AskRequest(_message.Message):
-    __slots__ = ("request_id", "context", "question", "mode", "max_new_tokens", "target_agent")
+    __slots__ = ("request_id", "context", "question", "mode", "max_new_tokens", "target_agent", "message_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TARGET_AGENT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     context: str
     question: str
     mode: Mode
     max_new_tokens: int
     target_agent: str
-    def __init__(self, request_id: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., target_agent: _Optional[str] = ...) -> None: ...
+    message_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., target_agent: _Optional[str] = ..., message_tokens: _Optional[int] = ...) -> None: ...
 
 class AskReply(_message.Message):
     __slots__ = ("request_id", "answer", "mode", "timings", "packet_bytes", "source_tokens", "message_tokens", "answer_tokens", "source_model", "target_model", "target_agent")

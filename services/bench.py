@@ -1,0 +1,246 @@
+"""`latentwire bench`: LATENT vs TEXT (and DIRECT) through the real gRPC stack, side by side.
+
+Requests of every mode are interleaved in one run, so all modes see the same machine load; each
+(context size, concurrency) setting runs after a warm-up and is split into repeats, so the
+LATENT/TEXT speedup comes with its spread. Output: a compact table, JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import platform
+import random
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from services.report import STAGES
+
+FACTS = [
+    ("The courier for the northern route is {name}.", "Who is the courier for the northern route?"),
+    ("The spare key is kept in {place}.", "Where is the spare key kept?"),
+    ("Order {num} contained blue ceramic tiles.", "Which order contained blue ceramic tiles?"),
+]
+NAMES = ["Helena Varga", "Tomas Lindqvist", "Amara Okafor", "Ravi Menon", "Lucia Ferreira", "Jonas Weber"]
+PLACES = ["Lisbon", "Oslo", "Nairobi", "Quito", "Kyoto", "Tallinn"]
+
+
+def make_items(n: int, context_tokens: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n (context, question) pairs whose context is about `context_tokens` tokens (~4 chars each)."""
+    from latentwire.textdata import offline_corpus
+
+    rng = random.Random(seed)
+    filler = list(itertools.islice(offline_corpus(), 2000))
+    items = []
+    for i in range(n):
+        tmpl, question = FACTS[i % len(FACTS)]
+        fact = tmpl.format(name=rng.choice(NAMES), place=rng.choice(PLACES), num=rng.randint(1000, 9999))
+        words, text = max(0, context_tokens * 4 - len(fact)), []
+        while sum(len(t) + 1 for t in text) < words:
+            text.append(filler[rng.randrange(len(filler))])
+        body = " ".join(text)[:words]
+        cut = rng.randint(0, len(body)) if body else 0
+        items.append(((body[:cut] + " " + fact + " " + body[cut:]).strip(), question))
+    return items
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+def hardware() -> dict:
+    import os
+
+    import torch
+
+    info = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def run_setting(client, items, modes, concurrency: int, max_new_tokens: int, targets: list[str],
+                message_tokens: int) -> list[dict]:
+    """Send every item in every (mode, target), shuffled together, with `concurrency` in flight."""
+    tasks = [(i, m, t) for i in range(len(items)) for m in modes for t in targets]
+    random.Random(concurrency).shuffle(tasks)
+    results, lock = [], threading.Lock()
+
+    def one(task):
+        i, mode, target = task
+        ctx, q = items[i]
+        t0 = time.perf_counter()
+        rec = {"item": i, "mode": mode, "target": target or "default", "start": t0}
+        try:
+            r = client.ask(ctx, q, mode, max_new_tokens=max_new_tokens, target_agent=target,
+                           message_tokens=message_tokens)
+            rec.update(ok=True, e2e_ms=(time.perf_counter() - t0) * 1000, answer=r.answer,
+                       bytes=r.packet_bytes, source_tokens=r.source_tokens, message_tokens=r.message_tokens,
+                       **{f: getattr(r.timings, f) for f, _ in STAGES}, source_total_ms=r.timings.source_total_ms)
+            rec["ingress_hop_ms"] = rec["e2e_ms"] - r.timings.source_total_ms
+        except grpc.RpcError as err:
+            rec.update(ok=False, code=err.code().name, details=err.details())
+        rec["end"] = time.perf_counter()
+        with lock:
+            results.append(rec)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, tasks))
+    return results
+
+
+def summarize(records: list[dict], repeats: int) -> dict:
+    ok = [r for r in records if r["ok"]]
+    wall = (max(r["end"] for r in records) - min(r["start"] for r in records)) if records else float("nan")
+    out = {"requests": len(records), "errors": len(records) - len(ok), "wall_s": wall,
+           "requests_per_s": len(ok) / wall if wall else float("nan"), "modes": {}}
+    groups = {}
+    for r in ok:
+        groups.setdefault((r["mode"], r["target"]), []).append(r)
+    for (mode, target), rs in sorted(groups.items()):
+        e2e = [r["e2e_ms"] for r in rs]
+        stage = {f: statistics.mean(r[f] for r in rs) for f, _ in STAGES + [("ingress_hop_ms", "")]}
+        wire = stage["packet_encode_ms"] + stage["packet_decode_ms"] + stage["bridge_hop_ms"] + \
+            stage["target_hop_ms"] + stage["ingress_hop_ms"]
+        out["modes"][f"{mode}/{target}"] = {
+            "mode": mode, "target": target, "n": len(rs), "p50_ms": _pct(e2e, 50), "p95_ms": _pct(e2e, 95),
+            "p99_ms": _pct(e2e, 99), "mean_ms": statistics.mean(e2e), "stages_mean_ms": stage,
+            "grpc_and_codec_ms": wire, "grpc_and_codec_share": wire / statistics.mean(e2e),
+            "bytes_per_request": statistics.mean(r["bytes"] for r in rs),
+            "source_tokens": statistics.mean(r["source_tokens"] for r in rs),
+            "message_tokens": statistics.mean(r["message_tokens"] for r in rs),
+            "requests_per_s": len(rs) / wall if wall else float("nan"),
+            "answers": [r["answer"] for r in rs[:3]]}
+    # LATENT vs TEXT speedup of p50, per repeat (items split into `repeats` rounds) -> spread
+    for target in {r["target"] for r in ok}:
+        lat = [r for r in ok if r["mode"] == "latent" and r["target"] == target]
+        txt = [r for r in ok if r["mode"] == "text" and r["target"] == target]
+        if not lat or not txt:
+            continue
+        n_items = max(r["item"] for r in ok) + 1
+        ratios = []
+        for k in range(repeats):
+            chunk = set(range(k * n_items // repeats, (k + 1) * n_items // repeats))
+            a = [r["e2e_ms"] for r in lat if r["item"] in chunk]
+            b = [r["e2e_ms"] for r in txt if r["item"] in chunk]
+            if a and b:
+                ratios.append(statistics.median(b) / statistics.median(a))
+        out.setdefault("speedup_latent_vs_text", {})[target] = {
+            "p50_ratio": statistics.median([r["e2e_ms"] for r in txt]) / statistics.median([r["e2e_ms"] for r in lat]),
+            "per_repeat": ratios, "min": min(ratios, default=float("nan")), "max": max(ratios, default=float("nan"))}
+    return out
+
+
+def plot(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = report["settings"]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    base = [s for s in settings if s["concurrency"] == min(x["concurrency"] for x in settings)]
+    labels, data = [], []
+    for s in base:
+        for key, m in s["summary"]["modes"].items():
+            labels.append(f"{key}\nctx {s['context_tokens']}")
+            data.append([r["e2e_ms"] for r in s["records"] if r["ok"] and f"{r['mode']}/{r['target']}" == key])
+    axes[0].boxplot(data, showfliers=True)
+    axes[0].set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
+    axes[0].set_ylabel("end-to-end ms")
+    axes[0].set_title(f"latency at concurrency {base[0]['concurrency'] if base else '?'}")
+    bottoms = [0.0] * len(labels)
+    i = 0
+    names = [f for f, _ in STAGES] + ["ingress_hop_ms"]
+    means = [m["stages_mean_ms"] for s in base for m in s["summary"]["modes"].values()]
+    for f in names:
+        vals = [m[f] for m in means]
+        axes[1].bar(range(len(vals)), vals, bottom=bottoms, label=f.removesuffix("_ms"))
+        bottoms = [b + v for b, v in zip(bottoms, vals)]
+        i += 1
+    axes[1].set_xticks(range(len(labels)), labels, fontsize=7)
+    axes[1].set_ylabel("mean ms")
+    axes[1].set_title("stage breakdown")
+    axes[1].legend(fontsize=7)
+    by_mode = {}
+    for s in settings:
+        for key, m in s["summary"]["modes"].items():
+            by_mode.setdefault((key, s["context_tokens"]), []).append((s["concurrency"], m["requests_per_s"]))
+    for (key, ctx), pts in sorted(by_mode.items()):
+        pts.sort()
+        axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key} ctx {ctx}")
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xlabel("concurrency")
+    axes[2].set_ylabel("requests/s (mode's share of a mixed load)")
+    axes[2].set_title("throughput")
+    axes[2].legend(fontsize=7)
+    hw = report["hardware"]
+    fig.suptitle(f"LatentWire bench — {hw.get('gpu') or hw.get('cpu_model', hw['processor'])} "
+                 f"({hw['cpus']} CPUs)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(report: dict) -> str:
+    rows = [["ctx", "conc", "mode/target", "n", "p50", "p95", "p99", "req/s", "grpc+codec %", "bytes"]]
+    for s in report["settings"]:
+        for key, m in s["summary"]["modes"].items():
+            rows.append([str(s["context_tokens"]), str(s["concurrency"]), key, str(m["n"]), f"{m['p50_ms']:.0f}",
+                         f"{m['p95_ms']:.0f}", f"{m['p99_ms']:.0f}", f"{m['requests_per_s']:.2f}",
+                         f"{100 * m['grpc_and_codec_share']:.1f}", f"{m['bytes_per_request']:.0f}"])
+        for target, sp in s["summary"].get("speedup_latent_vs_text", {}).items():
+            rows.append([str(s["context_tokens"]), str(s["concurrency"]), f"LATENT vs TEXT ({target})", "",
+                         f"{sp['p50_ratio']:.2f}x", f"[{sp['min']:.2f}-{sp['max']:.2f}]", "", "", "", ""])
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w[i]) if i != 2 else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
+
+
+def run_bench(address: str, *, requests: int, concurrency: list[int], context_tokens: list[int],
+              modes: list[str], targets: list[str], max_new_tokens: int, message_tokens: int, warmup: int,
+              repeats: int) -> dict:
+    from services.client import LatentWireClient
+
+    report = {"hardware": hardware(), "address": address, "config": {
+        "requests": requests, "concurrency": concurrency, "context_tokens": context_tokens, "modes": modes,
+        "targets": targets, "max_new_tokens": max_new_tokens, "message_tokens": message_tokens,
+        "warmup": warmup, "repeats": repeats}, "settings": []}
+    with LatentWireClient(address, timeout_s=600) as client:
+        for ctx in context_tokens:
+            items = make_items(requests, ctx, seed=ctx)
+            run_setting(client, make_items(warmup, ctx, seed=ctx + 1), modes, 1, max_new_tokens, targets,
+                        message_tokens)  # warm-up, discarded
+            for conc in concurrency:
+                recs = run_setting(client, items, modes, conc, max_new_tokens, targets, message_tokens)
+                report["settings"].append({"context_tokens": ctx, "concurrency": conc,
+                                           "summary": summarize(recs, repeats), "records": recs})
+                print(f"ctx {ctx} concurrency {conc}: {len(recs)} requests, "
+                      f"{report['settings'][-1]['summary']['requests_per_s']:.2f} req/s", flush=True)
+    base = {(s["context_tokens"], s["concurrency"]): s["summary"] for s in report["settings"]}
+    scaling = {}
+    for ctx in context_tokens:
+        c1, cmax = base.get((ctx, min(concurrency))), base.get((ctx, max(concurrency)))
+        if c1 and cmax:
+            scaling[str(ctx)] = {"requests_per_s_ratio": cmax["requests_per_s"] / c1["requests_per_s"],
+                                 "from": min(concurrency), "to": max(concurrency)}
+    report["throughput_scaling"] = scaling
+    return report
+
+
+def write(report: dict, json_path: str | None, plot_path: str | None) -> None:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=1, default=float))
+    if plot_path:
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+        plot(report, plot_path)
