@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
         return groups[name]
 
     for mod in COMMAND_MODULES:
-        if importlib.util.find_spec(mod) is not None:
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except ModuleNotFoundError:  # the area's package itself is absent from this install
+            found = False
+        if found:
             importlib.import_module(mod).register(sub, group)
     return parser
 

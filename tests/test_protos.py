@@ -19,3 +19,13 @@ def test_services_and_rpcs_are_declared():
     assert agent.methods_by_name["AskStream"].server_streaming
     assert [m.name for m in pb.DESCRIPTOR.services_by_name["BridgeService"].methods] == ["Translate"]
     assert set(pb.Mode.keys()) == {"LATENT", "TEXT", "DIRECT", "NONE"}
+
+
+def test_cli_lists_the_commands_of_every_area():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "latentwire.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for cmd in ["serve", "ask", "demo", "bench", "bridge", "models"]:
+        assert cmd in out
