@@ -25,6 +25,48 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from bridge.model import default_weights_path
+    from bridge.train import TrainConfig, run
+
+    hf_logging.disable_progress_bar()
+    fields = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if cfg.out is None and cfg.source == "smollm2-135m" and cfg.target == "gemma3-270m":
+        cfg.out = str(default_weights_path())
+    if args.sweep_layers or args.sweep_k:
+        from bridge.train import sweep
+
+        ints = lambda s: [int(x) for x in s.split(",")] if s else []  # noqa: E731
+        sweep(cfg, ints(args.sweep_layers), ints(args.sweep_k), args.sweep_json)
+        return 0
+    summary = run(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from bridge.eval import run
+
+    return run(args)
+
+
+def _eval_arguments(p) -> None:
+    p.add_argument("--data", required=True, help="JSONL of {id, context, question, answer}")
+    p.add_argument("--modes", default="latent,text,direct,none")
+    p.add_argument("--bridge", default=None, help="bridge .safetensors (default: the packaged one)")
+    p.add_argument("--source", default="smollm2-135m", help="source profile when no bridge is used")
+    p.add_argument("--target", default="gemma3-270m", help="target profile when no bridge is used")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--message-tokens", type=int, default=64, help="text relay budget M")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--wire-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--json", default=None, help="write the result JSON here")
+
+
 def register(sub, group) -> None:
     br = group("bridge", "bridge utilities")
     p = br.add_parser("calibrate", help="calibrate an untrained bridge's normaliser and output statistics")
@@ -36,3 +78,41 @@ def register(sub, group) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="stored weight dtype")
     p.add_argument("--out", default=None, help="output .safetensors (default: the packaged bridge)")
     p.set_defaults(func=_calibrate)
+
+    tr = group("train", "Ray Train jobs")
+    p = tr.add_parser("bridge", help="train a bridge as a Ray Train TorchTrainer job")
+    p.add_argument("--source", default="smollm2-135m")
+    p.add_argument("--target", default="gemma3-270m")
+    p.add_argument("--layer", type=int, default=None, help="source layer (default: the profile's)")
+    p.add_argument("--num-queries", type=int, default=None, help="K soft tokens (default 16)")
+    p.add_argument("--d-model", type=int, default=None)
+    p.add_argument("--n-layers", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600)")
+    p.add_argument("--batch-size", type=int, default=None, help="items per worker per step (default 8)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--div-weight", type=float, default=None, help="anti-collapse cosine penalty weight")
+    p.add_argument("--rms-weight", type=float, default=None, help="RMS-matching penalty weight")
+    p.add_argument("--train-items", type=int, default=None)
+    p.add_argument("--val-items", type=int, default=None, help="held-out items for periodic eval")
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 2)")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--use-gpu", action="store_true", default=None)
+    p.add_argument("--max-failures", type=int, default=None)
+    p.add_argument("--storage-path", default=None, help="Ray Train results/checkpoints directory")
+    p.add_argument("--cache-dir", default=None, help="cached source states")
+    p.add_argument("--name", default=None)
+    p.add_argument("--resume", default=None, help="checkpoint directory to continue from")
+    p.add_argument("--out", default=None, help="final bridge .safetensors (default: packaged, for the embedded pair)")
+    p.add_argument("--log-json", default=None, help="write a training summary JSON here")
+    p.add_argument("--sweep-layers", default=None, help="e.g. 12,18,24: short runs per source layer")
+    p.add_argument("--sweep-k", default=None, help="e.g. 8,16,32: short runs per K (at the base layer)")
+    p.add_argument("--sweep-json", default="results/bridge/sweep.json")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate fact transfer per mode (latent, text, direct, none)")
+    _eval_arguments(p)
+    p.set_defaults(func=_eval)

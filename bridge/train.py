@@ -1,0 +1,386 @@
+"""`latentwire train bridge`: train the bridge as a Ray Train `TorchTrainer` job.
+
+Driver (no Ray inside the models): generate train/val fact items (bridge.data), run the frozen
+source once to cache its layer-L states (bridge.cache), calibrate the initial bridge
+(bridge.calibrate, normaliser re-fitted on the cached prompts), then start the trainer.
+
+Worker loop: the target model is frozen; each step maps cached source states through the bridge
+(DDP across workers) and minimises the target's NLL of the answer tokens given
+[primer] + soft tokens + [question] (bridge.objective: the serving `target_inputs` per row, logits
+only at the answer positions), plus two anti-collapse terms from the design's failure list:
+- diversity: the mean pairwise cosine between items' mean soft tokens (the collapse metric) above
+  `div_margin`, so items cannot share one prefix that the target ignores (posterior/mode collapse);
+- RMS: (log soft-token RMS / target embedding RMS)^2, so the learned output scale cannot drift
+  away from the target's embedding magnitude.
+Every `eval_every` steps rank 0 generates answers on a held-out subset (EM, diversity, pairwise
+cosine, RMS ratio, LATENT-vs-NONE gap); every `ckpt_every` steps it writes a checkpoint
+(bridge + optimizer safetensors with manifests, train_state.json) reported via `ray.train.report`.
+Restarts (FailureConfig) and `--resume` continue from the checkpoint's step with the same data order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class TrainConfig:
+    source: str = "smollm2-135m"
+    target: str = "gemma3-270m"
+    layer: int | None = None  # None: the source profile's source_layer
+    num_queries: int = 16
+    d_model: int = 256
+    n_layers: int = 2
+    steps: int = 600
+    batch_size: int = 8  # per worker
+    lr: float = 1e-3
+    warmup: int = 30
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    div_weight: float = 1.0
+    div_margin: float = 0.8
+    rms_weight: float = 0.1
+    train_items: int = 2400
+    val_items: int = 32  # periodic eval subset (validation split: held-out templates and vocabulary)
+    eval_every: int = 100
+    ckpt_every: int = 100
+    max_new_tokens: int = 8
+    seed: int = 0
+    threads: int = 2  # torch threads per worker
+    num_workers: int = 1
+    use_gpu: bool = False
+    max_failures: int = 2
+    cache_dir: str = str(Path.home() / ".cache" / "latentwire" / "bridge-train")
+    storage_path: str = str(Path.home() / ".cache" / "latentwire" / "ray-results")
+    name: str | None = None
+    resume: str | None = None
+    out: str | None = None
+    log_json: str | None = None
+    fail_at_step: int | None = None  # test hook: raise once at this step to exercise FailureConfig
+
+
+# ---- driver-side preparation (source model, cached states, initial bridge) ------------------
+def prepare(cfg: TrainConfig, layers: list[int] | None = None, progress: bool = True) -> dict:
+    """Items + cached source states (for each of `layers`) + calibrated initial bridge; idempotent."""
+    from bridge import cache
+    from bridge.calibrate import calibrate
+    from bridge.data import generate, write_jsonl
+    from latentwire import profiles
+    from latentwire.runtime import AgentModel
+
+    layer = cfg.layer or profiles.get_profile(cfg.source).source_layer
+    layers = sorted(set((layers or []) + [layer]))
+    train, val = generate(cfg.train_items, "train", cfg.seed), generate(cfg.val_items, "val", cfg.seed)
+    key = f"{cfg.source}__{cfg.target}__n{cfg.train_items}_v{cfg.val_items}_s{cfg.seed}_{cache.items_digest(train + val)}"
+    root = Path(cfg.cache_dir) / key
+    root.mkdir(parents=True, exist_ok=True)
+    write_jsonl(train, root / "train.jsonl")
+    write_jsonl(val, root / "val.jsonl")
+    paths = {s: {lay: root / f"{s}_L{lay}.safetensors" for lay in layers} for s in ("train", "val")}
+    missing = [lay for lay in layers if not (paths["train"][lay].exists() and paths["val"][lay].exists())]
+    source = None
+    if missing:
+        source = AgentModel(cfg.source)
+        for split, items in (("train", train), ("val", val)):
+            states = cache.source_states(source, items, missing, progress=progress)
+            for lay, (h, lengths) in states.items():
+                cache.save_states(paths[split][lay], h, lengths, source=cfg.source, layer=lay, items=items)
+    init = root / f"init_L{layer}_K{cfg.num_queries}_d{cfg.d_model}x{cfg.n_layers}.safetensors"
+    if not init.exists():
+        source = source or AgentModel(cfg.source)
+        target = AgentModel(cfg.target)
+        bridge = calibrate(source, target, layer=layer, num_queries=cfg.num_queries, n_texts=16, seed=cfg.seed,
+                           progress=progress, d_model=cfg.d_model, n_layers=cfg.n_layers)
+        # Re-fit the normaliser on the prompts the bridge will read (chat template + facts), real tokens only.
+        h, lengths, _ = cache.load_states(paths["train"][layer])
+        real = h[torch.arange(h.shape[1])[None] < lengths[:, None]].float()
+        with torch.no_grad():
+            bridge.normalizer.mean.copy_(real.mean(0))
+            bridge.normalizer.log_std.copy_(real.std(0).clamp_min(1e-5).log())
+        bridge.save(init, data={"init": "calibrate() + normaliser on cached train prompts"},
+                    metrics={"target_embed_rms": target.embed_rms()})
+    return {"root": str(root), "layer": layer, "init": str(init),
+            "train_states": str(paths["train"][layer]), "val_states": str(paths["val"][layer]),
+            "train_items": str(root / "train.jsonl"), "val_items": str(root / "val.jsonl")}
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+def save_checkpoint(d: Path, bridge, opt: torch.optim.Optimizer, step: int, cfg: dict, metrics: dict,
+                    data: dict) -> dict:
+    """bridge.safetensors(+json) · optim.safetensors(+json) · train_state.json, all in `d`."""
+    from latentwire import weights
+
+    man = bridge.save(d / "bridge.safetensors", data=data, metrics={**metrics, "step": step})
+    state = opt.state_dict()
+    tensors = {}
+    for pid, st in state["state"].items():
+        for k, v in st.items():
+            tensors[f"{pid}.{k}"] = torch.as_tensor(v).detach().float().reshape(v.shape if torch.is_tensor(v) else ())
+    weights.save(d / "optim.safetensors", tensors, kind="bridge-optimizer",
+                 config={"param_groups": state["param_groups"]}, data={"step": step})
+    (d / "train_state.json").write_text(json.dumps({"step": step, "config": cfg, "metrics": metrics,
+                                                    "bridge_sha256": man["sha256"]}, indent=1))
+    return man
+
+
+def load_checkpoint(d: Path, bridge, opt: torch.optim.Optimizer | None) -> int:
+    """Restore bridge (+ optimizer) weights from a checkpoint dir; return its step."""
+    from bridge.model import Bridge
+    from latentwire import weights
+
+    d = Path(d)
+    loaded = Bridge.load(d / "bridge.safetensors")
+    bridge.load_state_dict(loaded.state_dict())
+    if opt is not None and (d / "optim.safetensors").exists():
+        tensors, man = weights.load(d / "optim.safetensors", kind="bridge-optimizer")
+        state: dict = {}
+        for k, v in tensors.items():
+            pid, name = k.split(".", 1)
+            state.setdefault(int(pid), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": man["config"]["param_groups"]})
+    return int(json.loads((d / "train_state.json").read_text())["step"])
+
+
+# ---- the worker loop ------------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batch_indices(step: int, n: int, per_worker: int, rank: int, world: int, seed: int) -> list[int]:
+    """The items of one worker at one global step: a pure function of (step, seed), so a resumed
+    run sees exactly the data order it would have seen without the interruption."""
+    per_step = per_worker * world
+    steps_per_epoch = max(1, n // per_step)
+    epoch, within = divmod(step, steps_per_epoch)
+    order = list(range(n))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    start = within * per_step + rank * per_worker
+    return order[start : start + per_worker]
+
+
+def aux_losses(soft: torch.Tensor, target_rms: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean pairwise cosine of the items' mean soft tokens: the collapse metric itself; RMS term)."""
+    z = F.normalize(soft.mean(1), dim=-1)
+    b = z.shape[0]
+    off = ~torch.eye(b, dtype=torch.bool, device=z.device)
+    cos = (z @ z.T)[off].mean() if b > 1 else soft.new_zeros(())
+    rms = soft.pow(2).mean(-1).sqrt().mean()
+    return cos, torch.log(rms / target_rms) ** 2
+
+
+@torch.no_grad()
+def periodic_eval(bridge, target, h, lengths, items, cfg: TrainConfig, none_nll: float | None) -> dict:
+    """Generation-based metrics on the held-out subset: what loss alone would hide."""
+    from bridge import cache
+    from bridge.eval import diversity, exact_match
+    from bridge.model import soft_token_stats
+    from bridge.objective import answer_nll, build_batch
+
+    bridge.eval()
+    idx = list(range(len(items)))
+    hb, mask = cache.batch(h, lengths, idx)
+    soft = bridge(hb.to(target.device), mask.to(target.device))
+    preds = [target.answer(soft[i], it["question"], cfg.max_new_tokens).text for i, it in enumerate(items)]
+    qs, ans = [it["question"] for it in items], [it["answer"] for it in items]
+    nll = float(answer_nll(target, build_batch(target, list(soft), qs, ans))[0])
+    out = {"val_em": sum(exact_match(p, it["answer"]) for p, it in zip(preds, items)) / len(items),
+           "val_diversity": diversity(preds), "val_nll": nll,
+           **{f"val_{k}": v for k, v in soft_token_stats(soft, target.embed_rms()).items()}}
+    if none_nll is not None:
+        out["val_nll_none"] = none_nll
+        out["val_nll_gap"] = none_nll - nll  # > 0: the soft tokens carry information
+    out["val_examples"] = [f"{it['answer']} -> {p}" for it, p in list(zip(items, preds))[:4]]
+    bridge.train()
+    return out
+
+
+def train_loop(config: dict) -> None:
+    """Runs on each Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    from bridge import cache
+    from bridge.data import read_jsonl
+    from bridge.eval import exact_match
+    from bridge.model import Bridge
+    from bridge.objective import answer_nll, build_batch
+    from latentwire.runtime import AgentModel
+
+    hf_logging.disable_progress_bar()
+    paths = config.pop("paths")
+    cfg = TrainConfig(**config)
+    torch.set_num_threads(cfg.threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)
+
+    target = AgentModel(cfg.target, device=str(device), dtype="float32")
+    for p in target.model.parameters():
+        p.requires_grad_(False)
+    target_rms = target.embed_rms()
+    h, lengths, _ = cache.load_states(Path(paths["train_states"]))
+    items = read_jsonl(paths["train_items"])
+    bridge = Bridge.load(paths["init"]).to(device).train()
+    opt = torch.optim.AdamW(bridge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # restart after a failure: the latest reported checkpoint
+        with ckpt.as_directory() as d:
+            start = load_checkpoint(Path(d), bridge, opt)
+    elif cfg.resume:
+        start = load_checkpoint(Path(cfg.resume), bridge, opt)
+    model = ray.train.torch.prepare_model(bridge)  # DDP when world > 1
+
+    val = vh = vl = None
+    none_nll = None
+    if rank == 0:
+        val = read_jsonl(paths["val_items"])
+        vh, vl, _ = cache.load_states(Path(paths["val_states"]))
+        with torch.no_grad():
+            none_nll = float(answer_nll(target, build_batch(target, [None] * len(val), [v["question"] for v in val],
+                                                            [v["answer"] for v in val]))[0])
+            none_em = sum(exact_match(target.answer(None, v["question"], cfg.max_new_tokens).text, v["answer"])
+                          for v in val) / len(val)
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train bridge K{cfg.num_queries} L{paths['layer']}",
+               disable=rank != 0, mininterval=5)
+    run_loss, run_n, t0 = 0.0, 0, time.time()
+    data_info = {"train": paths["train_items"], "val": paths["val_items"], "train_items": len(items),
+                 "generator": "bridge.data.generate (seeded; split by template and vocabulary)"}
+    for step in range(start, cfg.steps):
+        if cfg.fail_at_step is not None and step == cfg.fail_at_step and ckpt is None and rank == 0:
+            raise RuntimeError(f"injected failure at step {step} (test hook)")
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        idx = batch_indices(step, len(items), cfg.batch_size, rank, world, cfg.seed)
+        hb, mask = cache.batch(h, lengths, idx)
+        soft = model(hb.to(device), mask.to(device))
+        tb = build_batch(target, list(soft), [items[i]["question"] for i in idx], [items[i]["answer"] for i in idx])
+        nll, _ = answer_nll(target, tb)
+        cos, rms_term = aux_losses(soft, target_rms)
+        cos_val = cos.item()
+        loss = nll + cfg.div_weight * F.relu(cos - cfg.div_margin) + cfg.rms_weight * rms_term
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        opt.step()
+        run_loss, run_n = run_loss + float(nll), run_n + 1
+        bar.update(1)
+        bar.set_postfix(nll=f"{float(nll):.3f}", cos=f"{cos_val:.2f}", g=f"{gnorm:.2f}")
+        done = step + 1
+        do_eval = done % cfg.eval_every == 0 or done == cfg.steps
+        do_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
+        if not (do_eval or do_ckpt):
+            continue
+        metrics = {"step": done, "train_nll": run_loss / run_n, "lr": lr_at(step, cfg), "grad_norm": gnorm,
+                   "train_pairwise_cosine": cos_val, "seconds_per_step": (time.time() - t0) / run_n}
+        run_loss, run_n, t0 = 0.0, 0, time.time()
+        if rank == 0 and do_eval:
+            metrics.update(periodic_eval(bridge, target, vh, vl, val, cfg, none_nll))
+            metrics["val_em_none"] = none_em
+            bar.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
+        if do_ckpt:
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    save_checkpoint(Path(d), bridge, opt, done, {**asdict(cfg), "layer": paths["layer"]},
+                                    {k: v for k, v in metrics.items() if k != "val_examples"}, data_info)
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+                else:
+                    ray.train.report(metrics)
+        else:
+            ray.train.report(metrics)
+    bar.close()
+
+
+# ---- the job --------------------------------------------------------------------------------
+def run(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Prepare data on the driver, run the TorchTrainer, export the final bridge to `cfg.out`."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from bridge.model import Bridge
+
+    t_start = time.time()
+    paths = prepare(cfg, progress=progress)
+    t_prep = time.time() - t_start
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": str(cfg.threads), "TOKENIZERS_PARALLELISM": "false"}
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(2, cfg.num_workers), include_dashboard=False, runtime_env={"env_vars": env},
+                 object_store_memory=200 * 1024**2)
+    name = cfg.name or f"bridge-{cfg.source}-{cfg.target}-L{paths['layer']}-K{cfg.num_queries}-{int(t_start)}"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={**asdict(cfg), "paths": paths},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(name=name, storage_path=cfg.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": env}),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        bridge = Bridge.load(Path(d) / "bridge.safetensors")
+        state = json.loads((Path(d) / "train_state.json").read_text())
+    summary = {"name": name, "layer": paths["layer"], "num_queries": cfg.num_queries, "steps": state["step"],
+               "prepare_seconds": round(t_prep, 1), "total_seconds": round(time.time() - t_start, 1),
+               "checkpoint": result.checkpoint.path, "final_metrics": state["metrics"],
+               "history": [m for m in (result.metrics_dataframe.to_dict("records")
+                                       if result.metrics_dataframe is not None else [])]}
+    if cfg.out:
+        man = bridge.save(cfg.out, data={"train": "bridge.data.generate train split", "items": cfg.train_items,
+                                         "seed": cfg.seed, "job": name},
+                          metrics={**state["metrics"], "step": state["step"],
+                                   "train_seconds": summary["total_seconds"]}, dtype=torch.bfloat16)
+        summary["out"], summary["sha256"] = str(cfg.out), man["sha256"]
+    if cfg.log_json:
+        Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.log_json).write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def sweep(base: TrainConfig, layers: list[int], ks: list[int], out_json: str | None = None) -> list[dict]:
+    """One-factor-at-a-time sweep of source layer and K (short runs), recorded as JSON."""
+    from dataclasses import replace
+
+    from latentwire import profiles
+
+    layer0 = base.layer or profiles.get_profile(base.source).source_layer
+    k0 = base.num_queries
+    prepare(replace(base, layer=layer0), layers=sorted(set(layers) | {layer0}))  # one source pass for all layers
+    grid = [(layer, k0) for layer in layers] + [(layer0, k) for k in ks if k != k0]
+    records = []
+    for layer, k in dict.fromkeys(grid):
+        cfg = replace(base, layer=layer, num_queries=k, out=None, log_json=None, resume=None, name=None)
+        s = run(cfg)
+        rec = {"layer": layer, "num_queries": k, "steps": s["steps"], "seconds": s["total_seconds"],
+               **{k2: v for k2, v in s["final_metrics"].items()}}
+        records.append(rec)
+        print(json.dumps(rec))
+        if out_json:
+            Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_json).write_text(json.dumps({"base": asdict(base), "runs": records}, indent=1))
+    return records
