@@ -175,6 +175,14 @@ class AgentModel:
             embeds = self.target_inputs(payload, question)
         return self.generate(embeds, max_new_tokens, on_token=on_token)
 
+    def answer_batch(self, jobs: list[tuple[torch.Tensor | str | None, str, int]]) -> list[Generation]:
+        """Answer several (payload, question, max_new_tokens) at once: one batched generation."""
+        if len(jobs) == 1:
+            return [self.answer(*jobs[0])]
+        with torch.no_grad():
+            embeds = [self.target_inputs(payload, question)[0] for payload, question, _ in jobs]
+        return self.generate_batch(embeds, [n for _, _, n in jobs])
+
     # ---- generation -----------------------------------------------------------------------
     def new_cache(self):
         if self.cache_factory is not None:
@@ -222,3 +230,49 @@ class AgentModel:
             pos += 1
         t2 = now_ms()
         return Generation(self.tok.decode(ids, skip_special_tokens=True).strip(), ids, t1 - t0, t2 - t1)
+
+    @torch.no_grad()
+    def generate_batch(self, embeds: list[torch.Tensor], max_new_tokens: list[int]) -> list[Generation]:
+        """Greedy decoding of several prompts (each L_i x d) together, left-padded.
+
+        Positions count real tokens only (cumsum of the mask), so each row decodes exactly as it
+        would alone; finished rows keep stepping (masked out of the result) until all are done.
+        Prefill/decode times are those of the whole batch. Uses transformers' dense cache.
+        """
+        from transformers import DynamicCache
+
+        b, d = len(embeds), embeds[0].shape[-1]
+        lens = torch.tensor([e.shape[0] for e in embeds], device=self.device)
+        n = int(lens.max())
+        x = embeds[0].new_zeros(b, n, d)
+        mask = torch.zeros(b, n, dtype=torch.long, device=self.device)
+        for i, e in enumerate(embeds):
+            x[i, n - e.shape[0]:] = e
+            mask[i, n - e.shape[0]:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache(config=self.model.config)
+        t0 = now_ms()
+        out = self.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        t1 = now_ms()
+        ids: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        nxt_pos = lens.clone()
+        while True:
+            nxt = out.logits[:, -1].argmax(-1)
+            for i, t in enumerate(nxt.tolist()):
+                if done[i]:
+                    continue
+                if t in self.eos_ids:
+                    done[i] = True
+                    continue
+                ids[i].append(t)
+                done[i] = len(ids[i]) >= max_new_tokens[i]
+            if all(done):
+                break
+            mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=nxt_pos[:, None],
+                             past_key_values=cache, use_cache=True)
+            nxt_pos += 1
+        t2 = now_ms()
+        return [Generation(self.tok.decode(r, skip_special_tokens=True).strip(), r, t1 - t0, t2 - t1) for r in ids]

@@ -23,6 +23,19 @@ class Limits(_Strict):
     max_message_bytes: int = Field(256 << 20, gt=0)  # gRPC channel limit on both ends
 
 
+class AuthSettings(_Strict):
+    """Bearer-token check on every RPC of a deployment (Serve's gRPC proxy does not authenticate).
+
+    The token itself never sits in a config: replicas read it from the environment variable
+    `token_env` (on a cluster: a Kubernetes Secret or the launcher's environment). A deployment
+    with `required: true` and no token in its environment fails to start rather than run open.
+    """
+
+    required: bool = False
+    token_env: str = "LATENTWIRE_AUTH_TOKEN"
+    min_token_chars: int = Field(16, gt=0)  # refuse to start with a guessable token
+
+
 class TargetRoute(_Strict):
     """Where a named target agent is reached (Serve applications behind the gRPC proxy)."""
 
@@ -47,8 +60,12 @@ class AgentSettings(_Strict):
     grpc_address: str = "127.0.0.1:9000"
     targets: dict[str, TargetRoute] = {"default": TargetRoute()}  # agent name -> its Serve apps
     hop_timeout_s: float = Field(120.0, gt=0)  # deadline of each call to the bridge / target
+    # target side: concurrent Receive calls are answered in one batched generation (@serve.batch)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
     # target only: bridges whose packets are accepted (ids); empty: any bridge for this target
     accepted_bridges: list[str] = []
+    auth: AuthSettings = AuthSettings()
 
 
 class BridgeSettings(_Strict):
@@ -57,6 +74,7 @@ class BridgeSettings(_Strict):
     wire_dtype: str = "bfloat16"
     threads: int | None = None
     limits: Limits = Limits()
+    auth: AuthSettings = AuthSettings()
 
 
 def grpc_channel_options(limits: Limits = Limits()) -> list[tuple[str, int]]:

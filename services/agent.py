@@ -6,12 +6,14 @@ after the RPCs of `AgentService` and the standard health service, as Serve's gRP
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import torch
+from ray import serve
 
 from latentwire import codec
 from latentwire.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -35,9 +37,10 @@ class AgentServicer:
         self.auth = BearerAuth.of(s)  # checked by @rpc; its token also goes on the calls below
         self.layer = s.source_layer or self.model.profile.source_layer
         self._channel = None
-        self._channel_lock = threading.Lock()
+        # request id -> (request bytes, reply): retries are answered once (touched on the event loop only)
         self._replies: collections.OrderedDict[str, tuple[bytes, pb.AskReply]] = collections.OrderedDict()
-        self._replies_lock = threading.Lock()
+        self._answer_batched.set_max_batch_size(s.max_batch_size)
+        self._answer_batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
 
     # ---- health (grpc.health.v1.Health/Check) ----------------------------------------------------
     def Check(self, request, grpc_context=None):
@@ -47,13 +50,41 @@ class AgentServicer:
 
     # ---- receiving side (target) -------------------------------------------------------------
     @rpc(pb.ReceiveReply)
-    def Receive(self, request: pb.ReceiveRequest, grpc_context=None) -> pb.ReceiveReply:
-        return self._receive(request, None)
+    async def Receive(self, request: pb.ReceiveRequest, grpc_context=None) -> pb.ReceiveReply:
+        t0 = now_ms()
+        payload, max_new = self._check_receive(request)
+        t1 = now_ms()
+        if self.model.cache_factory is None and self.settings.max_batch_size > 1:
+            gen = await self._answer_batched((payload, request.question, max_new))
+        else:
+            gen = await asyncio.to_thread(self.model.answer, payload, request.question, max_new)
+        return self._receive_reply(request, gen, t0, t1)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _answer_batched(self, jobs: list[tuple]) -> list:
+        # Concurrent requests share one batched generation; the model runs off the event loop.
+        return await asyncio.to_thread(self.model.answer_batch, jobs)
 
     @rpc(pb.ReceiveChunk)
     def ReceiveStream(self, request: pb.ReceiveRequest, grpc_context=None) -> Iterator[pb.ReceiveChunk]:
-        yield from _stream(lambda emit: self._receive(request, emit),
-                           lambda text: pb.ReceiveChunk(text=text), lambda r: pb.ReceiveChunk(reply=r))
+        def run(emit):
+            t0 = now_ms()
+            payload, max_new = self._check_receive(request)
+            t1 = now_ms()
+            return self._receive_reply(request, self.model.answer(payload, request.question, max_new, emit), t0, t1)
+
+        yield from _stream(run, lambda text: pb.ReceiveChunk(text=text), lambda r: pb.ReceiveChunk(reply=r))
+
+    def _check_receive(self, req: pb.ReceiveRequest):
+        packets.check_question(req.question, self.limits.max_question_chars)
+        max_new = packets.check_new_tokens(req.max_new_tokens, self.limits.default_new_tokens,
+                                           self.limits.max_new_tokens)
+        return self._payload(req), max_new
+
+    def _receive_reply(self, req: pb.ReceiveRequest, gen, t0: float, t1: float) -> pb.ReceiveReply:
+        return pb.ReceiveReply(request_id=req.request_id, answer=gen.text, answer_tokens=len(gen.token_ids),
+                               packet_decode_ms=t1 - t0, prefill_ms=gen.prefill_ms, decode_ms=gen.decode_ms,
+                               total_ms=now_ms() - t0, target_model=self.model.name)
 
     def _payload(self, req: pb.ReceiveRequest):
         mode, which = packets.check_mode(req.mode), req.WhichOneof("payload")
@@ -87,55 +118,48 @@ class AgentServicer:
                                     f"{self.limits.max_packet_tokens}", "latent.soft_tokens.shape")
         return soft
 
-    def _receive(self, req: pb.ReceiveRequest, emit) -> pb.ReceiveReply:
-        t0 = now_ms()
-        packets.check_question(req.question, self.limits.max_question_chars)
-        max_new = packets.check_new_tokens(req.max_new_tokens, self.limits.default_new_tokens,
-                                           self.limits.max_new_tokens)
-        payload = self._payload(req)
-        t1 = now_ms()
-        gen = self.model.answer(payload, req.question, max_new, on_token=emit)
-        return pb.ReceiveReply(request_id=req.request_id, answer=gen.text, answer_tokens=len(gen.token_ids),
-                               packet_decode_ms=t1 - t0, prefill_ms=gen.prefill_ms, decode_ms=gen.decode_ms,
-                               total_ms=now_ms() - t0, target_model=self.model.name)
-
     # ---- asking side (source) ----------------------------------------------------------------
     @rpc(pb.AskReply)
-    def Ask(self, request: pb.AskRequest, grpc_context=None) -> pb.AskReply:
+    async def Ask(self, request: pb.AskRequest, grpc_context=None) -> pb.AskReply:
         key = request.request_id and request.SerializeToString(deterministic=True)
-        with self._replies_lock:  # a retried request id gets the reply it already had
-            hit = self._replies.get(request.request_id) if key else None
-        if hit is not None and hit[0] == key:
+        hit = self._replies.get(request.request_id) if key else None
+        if hit is not None and hit[0] == key:  # a retried request id gets the reply it already had
             return hit[1]
-        reply = self._ask(request, None)
+        reply = await self._ask(request, None)
         if key:
-            with self._replies_lock:
-                self._replies[request.request_id] = (key, reply)
-                while len(self._replies) > 1024:
-                    self._replies.popitem(last=False)
+            self._replies[request.request_id] = (key, reply)
+            while len(self._replies) > 1024:
+                self._replies.popitem(last=False)
         return reply
 
     @rpc(pb.AskChunk)
-    def AskStream(self, request: pb.AskRequest, grpc_context=None) -> Iterator[pb.AskChunk]:
-        yield from _stream(lambda emit: self._ask(request, emit),
-                           lambda text: pb.AskChunk(text=text), lambda r: pb.AskChunk(reply=r))
+    async def AskStream(self, request: pb.AskRequest, grpc_context=None) -> AsyncIterator[pb.AskChunk]:
+        q: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(self._ask(request, q.put_nowait))
+        task.add_done_callback(lambda _: q.put_nowait(None))
+        while (text := await q.get()) is not None:
+            yield pb.AskChunk(text=text)
+        yield pb.AskChunk(reply=task.result())  # re-raises the request's error, if any
 
     def _stubs(self):
-        with self._channel_lock:  # one channel per replica, reused by every request
-            if self._channel is None:
-                self._channel = grpc.insecure_channel(self.settings.grpc_address,
+        # One aio channel per replica, created on the replica's event loop and reused by every request.
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.settings.grpc_address,
                                                       options=grpc_channel_options(self.limits))
-                self._agent_stub = pb_grpc.AgentServiceStub(self._channel)
-                self._bridge_stub = pb_grpc.BridgeServiceStub(self._channel)
+            self._agent_stub = pb_grpc.AgentServiceStub(self._channel)
+            self._bridge_stub = pb_grpc.BridgeServiceStub(self._channel)
         return self._agent_stub, self._bridge_stub
 
-    def _ask(self, req: pb.AskRequest, emit) -> pb.AskReply:
+    async def _ask(self, req: pb.AskRequest, emit) -> pb.AskReply:
         t_start = now_ms()
         rid = packets.request_id(req.request_id)
         mode = packets.check_mode(req.mode)
         packets.check_question(req.question, self.limits.max_question_chars)
         max_new = packets.check_new_tokens(req.max_new_tokens, self.limits.default_new_tokens,
                                            self.limits.max_new_tokens)
+        budget = req.message_tokens or self.settings.message_tokens
+        if budget > self.limits.max_new_tokens:
+            raise InvalidArgument(f"must be at most {self.limits.max_new_tokens}, got {budget}", "message_tokens")
         name = req.target_agent or "default"
         route = self.settings.targets.get(name)
         if route is None:
@@ -149,18 +173,18 @@ class AgentServicer:
         timeout = self.settings.hop_timeout_s
 
         if mode in (pb.LATENT, pb.TEXT):
-            ids = self.model.source_ids(req.context, req.question)
+            ids = await asyncio.to_thread(self.model.source_ids, req.context, req.question)
             source_tokens = len(ids)
         if mode == pb.LATENT:
             t0 = now_ms()
-            hidden = self.model.hidden_states(ids, self.layer)
+            hidden = await asyncio.to_thread(self.model.hidden_states, ids, self.layer)
             t1 = now_ms()
             prov.source_layer, prov.source_hidden_size = self.layer, self.model.hidden_size
             packet = pb.HiddenStatePacket(hidden=codec.encode(hidden, self.settings.wire_dtype), provenance=prov)
             t2 = now_ms()
             try:
-                meta = (("application", route.bridge_app),) + self.auth.metadata()
-                tr = bridge_stub.Translate(packet, metadata=meta, timeout=timeout)
+                tr = await bridge_stub.Translate(packet, metadata=(("application", route.bridge_app),)
+                                                 + self.auth.metadata(), timeout=timeout)
             except grpc.RpcError as err:
                 raise HopError("bridge", err) from None
             t3 = now_ms()
@@ -171,10 +195,7 @@ class AgentServicer:
             wire += packet.ByteSize() + tr.latent.ByteSize()
             message_tokens = tr.latent.soft_tokens.shape[0] if tr.latent.soft_tokens.shape else 0
         elif mode == pb.TEXT:
-            budget = req.message_tokens or self.settings.message_tokens
-            if budget > self.limits.max_new_tokens:
-                raise InvalidArgument(f"must be at most {self.limits.max_new_tokens}, got {budget}", "message_tokens")
-            gen = self.model.write_message(ids, budget)
+            gen = await asyncio.to_thread(self.model.write_message, ids, budget)
             tm.source_prefill_ms, tm.source_decode_ms = gen.prefill_ms, gen.decode_ms
             out.text.CopyFrom(pb.TextPacket(text=gen.text, num_tokens=len(gen.token_ids), provenance=prov))
             message_tokens = len(gen.token_ids)
@@ -187,10 +208,10 @@ class AgentServicer:
         meta = (("application", route.app),) + self.auth.metadata()
         try:
             if emit is None:
-                rr = agent_stub.Receive(out, metadata=meta, timeout=timeout)
+                rr = await agent_stub.Receive(out, metadata=meta, timeout=timeout)
             else:
                 rr = None
-                for chunk in agent_stub.ReceiveStream(out, metadata=meta, timeout=timeout):
+                async for chunk in agent_stub.ReceiveStream(out, metadata=meta, timeout=timeout):
                     if chunk.HasField("reply"):
                         rr = chunk.reply
                     elif chunk.text:

@@ -73,6 +73,28 @@ def rpc(reply_type):
     """
 
     def wrap(fn):
+        if inspect.isasyncgenfunction(fn):
+            @functools.wraps(fn)
+            async def astream(self, request, grpc_context=None):
+                try:
+                    _authenticate(self, grpc_context)
+                    async for item in fn(self, request, grpc_context):
+                        yield item
+                except Exception as exc:  # noqa: BLE001
+                    _set(grpc_context, exc)
+            return astream
+
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def aunary(self, request, grpc_context=None):
+                try:
+                    _authenticate(self, grpc_context)
+                    return await fn(self, request, grpc_context)
+                except Exception as exc:  # noqa: BLE001
+                    _set(grpc_context, exc)
+                    return reply_type()
+            return aunary
+
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def stream(self, request, grpc_context=None):
