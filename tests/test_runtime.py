@@ -75,3 +75,15 @@ def test_source_limits_are_enforced(tiny_source):
 def test_soft_tokens_of_the_wrong_width_are_refused(tiny_target):
     with pytest.raises(InvalidArgument, match="soft tokens"):
         tiny_target.payload_embeds(torch.zeros(3, tiny_target.hidden_size + 1))
+
+
+@pytest.mark.parametrize("which", ["tiny_source", "tiny_target"])
+def test_batched_answers_equal_one_by_one_answers(which, request):
+    """Left padding with real-token positions: batching must not change any answer."""
+    m = request.getfixturevalue(which)
+    jobs = [(None, "What?", 7), ("the red car is parked in Oslo near the old harbour", "Where is it?", 5),
+            (torch.randn(4, m.hidden_size) * 0.05, "Who?", 9)]
+    single = [m.answer(*j) for j in jobs]
+    batch = m.answer_batch(jobs)
+    assert [b.token_ids for b in batch] == [s.token_ids for s in single]
+    assert [len(b.token_ids) for b in batch] == [7, 5, 9]
