@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -50,7 +51,8 @@ def retryable(err: grpc.RpcError) -> bool:
 
 
 def call_with_retries(call: Callable[[float], object], timeout: float, policy: RetryPolicy,
-                      sleep: Callable[[float], None] = time.sleep) -> object:
+                      sleep: Callable[[float], None] = time.sleep,
+                      on_retry: Callable[[grpc.RpcError], None] | None = None) -> object:
     """`call(remaining_s)` until it succeeds, fails with a non-retryable status, or time runs out."""
     deadline = time.monotonic() + timeout
     for attempt in range(policy.attempts):
@@ -60,6 +62,8 @@ def call_with_retries(call: Callable[[float], object], timeout: float, policy: R
             pause = policy.backoff(attempt)
             if not retryable(err) or attempt == policy.attempts - 1 or time.monotonic() + pause >= deadline:
                 raise
+            if on_retry is not None:
+                on_retry(err)
             sleep(pause)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -72,6 +76,8 @@ class LatentWireClient:
                  retry: RetryPolicy = RetryPolicy()):
         self.address, self.source_app, self.timeout_s, self.retry = address, source_app, timeout_s, retry
         # the bearer token: given, or the one the services read (LATENTWIRE_AUTH_TOKEN by default)
+        self.retries = 0  # retried attempts so far (all calls of this client)
+        self._count_lock = threading.Lock()
         self.token = token if token is not None else os.environ.get(AuthSettings().token_env) or None
         self.channel = grpc.insecure_channel(address, options=grpc_channel_options(limits or Limits()))
         self.agent = pb_grpc.AgentServiceStub(self.channel)
@@ -93,7 +99,11 @@ class LatentWireClient:
     def _unary(self, method, request, app: str, timeout: float | None):
         meta = self.metadata(app)
         return call_with_retries(lambda left: method(request, metadata=meta, timeout=left),
-                                 timeout or self.timeout_s, self.retry)
+                                 timeout or self.timeout_s, self.retry, on_retry=self._count_retry)
+
+    def _count_retry(self, err: grpc.RpcError) -> None:
+        with self._count_lock:
+            self.retries += 1
 
     @staticmethod
     def _with_id(req: pb.AskRequest) -> pb.AskRequest:
@@ -129,6 +139,7 @@ class LatentWireClient:
                 if (started or not retryable(err) or attempt == self.retry.attempts - 1
                         or time.monotonic() + pause >= deadline):
                     raise
+                self._count_retry(err)
                 time.sleep(pause)
             finally:
                 stream.cancel()
