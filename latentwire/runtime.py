@@ -6,6 +6,7 @@ prompt, primer or mask that differs between training and serving cannot happen b
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,9 +120,13 @@ class AgentModel:
         return self.hidden_states_batch(input_ids[None], torch.ones_like(input_ids)[None], layer)[0]
 
     def hidden_states_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
-        captured = {}
+        captured, me = {}, threading.get_ident()
 
         def hook(_mod, _args, out):
+            # hooks are per module, not per call: with concurrent callers (the serving threads),
+            # only the hook of the thread that runs this forward may capture and stop it
+            if threading.get_ident() != me:
+                return None
             captured["h"] = out[0] if isinstance(out, tuple) else out
             raise _StopForward
 
