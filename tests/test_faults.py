@@ -1,0 +1,154 @@
+"""Faults: a model replica is killed (by its actor) while a load of requests runs.
+
+Serve must replace the replica; the client retries idempotent requests (same request id) with
+backoff inside each request's deadline; every request ends in an answer or a clear
+UNAVAILABLE / DEADLINE_EXCEEDED, and none outlives its deadline.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+
+from tests.conftest import free_port
+from tests.serve_cluster import replicas, start_ray, tiny_config, wait_for
+
+REQUESTS, CONCURRENCY, DEADLINE_S = 200, 8, 30.0
+KILL_AFTER = 40  # completed requests before the kill: mid-run
+CONTEXT = "Alice keeps the red key in Lisbon."
+QUESTION = "Where is the key?"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_bridge_path):
+    from services import local
+
+    cfg = tiny_config(tiny_bridge_path, free_port(), free_port())
+    # the source's own hop deadline stays below the client's, so a stuck hop surfaces as a status
+    next(a for a in cfg["applications"] if a["name"] == "source")["args"]["hop_timeout_s"] = 20
+    start_ray()
+    local.deploy(cfg)
+    yield local.grpc_address(cfg)
+    local.shutdown()
+
+
+def test_retry_policy_backs_off_exponentially_within_the_deadline():
+    from services.client import RetryPolicy, call_with_retries
+
+    class Unavailable(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "no replica"
+
+    pauses, policy = [], RetryPolicy(attempts=10, initial_backoff_s=0.1, max_backoff_s=0.4)
+
+    def fail(left):
+        raise Unavailable()
+
+    with pytest.raises(Unavailable):
+        call_with_retries(fail, timeout=60, policy=policy, sleep=pauses.append)
+    assert len(pauses) == 9 and all(0 <= p <= min(0.4, 0.1 * 2**i) for i, p in enumerate(pauses))
+    # the deadline bounds the retries: a 0.3 s budget stops before sleeping past it
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable):
+        call_with_retries(fail, timeout=0.3, policy=RetryPolicy(attempts=100, initial_backoff_s=0.05))
+    assert time.monotonic() - t0 < 0.35
+
+
+def test_non_retryable_statuses_fail_at_once():
+    from services.client import RetryPolicy, call_with_retries
+
+    class Refused(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self):
+            return "context: 400 tokens exceed the configured limit of 256"
+
+    calls = []
+
+    def refuse(left):
+        calls.append(left)
+        raise Refused()
+
+    with pytest.raises(Refused):
+        call_with_retries(refuse, timeout=10, policy=RetryPolicy())
+    assert len(calls) == 1  # our input limits are final; only Serve's backpressure is retried
+
+
+def test_killing_the_target_replica_under_load_loses_no_request(cluster):
+    import ray
+
+    from services.client import LatentWireClient
+
+    before = replicas("target")
+    assert len(before) == 1
+    outcomes: collections.Counter = collections.Counter()
+    over_deadline, lock, done = [], threading.Lock(), threading.Event()
+    killed: dict = {}
+    details: dict = {}  # one message per non-OK status, for the record
+
+    def one(i: int, client: LatentWireClient):
+        t0 = time.monotonic()
+        try:
+            reply = client.ask(CONTEXT, QUESTION, "latent" if i % 2 else "none", max_new_tokens=4,
+                               request_id=f"load-{i}", timeout=DEADLINE_S)
+            assert reply.answer_tokens > 0 and reply.request_id == f"load-{i}"
+            status = "OK"
+        except grpc.RpcError as err:
+            status = err.code().name
+            details.setdefault(status, err.details())
+        elapsed = time.monotonic() - t0
+        with lock:
+            outcomes[status] += 1
+            if elapsed > DEADLINE_S + 2.0:
+                over_deadline.append((i, elapsed))
+            if sum(outcomes.values()) == KILL_AFTER:
+                done.set()
+
+    def killer():
+        done.wait(120)
+        actor = replicas("target")[0]
+        killed.update(actor_id=actor.actor_id, at=sum(outcomes.values()))
+        ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace), no_restart=True)
+
+    t_start = time.monotonic()
+    with LatentWireClient(cluster, timeout_s=DEADLINE_S) as client:
+        client.ask(CONTEXT, QUESTION, "none", max_new_tokens=2)  # warm-up
+        kill_thread = threading.Thread(target=killer)
+        kill_thread.start()
+        with ThreadPoolExecutor(CONCURRENCY) as pool:
+            list(pool.map(lambda i: one(i, client), range(REQUESTS)))
+        kill_thread.join()
+        wall = time.monotonic() - t_start
+        # Serve replaced the replica: a new actor, and requests succeed through it
+        after = wait_for(lambda: [a for a in replicas("target") if a.actor_id != killed["actor_id"]], 60,
+                         "a replacement target replica")
+        assert client.ask(CONTEXT, QUESTION, "latent", max_new_tokens=3).answer_tokens > 0
+    record = dict(requests=REQUESTS, concurrency=CONCURRENCY, killed_after=killed["at"], outcomes=dict(outcomes),
+                  retries=client.retries, over_deadline=len(over_deadline), wall_s=round(wall, 1), details=details)
+    print("\nkill test:", json.dumps(record))
+    assert sum(outcomes.values()) == REQUESTS
+    assert set(outcomes) <= {"OK", "UNAVAILABLE", "DEADLINE_EXCEEDED"}, outcomes  # clear statuses only
+    assert not over_deadline, over_deadline  # none hung past its deadline
+    assert outcomes["OK"] >= REQUESTS * 0.9, outcomes  # retries turn the outage into answers
+    assert len(after) == 1 and after[0].actor_id != before[0].actor_id
+
+
+def test_concurrent_hidden_states_do_not_cross_talk(tiny_source):
+    """The source runs hidden_states in worker threads; each call must get its own request's states."""
+    ids = [tiny_source.source_ids(f"Item {i} is kept in room {i * 7}.", "Where?") for i in range(16)]
+    want = [tiny_source.hidden_states(x, 2) for x in ids]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(5):
+            got = list(pool.map(lambda x: tiny_source.hidden_states(x, 2), ids))
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
