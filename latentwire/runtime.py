@@ -159,10 +159,13 @@ class AgentModel:
         return self._prefix_cache["prefix"]
 
     def payload_embeds(self, payload: torch.Tensor | str | None) -> torch.Tensor:
+        """Soft tokens (K x d float) | text | its token ids (1-D long, already tokenised) | None."""
         if payload is None:
             return self.prefix_embeds()[:0]
         if isinstance(payload, str):
-            return self.embed(self.tokenize(payload)[None])[0] if payload else self.prefix_embeds()[:0]
+            payload = self.tokenize(payload)
+        if not payload.is_floating_point():
+            return self.embed(payload.to(self.device)[None])[0] if len(payload) else self.prefix_embeds()[:0]
         if payload.ndim != 2 or payload.shape[-1] != self.hidden_size:
             raise InvalidArgument(f"soft tokens must be (K, {self.hidden_size}), got {tuple(payload.shape)}",
                                   "soft_tokens")

@@ -95,11 +95,11 @@ class AgentServicer:
         if mode == pb.LATENT:
             return self._soft_tokens(req.latent)
         if mode in (pb.TEXT, pb.DIRECT):
-            n = len(self.model.tok(req.text.text, add_special_tokens=False).input_ids)
-            if n > self.limits.max_context_tokens:
-                raise ResourceExhausted(f"{n} tokens exceed the configured limit of "
+            ids = self.model.tokenize(req.text.text)  # tokenised once: counted here, embedded later
+            if len(ids) > self.limits.max_context_tokens:
+                raise ResourceExhausted(f"{len(ids)} tokens exceed the configured limit of "
                                         f"{self.limits.max_context_tokens} (max_context_tokens)", "text.text")
-            return req.text.text
+            return ids
         return None
 
     def _soft_tokens(self, packet: pb.LatentPacket) -> torch.Tensor:
