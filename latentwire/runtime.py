@@ -33,6 +33,7 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
+    cache_tokens: int = 0  # KV entries (layer 0) at the end: smaller than the tokens seen when compressed
 
 
 class _StopForward(Exception):
@@ -237,7 +238,9 @@ class AgentModel:
                              past_key_values=cache, use_cache=True)
             pos += 1
         t2 = now_ms()
-        return Generation(self.tok.decode(ids, skip_special_tokens=True).strip(), ids, t1 - t0, t2 - t1)
+        # a compressed cache reports tokens seen as its length (for positions); kv_lengths: entries held
+        held = cache.kv_lengths()[0] if hasattr(cache, "kv_lengths") else cache.get_seq_length()
+        return Generation(self.tok.decode(ids, skip_special_tokens=True).strip(), ids, t1 - t0, t2 - t1, held)
 
     @torch.no_grad()
     def generate_batch(self, embeds: list[torch.Tensor], max_new_tokens: list[int]) -> list[Generation]:
@@ -283,4 +286,6 @@ class AgentModel:
                              past_key_values=cache, use_cache=True)
             nxt_pos += 1
         t2 = now_ms()
-        return [Generation(self.tok.decode(r, skip_special_tokens=True).strip(), r, t1 - t0, t2 - t1) for r in ids]
+        return [Generation(self.tok.decode(r, skip_special_tokens=True).strip(), r, t1 - t0, t2 - t1,
+                           # this row's own entries, as the one-by-one path would hold them
+                           int(lens[i]) + len(r) - (len(r) >= max_new_tokens[i])) for i, r in enumerate(ids)]

@@ -43,6 +43,16 @@ class TargetRoute(_Strict):
     bridge_app: str = "bridge"
 
 
+class KVCompression(_Strict):
+    """KV-cache compression of an agent's generation (compression.cache): FMKVC or a baseline."""
+
+    method: Literal["fmkvc", "mean_pool", "dense"] = "fmkvc"
+    weights: str | None = None  # sidecar .safetensors; None: the packaged one for the agent's profile
+    window: int = Field(8, ge=2)  # W cached tokens -> 1 super-token (the nominal reduction)
+    sink: int = Field(4, ge=0)  # first tokens kept dense
+    recent: int = Field(64, ge=1)  # newest tokens kept dense
+
+
 class AgentSettings(_Strict):
     """One agent actor. Every agent can answer (`Receive`); one with `targets` can also `Ask`."""
 
@@ -60,6 +70,7 @@ class AgentSettings(_Strict):
     grpc_address: str = "127.0.0.1:9000"
     targets: dict[str, TargetRoute] = {"default": TargetRoute()}  # agent name -> its Serve apps
     hop_timeout_s: float = Field(120.0, gt=0)  # deadline of each call to the bridge / target
+    kv_compression: KVCompression | None = None  # None: transformers' dense cache
     # target side: concurrent Receive calls are answered in one batched generation (@serve.batch)
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)

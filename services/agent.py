@@ -31,8 +31,13 @@ class AgentServicer:
         self.settings = s = AgentSettings.model_validate(settings)
         if s.threads:
             torch.set_num_threads(s.threads)
+        cache_factory = None
+        if s.kv_compression is not None and s.kv_compression.method != "dense":
+            from compression.cache import factory
+
+            cache_factory = factory(profile=s.profile, **s.kv_compression.model_dump())
         self.model = AgentModel(s.profile, device=s.device, dtype=s.dtype, limits=s.limits,
-                                local_path=s.local_path)
+                                local_path=s.local_path, cache_factory=cache_factory)
         self.limits = s.limits
         self.auth = BearerAuth.of(s)  # checked by @rpc; its token also goes on the calls below
         self.layer = s.source_layer or self.model.profile.source_layer
@@ -84,7 +89,8 @@ class AgentServicer:
     def _receive_reply(self, req: pb.ReceiveRequest, gen, t0: float, t1: float) -> pb.ReceiveReply:
         return pb.ReceiveReply(request_id=req.request_id, answer=gen.text, answer_tokens=len(gen.token_ids),
                                packet_decode_ms=t1 - t0, prefill_ms=gen.prefill_ms, decode_ms=gen.decode_ms,
-                               total_ms=now_ms() - t0, target_model=self.model.name)
+                               total_ms=now_ms() - t0, target_model=self.model.name,
+                               kv_cache_tokens=gen.cache_tokens)
 
     def _payload(self, req: pb.ReceiveRequest):
         mode, which = packets.check_mode(req.mode), req.WhichOneof("payload")
@@ -228,7 +234,7 @@ class AgentServicer:
         return pb.AskReply(request_id=rid, answer=rr.answer, mode=mode, timings=tm, packet_bytes=wire,
                            source_tokens=source_tokens, message_tokens=message_tokens,
                            answer_tokens=rr.answer_tokens, source_model=self.model.name,
-                           target_model=rr.target_model, target_agent=name)
+                           target_model=rr.target_model, target_agent=name, kv_cache_tokens=rr.kv_cache_tokens)
 
 
 def _stream(run, text_chunk, reply_chunk):

@@ -87,3 +87,4 @@ def test_batched_answers_equal_one_by_one_answers(which, request):
     batch = m.answer_batch(jobs)
     assert [b.token_ids for b in batch] == [s.token_ids for s in single]
     assert [len(b.token_ids) for b in batch] == [7, 5, 9]
+    assert [b.cache_tokens for b in batch] == [s.cache_tokens for s in single]

@@ -128,7 +128,7 @@ class AskRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., target_agent: _Optional[str] = ..., message_tokens: _Optional[int] = ...) -> None: ...
 
 class AskReply(_message.Message):
-    __slots__ = ("request_id", "answer", "mode", "timings", "packet_bytes", "source_tokens", "message_tokens", "answer_tokens", "source_model", "target_model", "target_agent")
+    __slots__ = ("request_id", "answer", "mode", "timings", "packet_bytes", "source_tokens", "message_tokens", "answer_tokens", "source_model", "target_model", "target_agent", "kv_cache_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class AskReply(_message.Message):
     SOURCE_MODEL_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     TARGET_AGENT_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     answer: str
     mode: Mode
@@ -151,7 +152,8 @@ class AskReply(_message.Message):
     source_model: str
     target_model: str
     target_agent: str
-    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., packet_bytes: _Optional[int] = ..., source_tokens: _Optional[int] = ..., message_tokens: _Optional[int] = ..., answer_tokens: _Optional[int] = ..., source_model: _Optional[str] = ..., target_model: _Optional[str] = ..., target_agent: _Optional[str] = ...) -> None: ...
+    kv_cache_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., packet_bytes: _Optional[int] = ..., source_tokens: _Optional[int] = ..., message_tokens: _Optional[int] = ..., answer_tokens: _Optional[int] = ..., source_model: _Optional[str] = ..., target_model: _Optional[str] = ..., target_agent: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ...) -> None: ...
 
 class AskChunk(_message.Message):
     __slots__ = ("text", "reply")
@@ -178,7 +180,7 @@ class ReceiveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., question: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., latent: _Optional[_Union[LatentPacket, _Mapping]] = ..., text: _Optional[_Union[TextPacket, _Mapping]] = ...) -> None: ...
 
 class ReceiveReply(_message.Message):
-    __slots__ = ("request_id", "answer", "answer_tokens", "packet_decode_ms", "prefill_ms", "decode_ms", "total_ms", "target_model")
+    __slots__ = ("request_id", "answer", "answer_tokens", "packet_decode_ms", "prefill_ms", "decode_ms", "total_ms", "target_model", "kv_cache_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     ANSWER_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +189,7 @@ class ReceiveReply(_message.Message):
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     answer: str
     answer_tokens: int
@@ -195,7 +198,8 @@ class ReceiveReply(_message.Message):
     decode_ms: float
     total_ms: float
     target_model: str
-    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., answer_tokens: _Optional[int] = ..., packet_decode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., target_model: _Optional[str] = ...) -> None: ...
+    kv_cache_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., answer_tokens: _Optional[int] = ..., packet_decode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., target_model: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ...) -> None: ...
 
 class ReceiveChunk(_message.Message):
     __slots__ = ("text", "reply")
