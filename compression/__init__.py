@@ -1,0 +1,1 @@
+"""FMKVC: force-matched KV cache compression (sidecar, trajectories, losses, Ray Train job, presses, cache)."""

@@ -1,0 +1,217 @@
+"""A transformers `Cache` that keeps coarse-graining itself as it grows (prefill AND decode).
+
+Layout of every layer's cache, oldest first:
+
+    [ sink tokens (dense) | one super-token per full window of W older tokens | recent tokens (dense) ]
+
+After each update, while the dense tail holds at least `W + recent` tokens, its oldest W tokens are
+replaced by one super-token from a compressor (the FMKVC sidecar, or mean pooling). So after T tokens
+a layer holds `sink + m + r` entries with m = (T - sink - recent) // W and recent <= r < recent + W.
+
+Positions: cached keys are post-RoPE, so super-tokens need no position of their own. What must stay
+right is the bookkeeping around them: `get_seq_length()` returns the number of tokens *seen* (like
+transformers' sliding-window layers do), so `cache_position`, default `position_ids` and
+`model.generate` keep counting true positions, while `get_mask_sizes` reports the *stored* length
+with an offset that places the stored entries right before the new tokens. A 2-D attention mask of
+length `get_seq_length() + q` (what `AgentModel.generate` and `model.generate` pass) then lines up.
+
+Sliding-window layers (Gemma 3, Mistral): the dense model never sees tokens older than the window, so
+entries whose newest token left the window are evicted; the rest is compressed as above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import Cache
+from transformers.cache_utils import DynamicLayer
+
+# (keys, values, layer_idx) with keys/values (B, H, m, W, head_dim) -> (k~, v~) each (B, H, m, head_dim)
+Compressor = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    window: int = 8  # W tokens -> 1 super-token
+    sink: int = 4  # first tokens kept dense (attention sinks)
+    recent: int = 64  # newest tokens kept dense
+    enabled: bool = True
+
+    def expected_length(self, n_tokens: int) -> int:
+        """Stored entries after n_tokens (non-sliding layer)."""
+        if not self.enabled or n_tokens < self.sink + self.window + self.recent:
+            return n_tokens
+        m = (n_tokens - self.sink - self.recent) // self.window
+        return n_tokens - m * (self.window - 1)
+
+
+def mean_pool_compressor(keys: torch.Tensor, values: torch.Tensor, layer_idx: int):
+    return keys.mean(-2), values.mean(-2)
+
+
+def sidecar_compressor(sidecar) -> Compressor:
+    @torch.no_grad()
+    def compress(keys, values, layer_idx):
+        b, h, m, w, d = keys.shape
+        slot = (layer_idx * h + torch.arange(h, device=keys.device)).repeat_interleave(m).repeat(b)
+        kt, vt = sidecar(keys.reshape(-1, w, d), values.reshape(-1, w, d), slot)
+        return kt.reshape(b, h, m, d), vt.reshape(b, h, m, d)
+
+    return compress
+
+
+def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedule: Schedule,
+                  compressor: Compressor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Coarse-grain every full window of the dense tail that is older than `recent`.
+
+    keys/values: (B, H, L, D); entries [0, n_final) are final (sink + super-tokens).
+    Returns new keys, values, n_final and the number m of windows compressed.
+    """
+    length = keys.shape[-2]
+    if n_final < schedule.sink:
+        n_final = min(schedule.sink, length)
+    m = max(length - n_final - schedule.recent, 0) // schedule.window
+    if m == 0 or not schedule.enabled:
+        return keys, values, n_final, 0
+    b, h, _, d = keys.shape
+    end = n_final + m * schedule.window
+    kw = keys[:, :, n_final:end].reshape(b, h, m, schedule.window, d)
+    vw = values[:, :, n_final:end].reshape(b, h, m, schedule.window, d)
+    kt, vt = compressor(kw, vw, layer_idx)
+    kt, vt = kt.to(keys.dtype), vt.to(values.dtype)
+    keys = torch.cat([keys[:, :, :n_final], kt, keys[:, :, end:]], dim=-2)
+    values = torch.cat([values[:, :, :n_final], vt, values[:, :, end:]], dim=-2)
+    return keys, values, n_final + m, m
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer's cache: stores sink + super-tokens + recent; remembers true positions for eviction."""
+
+    def __init__(self, layer_idx: int, schedule: Schedule, compressor: Compressor, sliding_window: int | None):
+        super().__init__()
+        self.layer_idx, self.schedule, self.compressor = layer_idx, schedule, compressor
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.seen = 0  # tokens seen (true position of the next token)
+        self.n_final = 0
+        self.last_pos = torch.zeros(0, dtype=torch.long)  # newest true position each entry stands for
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        full_k = torch.cat([self.keys, key_states], dim=-2)
+        full_v = torch.cat([self.values, value_states], dim=-2)
+        new_pos = torch.arange(self.seen, self.seen + q)
+        last_pos = torch.cat([self.last_pos, new_pos])
+        self.seen += q
+        keys, values = full_k, full_v
+        if self.sliding_window is not None:  # drop what the dense layer could no longer see
+            keep = last_pos >= self.seen + 1 - self.sliding_window
+            if not bool(keep.all()):
+                n_drop = int((~keep).sum())  # entries are ordered by position: drop a prefix
+                keys, values, last_pos = keys[:, :, n_drop:], values[:, :, n_drop:], last_pos[n_drop:]
+                self.n_final = max(self.n_final - n_drop, 0)
+        keys, values, self.n_final, m = compress_tail(keys, values, self.n_final, self.schedule,
+                                                      self.compressor, self.layer_idx)
+        if m:
+            start = self.n_final - m
+            w = self.schedule.window
+            window_last = last_pos[start:start + m * w].view(m, w)[:, -1]
+            last_pos = torch.cat([last_pos[:start], window_last, last_pos[start + m * w:]])
+        self.keys, self.values, self.last_pos = keys, values, last_pos
+        return full_k, full_v  # this step's attention still sees what it was given
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        stored = self.stored()
+        return stored + cache_position.shape[0], self.seen - stored
+
+    def stored(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped back to a token position")
+
+
+class FMKVCCache(Cache):
+    """Cache whose layers compress themselves; `compressor=None` (or schedule.enabled=False) is dense."""
+
+    def __init__(self, config, schedule: Schedule = Schedule(), compressor: Compressor | None = None):
+        cfg = config.get_text_config(decoder=True)
+        sliding = getattr(cfg, "sliding_window", None)
+        types = getattr(cfg, "layer_types", None) or [
+            "sliding_attention" if sliding else "full_attention"] * cfg.num_hidden_layers
+        if compressor is None:
+            schedule = Schedule(schedule.window, schedule.sink, schedule.recent, enabled=False)
+        layers = [CompressedLayer(i, schedule, compressor or mean_pool_compressor,
+                                  sliding if t in ("sliding_attention", "chunked_attention") else None)
+                  for i, t in enumerate(types)]
+        super().__init__(layers=layers)
+        self.schedule = schedule
+
+    def kv_lengths(self) -> list[int]:
+        """Stored entries per layer (what the memory holds), as opposed to tokens seen."""
+        return [layer.stored() for layer in self.layers]
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by any transformers cache (dense or compressed)."""
+    total = 0
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", False) and layer.keys is not None:
+            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return total
+
+
+_SIDECARS: dict[str, object] = {}
+
+
+def load_sidecar(path: str | Path, device="cpu"):
+    from compression.sidecar import Sidecar
+
+    key = f"{Path(path).resolve()}:{device}"
+    if key not in _SIDECARS:
+        _SIDECARS[key] = Sidecar.load(path, device=device)
+    return _SIDECARS[key]
+
+
+def make_compressor(method: str, *, profile: str | None = None, weights: str | Path | None = None,
+                    device="cpu") -> Compressor | None:
+    """'fmkvc' (trained sidecar), 'mean_pool', or 'dense'/'none' (no compression)."""
+    if method in ("dense", "none"):
+        return None
+    if method == "mean_pool":
+        return mean_pool_compressor
+    if method == "fmkvc":
+        from compression.sidecar import default_weights_path
+
+        if weights is None:
+            if profile is None:
+                raise ValueError("fmkvc needs `weights` or `profile` (to find the packaged sidecar)")
+            weights = default_weights_path(profile)
+        return sidecar_compressor(load_sidecar(weights, device))
+    raise ValueError(f"unknown compression method {method!r}")
+
+
+def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, weights: str | None = None,
+                  window: int = 8, sink: int = 4, recent: int = 64) -> FMKVCCache:
+    """A fresh compressed cache for `model`: pass `partial(cache_factory, profile=..., window=...)`
+    as `AgentModel(cache_factory=...)`."""
+    device = next(model.parameters()).device
+    compressor = make_compressor(method, profile=profile, weights=weights, device=str(device))
+    return FMKVCCache(model.config, Schedule(window, sink, recent), compressor)
+
+
+def factory(**kwargs) -> Callable:
+    """`AgentModel(cache_factory=factory(profile="gemma3-270m", window=8))`."""
+    return partial(cache_factory, **kwargs)

@@ -1,0 +1,107 @@
+"""`latentwire collect-trajectories`, `latentwire train sidecar`, `latentwire eval-cache`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _setup(threads: int | None) -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from compression.trajectories import collect
+    from latentwire import profiles
+
+    _setup(args.threads)
+    model, tok = profiles.load(args.model, dtype="float32")
+    man = collect(model, tok, args.out, profile=args.model, n_samples=args.samples, length=args.length,
+                  n_queries=args.queries, shard_size=args.shard_size, seed=args.seed)
+    print(json.dumps({"out": args.out, "samples": man["samples"], "shards": len(man["shards"]),
+                      "mean_loss": man["mean_loss"]}))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from compression.train import TrainConfig, run
+
+    cfg = TrainConfig(model=args.model, data=args.data, windows=[int(w) for w in str(args.window).split(",")],
+                      steps=args.steps, lr=args.lr, batch_windows=args.batch_windows, d_model=args.d_model,
+                      n_blocks=args.blocks, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                      jac_weight=args.jac_weight, force_weight=args.force_weight, threads=args.threads, seed=args.seed)
+    result = run(cfg, num_workers=args.workers, use_gpu=args.use_gpu, storage=args.storage, name=args.name,
+                 out=args.out, max_failures=args.max_failures)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from compression.evaluate import EvalConfig, run
+
+    _setup(args.threads)
+    cfg = EvalConfig(model=args.model, ratios=[int(r) for r in args.ratios.split(",")], context=args.context,
+                     ppl_docs=args.ppl_docs, ppl_tokens=args.ppl_tokens, facts=args.facts, sink=args.sink,
+                     recent=args.recent, decode_tokens=args.decode_tokens, methods=args.methods.split(","),
+                     weights=args.weights)
+    run(cfg, json_out=args.json, plot_out=args.plot)
+    return 0
+
+
+def register(sub, group) -> None:
+    p = sub.add_parser("collect-trajectories", help="record K/V windows, future queries and forces dL/dq (FMKVC)")
+    p.add_argument("--model", required=True, help="model profile, e.g. smollm2-135m")
+    p.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--length", type=int, default=384, help="tokens per text sample")
+    p.add_argument("--queries", type=int, default=24, help="future query positions kept per sample")
+    p.add_argument("--shard-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_collect)
+
+    tr = group("train", "training jobs (Ray Train)")
+    p = tr.add_parser("sidecar", help="train the FMKVC sidecar on collected trajectories (Ray Train TorchTrainer)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="trajectory directory from collect-trajectories")
+    p.add_argument("--window", default="4,8,16", help="window size W, or a comma list trained jointly")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-windows", type=int, default=1024, help="windows per step per worker")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--jac-weight", type=float, default=1.0)
+    p.add_argument("--force-weight", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--storage", default=None, help="Ray Train storage path (default ~/.cache/latentwire/ray_results)")
+    p.add_argument("--name", default=None, help="run name; the same name resumes from its last checkpoint")
+    p.add_argument("--out", default=None, help="final weights (default compression/weights/MODEL.safetensors)")
+    p.add_argument("--max-failures", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval-cache", help="FMKVC vs dense and kvpress baselines: perplexity, recall, bytes, speed")
+    p.add_argument("--model", required=True)
+    p.add_argument("--ratios", default="4,8,16")
+    p.add_argument("--context", type=int, default=1024, help="context tokens")
+    p.add_argument("--ppl-docs", type=int, default=6)
+    p.add_argument("--ppl-tokens", type=int, default=64, help="scored continuation tokens per document")
+    p.add_argument("--facts", type=int, default=12, help="fact-recall items")
+    p.add_argument("--sink", type=int, default=4)
+    p.add_argument("--recent", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--methods", default="dense,fmkvc,streamingllm,snapkv,knorm,expected_attention,mean_pool")
+    p.add_argument("--weights", default=None, help="sidecar weights (default: the packaged one)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", required=True)
+    p.add_argument("--plot", default=None)
+    p.set_defaults(func=_eval)

@@ -1,0 +1,135 @@
+"""FMKVC and mean pooling as kvpress presses (prefill, and decoding as the cache grows).
+
+Both keep `sink` tokens, replace each full window of `window` older tokens by one super-token and
+keep the newest `recent` tokens dense. Unlike kvpress's pruning presses they also act during decoding:
+after every forward pass the dense tail is coarse-grained again once it holds `window + recent`
+tokens, so memory stays at about 1/window of the context however long the answer runs.
+
+Use them like any press:
+
+    with FMKVCPress(profile="smollm2-135m", window=8)(model):
+        model(input_ids, past_key_values=cache)            # prefill, compressed
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
+    pipe(context, question=q, press=FMKVCPress(profile="smollm2-135m"))
+
+The decoding-time part needs the press's context to stay open while decoding; kvpress's pipeline
+closes it after prefill for non-decoding presses, so there the cache grows densely during the
+(short) answer, exactly like every other press. `compression.cache.FMKVCCache` carries the same
+schedule inside the cache itself (no hooks), which is what `AgentModel(cache_factory=...)` uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvpress import BasePress
+from kvpress.presses.base_press import is_prefilling
+from kvpress.utils import extract_keys_and_values
+from torch import nn
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from compression.cache import Compressor, FMKVCCache, Schedule, compress_tail, make_compressor, mean_pool_compressor
+
+
+@dataclass
+class WindowPress(BasePress):
+    """Base of the window presses: sink + one super-token per window + recent, prefill and decode.
+
+    Parameters
+    ----------
+    window : int
+        W older tokens become one super-token (nominal compression ratio W).
+    sink : int
+        First tokens kept dense (attention sinks, as in StreamingLLM).
+    recent : int
+        Newest tokens kept dense; a window is compressed only once it is older than these.
+    compress_decoding : bool
+        Keep compressing as the cache grows during decoding (while the press context is open).
+    """
+
+    window: int = 8
+    sink: int = 4
+    recent: int = 64
+    compress_decoding: bool = True
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(self.window, self.sink, self.recent)
+
+    def compressor(self) -> Compressor:
+        raise NotImplementedError
+
+    def compress(self, module: nn.Module, hidden_states, keys, values, attentions, kwargs):
+        keys, values, _, _ = compress_tail(keys, values, 0, self.schedule, self.compressor(), module.layer_idx)
+        return keys, values
+
+    def forward_hook(self, module: nn.Module, input, kwargs: dict, output):
+        cache = kwargs["past_key_values"]
+        if isinstance(cache, FMKVCCache):  # that cache already compresses itself
+            return output
+        layer = cache.layers[module.layer_idx]
+        if isinstance(layer, DynamicSlidingWindowLayer):  # bounded already; its mask sizes assume it dense
+            return output
+        if is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
+            layer._fmkvc_final = 0
+        elif not self.compress_decoding:
+            return output
+        keys, values = extract_keys_and_values(cache, module.layer_idx)
+        keys, values, n_final, m = compress_tail(keys, values, getattr(layer, "_fmkvc_final", 0), self.schedule,
+                                                 self.compressor(), module.layer_idx)
+        layer._fmkvc_final = n_final
+        if m:
+            layer.keys, layer.values = keys, values
+        return output
+
+
+@dataclass
+class MeanPoolPress(WindowPress):
+    """Naive coarse-graining: each window of W cached tokens becomes its plain average (k̄, v̄).
+
+    The baseline FMKVC must beat at equal memory; its keys shrink in norm when the window's keys
+    disagree (post-RoPE they rotate), so windows lose attention mass.
+    """
+
+    def compressor(self) -> Compressor:
+        return mean_pool_compressor
+
+
+@dataclass
+class FMKVCPress(WindowPress):
+    """FMKVC: force-matched KV cache compression (this project; see DESIGN.md, section FMKVC).
+
+    Each window of W cached (k, v) is replaced by one super-token synthesised by a small learned
+    sidecar, hard-normalised to the window's mean key/value norms and trained to reproduce the
+    attention output and its Jacobian/force dL/dq on the full cache.
+
+    Parameters
+    ----------
+    profile : str
+        Model profile whose packaged sidecar to use (compression/weights/PROFILE.safetensors).
+    weights : str
+        Explicit sidecar weights (.safetensors with manifest); overrides `profile`.
+    """
+
+    profile: str | None = None
+    weights: str | Path | None = None
+    _compressor: Compressor | None = field(default=None, init=False, repr=False)
+
+    def post_init_from_model(self, model):
+        if self._compressor is None:
+            device = str(next(model.parameters()).device)
+            self._compressor = make_compressor("fmkvc", profile=self.profile, weights=self.weights, device=device)
+
+    def compressor(self) -> Compressor:
+        if self._compressor is None:
+            raise RuntimeError("FMKVCPress used outside `with press(model):`")
+        return self._compressor
+
+
+def nominal_budget(n_tokens: int, window: int, sink: int, recent: int) -> int:
+    """Entries kept for n_tokens of context (what the pruning baselines get at the same memory)."""
+    return Schedule(window, sink, recent).expected_length(n_tokens)
+
+
+__all__ = ["WindowPress", "MeanPoolPress", "FMKVCPress", "nominal_budget"]

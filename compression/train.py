@@ -1,0 +1,272 @@
+"""`latentwire train sidecar`: a Ray Train TorchTrainer job that fits the FMKVC sidecar.
+
+Each worker streams its own trajectory shards (the last shard is held out for evaluation), builds
+batches of windows from every (layer, kv head) of a sample, and minimises the full-cache losses of
+losses.py. Every `eval_every` steps it evaluates on the held-out shard for every window size (Jacobian
+norm ratio, k/v norm ratios, attention entropy, output cosine, attention-mass ratio) and reports
+through `ray.train.report`; every `checkpoint_every` steps rank 0 attaches a checkpoint (sidecar +
+optimizer state, both safetensors + sha256 manifest). A restarted run (same name, or a worker failure
+under FailureConfig) resumes from the last checkpoint. Ray stays in this file; the model does not
+know about it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TrainConfig:
+    model: str = "smollm2-135m"
+    data: str = ""
+    windows: list[int] = field(default_factory=lambda: [4, 8, 16])
+    sink: int = 4
+    steps: int = 600
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup: int = 20
+    batch_windows: int = 1024
+    d_model: int = 128
+    n_blocks: int = 2
+    n_heads: int = 4
+    jac_weight: float = 1.0
+    force_weight: float = 1.0
+    n_probes: int = 4
+    eval_every: int = 50
+    eval_samples: int = 4
+    checkpoint_every: int = 100
+    threads: int = 1
+    seed: int = 0
+
+
+# ---- batches --------------------------------------------------------------------------------
+def make_batch(sample: dict, window: int, sink: int, info: dict, max_windows: int | None, rng: random.Random):
+    """Rows = (layer, kv head) pairs; each row compresses windows [sink, end) before every query."""
+    k = sample["K"].float()
+    n_layers, n_kv, length, d = k.shape
+    g = info["n_q_heads"] // n_kv
+    qpos = sample["qpos"]
+    m = (int(qpos.min()) - sink) // window
+    end = sink + m * window
+    rows = list(range(n_layers * n_kv))
+    if max_windows is not None and len(rows) * m > max_windows:
+        rows = sorted(rng.sample(rows, max(1, max_windows // m)))
+    rows_t = torch.tensor(rows)
+
+    def per_row(x):  # (L, Hq, P, D) -> (rows, g * P, D): a kv head's queries are its group's queries
+        p = x.shape[2]
+        return x.float().reshape(n_layers * n_kv, g * p, d)[rows_t]
+
+    kk = k.reshape(n_layers * n_kv, length, d)[rows_t]
+    vv = sample["V"].float().reshape(n_layers * n_kv, length, d)[rows_t]
+    return {
+        "k": kk, "v": vv, "q": per_row(sample["Q"]), "f": per_row(sample["F"]), "g": per_row(sample["G"]),
+        "qpos": qpos.repeat(g), "slot": rows_t, "m": m, "end": end, "window": window,
+    }
+
+
+def batch_loss(sidecar, batch: dict, cfg: TrainConfig, scale: float, generator=None) -> dict:
+    from compression.losses import fmkvc_loss
+
+    n, w, m, d = batch["k"].shape[0], batch["window"], batch["m"], batch["k"].shape[-1]
+    sink, end = cfg.sink, batch["end"]
+    kw = batch["k"][:, sink:end].reshape(n * m, w, d)
+    vw = batch["v"][:, sink:end].reshape(n * m, w, d)
+    slot = batch["slot"].repeat_interleave(m)
+    kt, vt = sidecar(kw, vw, slot)
+    return fmkvc_loss(batch["q"], batch["k"], batch["v"], batch["g"], batch["f"], kt.reshape(n, m, d),
+                      vt.reshape(n, m, d), batch["qpos"], sink=sink, end=end, scale=scale, n_probes=cfg.n_probes,
+                      jac_weight=cfg.jac_weight, force_weight=cfg.force_weight, generator=generator)
+
+
+@torch.no_grad()
+def evaluate(sidecar, samples: list[dict], cfg: TrainConfig, info: dict) -> dict:
+    """Held-out metrics per window size, for the sidecar and for plain mean pooling (reference)."""
+    from compression.sidecar import mean_pool
+
+    out: dict[str, float] = {}
+    gen = torch.Generator().manual_seed(1234)
+    for w in cfg.windows:
+        acc: dict[str, list[float]] = {}
+        for s in samples:
+            b = make_batch(s, w, cfg.sink, info, None, random.Random(0))
+            for name, fn in (("", sidecar), ("mean_pool_", lambda k, v, slot: mean_pool(k, v))):
+                res = batch_loss(fn, b, cfg, info["scaling"], gen)
+                for key, val in res.items():
+                    acc.setdefault(f"{name}{key}", []).append(float(val))
+        for key, vals in acc.items():
+            out[f"w{w}/{key}"] = sum(vals) / len(vals)
+    return out
+
+
+# ---- checkpoints (safetensors + manifest, never pickle) -------------------------------------
+def save_checkpoint(directory: Path, sidecar, opt, step: int, cfg: TrainConfig, metrics: dict) -> None:
+    from latentwire import weights
+
+    sidecar.save(directory / "sidecar.safetensors", data={"trajectories": cfg.data, "step": step},
+                 metrics=metrics)
+    tensors, slots = {}, {}
+    for i, group in enumerate(opt.param_groups):
+        for j, p in enumerate(group["params"]):
+            for key, val in opt.state.get(p, {}).items():
+                if torch.is_tensor(val):
+                    tensors[f"{i}.{j}.{key}"] = val.reshape(-1) if val.ndim == 0 else val
+                    slots[f"{i}.{j}.{key}"] = val.ndim
+    weights.save(directory / "optimizer.safetensors", tensors, kind="fmkvc-optimizer",
+                 config={"step": step, "train": asdict(cfg), "ndim": slots})
+
+
+def load_checkpoint(directory: Path, sidecar, opt) -> int:
+    from latentwire import weights
+
+    tensors, _ = weights.load(directory / "sidecar.safetensors", kind="fmkvc-sidecar")
+    sidecar.load_state_dict(tensors)
+    state, man = weights.load(directory / "optimizer.safetensors", kind="fmkvc-optimizer")
+    for i, group in enumerate(opt.param_groups):
+        for j, p in enumerate(group["params"]):
+            st = {key.split(".", 2)[2]: val for key, val in state.items() if key.startswith(f"{i}.{j}.")}
+            for key, val in st.items():
+                if man["config"]["ndim"][f"{i}.{j}.{key}"] == 0:
+                    st[key] = val.reshape(())
+            if st:
+                opt.state[p] = st
+    return int(man["config"]["step"])
+
+
+# ---- the Ray Train worker loop --------------------------------------------------------------
+def train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from compression.sidecar import Sidecar, SidecarConfig
+    from compression.trajectories import iter_samples, read_manifest
+
+    cfg = TrainConfig(**config["train"])
+    torch.set_num_threads(cfg.threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    info = read_manifest(cfg.data)
+    n_shards = len(info["shards"])
+    val_shards = [n_shards - 1] if n_shards > 1 else [0]
+    train_shards = [i for i in range(n_shards) if i not in val_shards or n_shards == 1]
+    mine = train_shards[rank::world] or train_shards
+    val = list(iter_samples(cfg.data, shard_ids=val_shards))[: cfg.eval_samples]
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    sidecar = Sidecar(SidecarConfig(head_dim=info["head_dim"], n_layers=info["n_layers"],
+                                    n_kv_heads=info["n_kv_heads"], d_model=cfg.d_model,
+                                    n_blocks=cfg.n_blocks, n_heads=cfg.n_heads, windows=list(cfg.windows),
+                                    max_window=max(32, max(cfg.windows)), model=cfg.model))
+    opt = torch.optim.AdamW(sidecar.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = resumed_from = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            step = resumed_from = load_checkpoint(Path(d), sidecar, opt)
+        print(f"[rank {rank}] resumed from step {step}")
+    model = ray.train.torch.prepare_model(sidecar) if world > 1 else sidecar
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(0.05, 1 - s / max(cfg.steps, 1)))
+    for _ in range(step):
+        sched.step()
+    rng = random.Random(cfg.seed * 1000 + rank * 7 + step)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + step)
+
+    def stream():
+        epoch = 0
+        while True:
+            yield from iter_samples(cfg.data, shard_ids=mine, shuffle_seed=cfg.seed + 17 * epoch + rank + step)
+            epoch += 1
+
+    data = stream()
+    t0, running = time.time(), {}
+    while step < cfg.steps:
+        batch = make_batch(next(data), rng.choice(cfg.windows), cfg.sink, info, cfg.batch_windows, rng)
+        res = batch_loss(model, batch, cfg, info["scaling"], gen)
+        opt.zero_grad(set_to_none=True)
+        res["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        for key in ("loss", "output", "jacobian", "force"):
+            running[key] = 0.9 * running.get(key, float(res[key])) + 0.1 * float(res[key])
+        last = step == cfg.steps
+        do_eval = step % cfg.eval_every == 0 or last
+        do_ckpt = step % cfg.checkpoint_every == 0 or last
+        if not (do_eval or do_ckpt):
+            continue
+        metrics = {"step": step, "resumed_from": resumed_from, "elapsed_s": round(time.time() - t0, 1), **{f"train/{k}": v for k, v in running.items()}}
+        if do_eval and rank == 0:  # the held-out evaluation is the same on every rank: run it once
+            metrics.update(evaluate(sidecar, val, cfg, info))
+        if rank == 0:
+            print(f"[step {step}/{cfg.steps} {metrics['elapsed_s']}s] loss {running['loss']:.4f} "
+                  + " ".join(f"W{w}: cos {metrics.get(f'w{w}/output_cosine', float('nan')):.4f} "
+                             f"jac {metrics.get(f'w{w}/jacobian', float('nan')):.3f}"
+                             f" (mean-pool {metrics.get(f'w{w}/mean_pool_jacobian', float('nan')):.3f}) "
+                             f"Jratio {metrics.get(f'w{w}/jacobian_norm_ratio', float('nan')):.3f}"
+                             for w in cfg.windows), flush=True)
+        if do_ckpt and rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(Path(d), sidecar, opt, step, cfg, metrics)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+def run(cfg: TrainConfig, *, num_workers: int = 1, use_gpu: bool = False, storage: str | None = None,
+        name: str | None = None, out: str | None = None, max_failures: int = 2) -> dict:
+    """Start (or resume) the job on the local/attached Ray cluster; copy the final sidecar to `out`."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from compression.sidecar import Sidecar, default_weights_path
+    from latentwire import weights
+
+    if use_gpu:
+        raise NotImplementedError("--use-gpu: the loop is device-agnostic but was only run on CPU here")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(2, num_workers), object_store_memory=200 * 1024**2, include_dashboard=False,
+                 log_to_driver=True)
+    storage = storage or str(Path.home() / ".cache" / "latentwire" / "ray_results")
+    name = name or f"fmkvc-{cfg.model}"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"train": asdict(cfg)},
+        # Train V2 (Ray 2.60's default): its controller reserves no CPU, so 2 workers fit on 2 cores
+        # (V2 rejects V1's trainer_resources={"CPU": 0} workaround).
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
+                             worker_runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"],
+                                                              "OMP_NUM_THREADS": str(cfg.threads)}}),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        sidecar = Sidecar.load(Path(d) / "sidecar.safetensors")  # sha-verified
+        ckpt_manifest = sidecar.manifest
+    out_path = Path(out) if out else default_weights_path(cfg.model)
+    man = weights.save(out_path, sidecar.state_dict(), kind="fmkvc-sidecar", config=ckpt_manifest["config"],
+                       data={**ckpt_manifest["data"], "trajectories": str(cfg.data), "train": asdict(cfg)},
+                       metrics=result.metrics)
+    return {"weights": str(out_path), "sha256": man["sha256"], "checkpoint": result.checkpoint.path,
+            "metrics": result.metrics}
+
+
+if __name__ == "__main__":  # debugging without Ray: python -m compression.train DATA
+    import sys
+
+    print(json.dumps(asdict(TrainConfig(data=sys.argv[1]))))

@@ -1,0 +1,71 @@
+"""FMKVC and mean pooling as kvpress presses: same cache as FMKVCCache, and inside kvpress's pipeline."""
+
+import torch
+from transformers import DynamicCache, pipeline
+from transformers.utils import logging as hf_logging
+
+from compression.cache import FMKVCCache, Schedule, mean_pool_compressor, sidecar_compressor
+from compression.presses import FMKVCPress, MeanPoolPress
+from compression.sidecar import Sidecar, SidecarConfig
+from latentwire import profiles
+
+hf_logging.disable_progress_bar()
+torch.set_num_threads(1)
+
+
+def _ids(n, seed=0):
+    return torch.randint(3, 600, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_press_and_cache_agree_in_prefill_and_decode():
+    """Press path (DynamicCache, kvpress convention: cache length = stored entries, explicit positions)
+    and cache path (true positions + mask offset) must give the same logits at every step."""
+    model, _ = profiles.load("tiny-llama")
+    ids = _ids(130)
+    press = MeanPoolPress(window=8, sink=4, recent=16)
+    cache_a, cache_b = DynamicCache(), FMKVCCache(model.config, Schedule(8, 4, 16), mean_pool_compressor)
+    with torch.no_grad(), press(model):
+        la = [model(ids[:, :100], past_key_values=cache_a, position_ids=torch.arange(100)[None]).logits[:, -1]]
+        for t in range(100, 130):
+            la.append(model(ids[:, t:t + 1], past_key_values=cache_a, position_ids=torch.tensor([[t]])).logits[:, -1])
+            assert cache_a.get_seq_length() == Schedule(8, 4, 16).expected_length(t + 1)
+    with torch.no_grad():
+        lb = [model(ids[:, :100], past_key_values=cache_b).logits[:, -1]]
+        for t in range(100, 130):
+            lb.append(model(ids[:, t:t + 1], past_key_values=cache_b).logits[:, -1])
+    torch.testing.assert_close(torch.cat(la), torch.cat(lb), atol=1e-5, rtol=1e-5)
+
+
+def test_fmkvc_press_in_kvpress_pipeline(tmp_path):
+    model, tok = profiles.load("tiny-llama")
+    torch.manual_seed(0)
+    sc = Sidecar(SidecarConfig(head_dim=16, n_layers=4, n_kv_heads=2, d_model=32, n_heads=2))
+    sc.save(tmp_path / "sc.safetensors")
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
+    context = " ".join(["The quick brown fox jumps over the lazy dog."] * 30)
+    cache = DynamicCache()
+    out = pipe(context, question="What jumps?", press=FMKVCPress(window=4, sink=4, recent=16,
+                                                                   weights=str(tmp_path / "sc.safetensors")),
+               cache=cache, max_new_tokens=5)
+    assert isinstance(out["answer"], str)
+    n_ctx = len(pipe.preprocess(context, [""], "", 10**9)["context_ids"][0])
+    assert cache.get_seq_length() == Schedule(4, 4, 16).expected_length(n_ctx) < n_ctx
+
+
+def test_fmkvc_press_equals_cache_with_same_sidecar(tmp_path):
+    model, _ = profiles.load("tiny-llama")
+    torch.manual_seed(1)
+    sc = Sidecar(SidecarConfig(head_dim=16, n_layers=4, n_kv_heads=2, d_model=32, n_heads=2))
+    torch.nn.init.normal_(sc.delta_k.weight, std=0.5)  # not just mean pooling
+    sc.save(tmp_path / "sc.safetensors")
+    ids = _ids(120, seed=4)
+    cache_a = DynamicCache()
+    with torch.no_grad(), FMKVCPress(window=8, sink=4, recent=16, weights=str(tmp_path / "sc.safetensors"))(model):
+        la = model(ids, past_key_values=cache_a, position_ids=torch.arange(120)[None]).logits[:, -1]
+        la2 = model(ids[:, :1], past_key_values=cache_a, position_ids=torch.tensor([[120]])).logits[:, -1]
+    cache_b = FMKVCCache(model.config, Schedule(8, 4, 16), sidecar_compressor(Sidecar.load(tmp_path / "sc.safetensors")))
+    with torch.no_grad():
+        lb = model(ids, past_key_values=cache_b).logits[:, -1]
+        lb2 = model(ids[:, :1], past_key_values=cache_b).logits[:, -1]
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(la2, lb2, atol=1e-5, rtol=1e-5)
