@@ -65,6 +65,12 @@ def _authenticate(servicer, ctx) -> None:
         auth.check(ctx.invocation_metadata())
 
 
+class StreamFailed(Exception):
+    """Ends a refused stream. Serve's proxy sends the context's code with each message only, so a
+    stream that ends without one would reach the client as OK; an exception raised after the code
+    is set makes Serve return exactly that code and details."""
+
+
 def rpc(reply_type):
     """Decorate a unary or server-streaming RPC method taking (self, request, grpc_context=None).
 
@@ -82,6 +88,7 @@ def rpc(reply_type):
                         yield item
                 except Exception as exc:  # noqa: BLE001
                     _set(grpc_context, exc)
+                    raise StreamFailed(str(exc)) from exc
             return astream
 
         if inspect.iscoroutinefunction(fn):
@@ -103,6 +110,7 @@ def rpc(reply_type):
                     yield from fn(self, request, grpc_context)
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                     _set(grpc_context, exc)
+                    raise StreamFailed(str(exc)) from exc
             return stream
 
         @functools.wraps(fn)
