@@ -21,6 +21,14 @@ def _serve(args: argparse.Namespace) -> int:
     local.deploy(config, address=args.ray_address)
     print(f"LatentWire serving {[a['name'] for a in config['applications']]} on gRPC "
           f"{local.grpc_address(config)}; Ctrl-C stops.", flush=True)
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # explicit handlers: a background shell starts us with SIGINT ignored, and SIGTERM should stop cleanly too
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
