@@ -73,13 +73,16 @@ class LatentWireClient:
 
     def __init__(self, address: str = "127.0.0.1:9000", *, source_app: str = "source",
                  timeout_s: float = 300.0, limits: Limits | None = None, token: str | None = None,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = RetryPolicy(), tls: bool = False, root_certificates: bytes | None = None):
         self.address, self.source_app, self.timeout_s, self.retry = address, source_app, timeout_s, retry
         # the bearer token: given, or the one the services read (LATENTWIRE_AUTH_TOKEN by default)
         self.retries = 0  # retried attempts so far (all calls of this client)
         self._count_lock = threading.Lock()
         self.token = token if token is not None else os.environ.get(AuthSettings().token_env) or None
-        self.channel = grpc.insecure_channel(address, options=grpc_channel_options(limits or Limits()))
+        options = grpc_channel_options(limits or Limits())
+        # TLS ends at the ingress in front of the Serve proxy (which speaks plaintext gRPC only)
+        self.channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options=options)
+                        if tls else grpc.insecure_channel(address, options=options))
         self.agent = pb_grpc.AgentServiceStub(self.channel)
         self.bridge = pb_grpc.BridgeServiceStub(self.channel)
 

@@ -45,7 +45,9 @@ def _ask(args: argparse.Namespace) -> int:
     from services.client import LatentWireClient
     from services.report import reply_dict, table
 
-    with LatentWireClient(args.address, source_app=args.app, token=args.token) as client:
+    ca = open(args.ca_cert, "rb").read() if args.ca_cert else None
+    with LatentWireClient(args.address, source_app=args.app, token=args.token, tls=args.tls or bool(ca),
+                          root_certificates=ca) as client:
         kw = dict(max_new_tokens=args.max_new_tokens, target_agent=args.target_agent, request_id=args.request_id)
         t0 = time.perf_counter()
         try:
@@ -128,7 +130,10 @@ def register(sub, group) -> None:
     p.add_argument("--target-agent", default="", help="named target agent (default: the source's default)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: the server default")
     p.add_argument("--request-id", default="", help="idempotency key (a retry returns the same reply)")
-    p.add_argument("--token", default=None, help="bearer token, when the ingress requires one")
+    p.add_argument("--token", default=None, help="bearer token, when the ingress requires one "
+                   "(default: $LATENTWIRE_AUTH_TOKEN)")
+    p.add_argument("--tls", action="store_true", help="TLS to a TLS-terminating ingress in front of the proxy")
+    p.add_argument("--ca-cert", default=None, help="PEM root certificates for --tls (default: the system's)")
     p.add_argument("--stream", action="store_true", help="stream the answer token by token (AskStream)")
     p.add_argument("--timings", action="store_true", help="print the per-stage latency table")
     p.add_argument("--json", action="store_true", help="print the reply as JSON (answer, timings, bytes)")

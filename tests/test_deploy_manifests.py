@@ -227,6 +227,7 @@ def test_cluster_config_runs_the_production_pair_on_gpus_with_auth_on():
     demands = replica_demands(CLUSTER)
     assert demands["source"]["GPU"] == demands["target"]["GPU"] == 1
     assert 0 < demands["bridge"]["GPU"] < 1  # fractional
+    assert CLUSTER["grpc_options"]["enable_reflection"] is False  # no schema for anonymous callers
     for app in CLUSTER["applications"]:
         assert app["args"]["auth"]["required"] is True
         assert app["args"]["device"] == "cuda"
