@@ -372,3 +372,20 @@ def test_launcher_typo_is_refused_by_ray():
     bad["available_node_types"]["llm_gpu"]["min_workrs"] = 1
     with pytest.raises(Exception, match="min_workrs"):
         validate_config(prepare_config(bad))
+
+
+def test_the_manifests_run_the_image_the_dockerfile_builds_with_the_pinned_ray():
+    import ray
+
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    base = next(line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM "))
+    assert base.startswith(f"rayproject/ray:{ray.__version__}-")  # the cluster runs the Ray we test with
+    built = next(line.split()[-2] for line in dockerfile.splitlines() if "docker build" in line)
+    images = {c.image for _, d in by_kind("RayService") + by_kind("RayJob")
+              for tmpl in [d["spec"].get("rayClusterConfig") or d["spec"]["rayClusterSpec"]]
+              for g in [tmpl["headGroupSpec"], *tmpl["workerGroupSpecs"]]
+              for c in PodTemplate.model_validate(g["template"]).spec.containers}
+    assert images == {built}
+    versions = {(d["spec"].get("rayClusterConfig") or d["spec"]["rayClusterSpec"])["rayVersion"]
+                for _, d in by_kind("RayService") + by_kind("RayJob")}
+    assert versions == {ray.__version__}
