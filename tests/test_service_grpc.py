@@ -33,6 +33,12 @@ def cluster(tiny_bridge_path):
                                   limits={"max_context_tokens": 256, "max_new_tokens": 32})
     apps["target"]["args"].update(profile="tiny-mistral", threads=1, accepted_bridges=[TINY_BRIDGE_ID])
     apps["bridge"]["args"].update(weights=str(tiny_bridge_path))
+    # a second target whose KV cache is compressed (mean-pooling: needs no trained sidecar)
+    pooled = {"name": "target-pooled", "route_prefix": "/target-pooled", "import_path": "services.app:agent_app",
+              "args": dict(apps["target"]["args"], kv_compression={"method": "mean_pool", "window": 4, "sink": 2,
+                                                                     "recent": 8})}
+    cfg["applications"].append(pooled)
+    apps["source"]["args"]["targets"]["pooled"] = {"app": "target-pooled", "bridge_app": "bridge"}
     local.deploy(cfg, ray_init=dict(num_cpus=2, object_store_memory=200 * 1024**2, log_to_driver=False))
     yield local.grpc_address(cfg)
     local.shutdown()
@@ -195,3 +201,12 @@ def test_bench_compares_modes_side_by_side_and_writes_json_and_plot(cluster, tmp
     assert "2" not in s["throughput_scaling"] and s["throughput_scaling"]["64"]["to"] == 2
     assert (tmp_path / "b.png").stat().st_size > 10_000 and s["hardware"]["cpus"] >= 1
     assert "LATENT vs TEXT" in bench.table(report)
+
+
+def test_a_target_configured_with_kv_compression_keeps_a_smaller_cache(client):
+    context = " ".join(["The red key is kept in Lisbon by Alice."] * 6)
+    dense = client.ask(context, QUESTION, "direct", max_new_tokens=4)
+    pooled = client.ask(context, QUESTION, "direct", max_new_tokens=4, target_agent="pooled")
+    assert pooled.target_agent == "pooled" and pooled.answer_tokens > 0
+    # sink 2 + recent 8 dense, every older window of 4 pooled into 1 entry
+    assert dense.kv_cache_tokens > 40 and pooled.kv_cache_tokens < 0.5 * dense.kv_cache_tokens
