@@ -78,7 +78,9 @@ def tensors(draw, rows=None, width=None) -> pb.Tensor:
     n = math.prod(shape) if shape and all(0 < d < 1 << 20 for d in shape) else None
     how = draw(st.sampled_from(["exact", "random", "short", "long"]))
     if how == "exact" and n is not None and n * item <= 1 << 20:
-        values = draw(st.lists(st.one_of(st.floats(width=32), st.sampled_from(SPECIAL)), min_size=n, max_size=n))
+        k = min(n, 512)  # hypothesis draws at most a few thousand list items: tile a drawn block
+        block = draw(st.lists(st.one_of(st.floats(width=32), st.sampled_from(SPECIAL)), min_size=k, max_size=k))
+        values = (block * (n // k + 1))[:n]
         fmt = "<%df" % n if item == 4 else "<%de" % n
         try:
             data = struct.pack(fmt, *values)
