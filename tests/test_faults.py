@@ -26,6 +26,62 @@ CONTEXT = "Alice keeps the red key in Lisbon."
 QUESTION = "Where is the key?"
 
 
+def test_killing_a_training_worker_resumes_from_the_last_checkpoint_with_the_same_metrics(tmp_path):
+    """Runs first, on its own Ray (the Serve cluster of this module starts after it)."""
+    import glob
+    import os
+    import signal
+
+    import ray
+    from ray.util.state import list_actors
+
+    from bridge.model import Bridge
+    from bridge.train import REPO_ROOT, TrainConfig, run
+    from tests.serve_cluster import state_address
+
+    cfg = TrainConfig(source="tiny-llama", target="tiny-mistral", num_queries=4, d_model=32, n_layers=1, steps=12,
+                      batch_size=2, train_items=24, val_items=3, eval_every=12, ckpt_every=4, anchor_steps=0,
+                      threads=1, num_workers=2, max_failures=2, max_new_tokens=3, cache_dir=str(tmp_path / "cache"),
+                      storage_path=str(tmp_path / "ray"))
+    env = {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start_ray(runtime_env={"env_vars": env})
+    try:
+        from dataclasses import replace
+
+        baseline = run(replace(cfg, name="uninterrupted"), progress=False)
+        killed: dict = {}
+
+        def kill_after_first_checkpoint():
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and not killed:
+                ckpts = glob.glob(str(tmp_path / "ray" / "killed" / "**" / "train_state.json"), recursive=True)
+                workers = list_actors(address=state_address(), filters=[("class_name", "=", "RayTrainWorker"),
+                                                                        ("state", "=", "ALIVE")])
+                if ckpts and len(workers) == 2:
+                    steps = [json.load(open(c))["step"] for c in ckpts]
+                    os.kill(workers[-1].pid, signal.SIGKILL)  # a crash: no cleanup, no Python exception
+                    killed.update(pid=workers[-1].pid, after_step=max(steps))
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_after_first_checkpoint)
+        killer.start()
+        resumed = run(replace(cfg, name="killed"), progress=False)
+        killer.join()
+    finally:
+        ray.shutdown()
+    assert killed and killed["after_step"] < cfg.steps, killed  # killed mid-job, after a checkpoint
+    assert resumed["steps"] == baseline["steps"] == cfg.steps  # the job finished
+    for path in glob.glob(str(tmp_path / "ray" / "killed" / "**" / "bridge.safetensors"), recursive=True):
+        Bridge.load(path)  # every checkpoint left on storage is whole (sha256 matches its manifest)
+    a, b = baseline["final_metrics"], resumed["final_metrics"]
+    record = {k: (round(a[k], 5), round(b[k], 5)) for k in ("train_nll", "val_nll", "val_rms_ratio") if k in a}
+    print("\nworker-kill test:", json.dumps({"killed_after_step": killed["after_step"], "steps": cfg.steps,
+                                             "uninterrupted_vs_killed": record,
+                                             "seconds": (baseline["total_seconds"], resumed["total_seconds"])}))
+    for k, (x, y) in record.items():  # same data order, restored optimizer: equal up to float noise
+        assert abs(x - y) <= 1e-3 * max(1.0, abs(x)), (k, x, y)
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_bridge_path):
     from services import local
