@@ -17,7 +17,10 @@ from latentwire.textdata import text_chunks
 
 @torch.no_grad()
 def calibrate(source: AgentModel, target: AgentModel, *, layer: int | None = None, num_queries: int = 32,
-              n_texts: int = 48, seed: int = 0, progress: bool = True, **cfg_kw) -> Bridge:
+              n_texts: int = 48, seed: int = 0, progress: bool = True,
+              source_states: torch.Tensor | None = None, **cfg_kw) -> Bridge:
+    """`source_states` (N, d_src): layer-L states to fit the normaliser on instead of running the
+    source over the offline text (training passes its cached prompts: on-distribution, no forward)."""
     layer = layer or source.profile.source_layer
     torch.manual_seed(seed)
     cfg = BridgeConfig(source.name, target.name, layer, source.hidden_size, target.hidden_size,
@@ -26,9 +29,10 @@ def calibrate(source: AgentModel, target: AgentModel, *, layer: int | None = Non
     texts = text_chunks(n_texts, min_chars=400)
     hs, es = [], []
     for text in tqdm(texts, desc="calibrate", disable=not progress):
-        hs.append(source.hidden_states(source.tokenize(text)[:256], layer).float())
+        if source_states is None:
+            hs.append(source.hidden_states(source.tokenize(text)[:256], layer).float())
         es.append(target.embed(target.tokenize(text)[:256][None])[0].float())
-    h, e = torch.cat(hs), torch.cat(es)
+    h, e = (torch.cat(hs) if source_states is None else source_states.float()), torch.cat(es)
     bridge.normalizer.mean.copy_(h.mean(0))
     bridge.normalizer.log_std.copy_(h.std(0).clamp_min(1e-5).log())
     bridge.scaling.scale.copy_(e.std(0))

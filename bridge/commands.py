@@ -40,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
         from bridge.train import sweep
 
         ints = lambda s: [int(x) for x in s.split(",")] if s else []  # noqa: E731
-        sweep(cfg, ints(args.sweep_layers), ints(args.sweep_k), args.sweep_json)
+        sweep(cfg, ints(args.sweep_layers), ints(args.sweep_k), args.sweep_json, args.sweep_mode)
         return 0
     summary = run(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
@@ -93,6 +93,8 @@ def register(sub, group) -> None:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--div-weight", type=float, default=None, help="anti-collapse cosine penalty weight")
     p.add_argument("--rms-weight", type=float, default=None, help="RMS-matching penalty weight")
+    p.add_argument("--anchor-steps", type=int, default=None, help="phase A steps (answer anchoring, no target)")
+    p.add_argument("--anchor-weight", type=float, default=None, help="anchor term weight beside the LM loss")
     p.add_argument("--train-items", type=int, default=None)
     p.add_argument("--val-items", type=int, default=None, help="held-out items for periodic eval")
     p.add_argument("--eval-every", type=int, default=None)
@@ -110,6 +112,8 @@ def register(sub, group) -> None:
     p.add_argument("--log-json", default=None, help="write a training summary JSON here")
     p.add_argument("--sweep-layers", default=None, help="e.g. 12,18,24: short runs per source layer")
     p.add_argument("--sweep-k", default=None, help="e.g. 8,16,32: short runs per K (at the base layer)")
+    p.add_argument("--sweep-mode", default="anchor", choices=["anchor", "full"],
+                   help="anchor: phase A only, in-process (minutes); full: short Ray Train jobs")
     p.add_argument("--sweep-json", default="results/bridge/sweep.json")
     p.set_defaults(func=_train)
 

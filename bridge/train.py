@@ -52,6 +52,9 @@ class TrainConfig:
     div_weight: float = 1.0
     div_margin: float = 0.8
     rms_weight: float = 0.1
+    anchor_steps: int = 1500  # phase A: bridge-only answer anchoring on cached states (no target forward)
+    anchor_batch: int = 32
+    anchor_weight: float = 0.5  # phase B: weight of the anchor term beside the LM loss
     train_items: int = 2400
     val_items: int = 32  # periodic eval subset (validation split: held-out templates and vocabulary)
     eval_every: int = 100
@@ -101,15 +104,12 @@ def prepare(cfg: TrainConfig, layers: list[int] | None = None, progress: bool = 
     if not init.exists():
         source = source or AgentModel(cfg.source)
         target = AgentModel(cfg.target)
-        bridge = calibrate(source, target, layer=layer, num_queries=cfg.num_queries, n_texts=16, seed=cfg.seed,
-                           progress=progress, d_model=cfg.d_model, n_layers=cfg.n_layers)
-        # Re-fit the normaliser on the prompts the bridge will read (chat template + facts), real tokens only.
+        # Normaliser fitted on the prompts the bridge will read (chat template + facts), real tokens only.
         h, lengths, _ = cache.load_states(paths["train"][layer])
-        real = h[torch.arange(h.shape[1])[None] < lengths[:, None]].float()
-        with torch.no_grad():
-            bridge.normalizer.mean.copy_(real.mean(0))
-            bridge.normalizer.log_std.copy_(real.std(0).clamp_min(1e-5).log())
-        bridge.save(init, data={"init": "calibrate() + normaliser on cached train prompts"},
+        real = h[torch.arange(h.shape[1])[None] < lengths[:, None]]
+        bridge = calibrate(source, target, layer=layer, num_queries=cfg.num_queries, n_texts=16, seed=cfg.seed,
+                           progress=progress, source_states=real, d_model=cfg.d_model, n_layers=cfg.n_layers)
+        bridge.save(init, data={"init": "calibrate(source_states=cached train prompts)"},
                     metrics={"target_embed_rms": target.embed_rms()})
     return {"root": str(root), "layer": layer, "init": str(init),
             "train_states": str(paths["train"][layer]), "val_states": str(paths["val"][layer]),
@@ -184,6 +184,37 @@ def aux_losses(soft: torch.Tensor, target_rms: float) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
+def anchor_targets(target, items: list[dict], k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Target embeddings of each item's answer tokens at soft positions 0..n-1: (N,K,d), ids, mask."""
+    from bridge.objective import answer_ids
+
+    e = torch.zeros(len(items), k, target.hidden_size, device=target.device)
+    ids = torch.zeros(len(items), k, dtype=torch.long, device=target.device)
+    mask = torch.zeros(len(items), k, device=target.device)
+    for i, it in enumerate(items):
+        a = answer_ids(target, it["answer"])[:k]
+        e[i, : len(a)], ids[i, : len(a)], mask[i, : len(a)] = target.embed(a[None])[0].float(), a, 1
+    return e, ids, mask
+
+
+def anchor_loss(soft: torch.Tensor, e: torch.Tensor, mask: torch.Tensor, target_rms: float) -> torch.Tensor:
+    """Squared distance (in units of the target embedding RMS) between the first soft tokens and the
+    target's own embeddings of the answer: the entity must be *in* the packet, in a form the target
+    reads, which the LM loss alone (a constant prefix already lowers it) does not force."""
+    d = (soft - e).pow(2).mean(-1) / target_rms**2
+    return (d * mask).sum() / mask.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def anchor_accuracy(target, soft: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of answer positions whose soft token's nearest target embedding is the answer token."""
+    w = target.embed.weight.float() * float(getattr(target.embed, "embed_scale", 1.0))
+    s = soft[mask.bool()]
+    dist = s.pow(2).sum(-1, keepdim=True) - 2 * s @ w.T + w.pow(2).sum(-1)[None]
+    return float((dist.argmin(-1) == ids[mask.bool()]).float().mean())
+
+
+@torch.no_grad()
 def periodic_eval(bridge, target, h, lengths, items, cfg: TrainConfig, none_nll: float | None) -> dict:
     """Generation-based metrics on the held-out subset: what loss alone would hide."""
     from bridge import cache
@@ -204,9 +235,36 @@ def periodic_eval(bridge, target, h, lengths, items, cfg: TrainConfig, none_nll:
     if none_nll is not None:
         out["val_nll_none"] = none_nll
         out["val_nll_gap"] = none_nll - nll  # > 0: the soft tokens carry information
+    e, ids, m = anchor_targets(target, items, soft.shape[1])
+    out["val_anchor_acc"] = anchor_accuracy(target, soft, ids, m)
     out["val_examples"] = [f"{it['answer']} -> {p}" for it, p in list(zip(items, preds))[:4]]
     bridge.train()
     return out
+
+
+def anchor_phase(model, h, lengths, e, m, cfg: TrainConfig, rank: int, world: int, target_rms: float,
+                 device) -> None:
+    """Phase A: bridge-only steps on the anchor loss (cheap: no target forward), from scratch only."""
+    from bridge import cache
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    t0 = time.time()
+    for step in range(cfg.anchor_steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        idx = batch_indices(step, len(lengths), cfg.anchor_batch, rank, world, cfg.seed + 1)
+        hb, mask = cache.batch(h, lengths, idx)
+        soft = model(hb.to(device), mask.to(device))
+        cos, rms_term = aux_losses(soft, target_rms)
+        loss = (anchor_loss(soft, e[idx], m[idx], target_rms) + cfg.div_weight * F.relu(cos - cfg.div_margin)
+                + cfg.rms_weight * rms_term)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if rank == 0 and (step + 1) % max(1, cfg.anchor_steps // 5) == 0:
+            print(json.dumps({"anchor_step": step + 1, "anchor_loss": round(float(loss), 4),
+                              "seconds": round(time.time() - t0, 1)}))
 
 
 def train_loop(config: dict) -> None:
@@ -214,7 +272,7 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
-    from tqdm import tqdm
+    from ray.experimental.tqdm_ray import tqdm
     from transformers.utils import logging as hf_logging
 
     from bridge import cache
@@ -250,6 +308,9 @@ def train_loop(config: dict) -> None:
     elif cfg.resume:
         start = load_checkpoint(Path(cfg.resume), bridge, opt)
     model = ray.train.torch.prepare_model(bridge)  # DDP when world > 1
+    anc_e, anc_ids, anc_m = anchor_targets(target, items, bridge.cfg.num_queries)
+    if start == 0 and cfg.anchor_steps > 0:
+        anchor_phase(model, h, lengths, anc_e, anc_m, cfg, rank, world, target_rms, device)
 
     val = vh = vl = None
     none_nll = None
@@ -262,8 +323,11 @@ def train_loop(config: dict) -> None:
             none_em = sum(exact_match(target.answer(None, v["question"], cfg.max_new_tokens).text, v["answer"])
                           for v in val) / len(val)
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train bridge K{cfg.num_queries} L{paths['layer']}",
-               disable=rank != 0, mininterval=5)
+    # Ray's tqdm: a plain tqdm's carriage returns never reach the driver's log from a worker.
+    desc = f"train bridge L{paths['layer']} K{cfg.num_queries}"
+    bar = tqdm(total=cfg.steps, desc=desc) if rank == 0 else None
+    if bar is not None:
+        bar.update(start)
     run_loss, run_n, t0 = 0.0, 0, time.time()
     data_info = {"train": paths["train_items"], "val": paths["val_items"], "train_items": len(items),
                  "generator": "bridge.data.generate (seeded; split by template and vocabulary)"}
@@ -279,26 +343,29 @@ def train_loop(config: dict) -> None:
         nll, _ = answer_nll(target, tb)
         cos, rms_term = aux_losses(soft, target_rms)
         cos_val = cos.item()
-        loss = nll + cfg.div_weight * F.relu(cos - cfg.div_margin) + cfg.rms_weight * rms_term
+        anc = anchor_loss(soft, anc_e[idx], anc_m[idx], target_rms)
+        loss = (nll + cfg.div_weight * F.relu(cos - cfg.div_margin) + cfg.rms_weight * rms_term
+                + cfg.anchor_weight * anc)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         opt.step()
         run_loss, run_n = run_loss + float(nll), run_n + 1
-        bar.update(1)
-        bar.set_postfix(nll=f"{float(nll):.3f}", cos=f"{cos_val:.2f}", g=f"{gnorm:.2f}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_description(f"{desc} nll={float(nll):.3f} cos={cos_val:.2f} |g|={gnorm:.2f}")
         done = step + 1
         do_eval = done % cfg.eval_every == 0 or done == cfg.steps
         do_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
         if not (do_eval or do_ckpt):
             continue
         metrics = {"step": done, "train_nll": run_loss / run_n, "lr": lr_at(step, cfg), "grad_norm": gnorm,
-                   "train_pairwise_cosine": cos_val, "seconds_per_step": (time.time() - t0) / run_n}
+                   "train_pairwise_cosine": cos_val, "train_anchor": float(anc), "seconds_per_step": (time.time() - t0) / run_n}
         run_loss, run_n, t0 = 0.0, 0, time.time()
         if rank == 0 and do_eval:
             metrics.update(periodic_eval(bridge, target, vh, vl, val, cfg, none_nll))
             metrics["val_em_none"] = none_em
-            bar.write(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
         if do_ckpt:
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
@@ -309,7 +376,8 @@ def train_loop(config: dict) -> None:
                     ray.train.report(metrics)
         else:
             ray.train.report(metrics)
-    bar.close()
+    if bar is not None:
+        bar.close()
 
 
 # ---- the job --------------------------------------------------------------------------------
@@ -362,8 +430,52 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     return summary
 
 
-def sweep(base: TrainConfig, layers: list[int], ks: list[int], out_json: str | None = None) -> list[dict]:
-    """One-factor-at-a-time sweep of source layer and K (short runs), recorded as JSON."""
+@torch.no_grad()
+def _anchor_eval(bridge, target, h, lengths, items) -> dict:
+    from bridge import cache
+    from bridge.model import soft_token_stats
+
+    bridge.eval()
+    hb, mask = cache.batch(h, lengths, list(range(len(items))))
+    soft = bridge(hb, mask)
+    e, ids, m = anchor_targets(target, items, soft.shape[1])
+    return {"val_anchor_acc": anchor_accuracy(target, soft, ids, m),
+            "val_anchor_loss": float(anchor_loss(soft, e, m, target.embed_rms())),
+            **{f"val_{k}": v for k, v in soft_token_stats(soft, target.embed_rms()).items()}}
+
+
+def anchor_probe(base: TrainConfig, layer: int, k: int, steps: int) -> dict:
+    """Phase A alone for one (layer, K), in-process (bridge-only, no target forward): how well the
+    packet carries the held-out answer entity. The cheap half of the sweep on a 2-core CPU."""
+    from dataclasses import replace
+
+    from bridge import cache
+    from bridge.data import read_jsonl
+    from bridge.model import Bridge
+    from latentwire.runtime import AgentModel
+
+    torch.set_num_threads(base.threads)
+    cfg = replace(base, layer=layer, num_queries=k, anchor_steps=steps)
+    paths = prepare(cfg, progress=False)
+    target = AgentModel(cfg.target)
+    h, lengths, _ = cache.load_states(Path(paths["train_states"]))
+    items = read_jsonl(paths["train_items"])
+    vh, vl, _ = cache.load_states(Path(paths["val_states"]))
+    val = read_jsonl(paths["val_items"])
+    torch.manual_seed(cfg.seed)
+    bridge = Bridge.load(paths["init"]).train()
+    e, _, m = anchor_targets(target, items, k)
+    t0 = time.time()
+    anchor_phase(bridge, h, lengths, e, m, cfg, 0, 1, target.embed_rms(), "cpu")
+    return {"mode": "anchor-only", "layer": layer, "num_queries": k, "anchor_steps": steps,
+            "seconds": round(time.time() - t0, 1), **_anchor_eval(bridge, target, vh, vl, val)}
+
+
+def sweep(base: TrainConfig, layers: list[int], ks: list[int], out_json: str | None = None,
+          mode: str = "anchor") -> list[dict]:
+    """One-factor-at-a-time sweep of source layer and K, recorded as JSON (appending to earlier runs).
+
+    mode "anchor": phase A only (minutes); mode "full": short complete Ray Train jobs."""
     from dataclasses import replace
 
     from latentwire import profiles
@@ -372,15 +484,19 @@ def sweep(base: TrainConfig, layers: list[int], ks: list[int], out_json: str | N
     k0 = base.num_queries
     prepare(replace(base, layer=layer0), layers=sorted(set(layers) | {layer0}))  # one source pass for all layers
     grid = [(layer, k0) for layer in layers] + [(layer0, k) for k in ks if k != k0]
+    old = json.loads(Path(out_json).read_text())["runs"] if out_json and Path(out_json).exists() else []
     records = []
     for layer, k in dict.fromkeys(grid):
-        cfg = replace(base, layer=layer, num_queries=k, out=None, log_json=None, resume=None, name=None)
-        s = run(cfg)
-        rec = {"layer": layer, "num_queries": k, "steps": s["steps"], "seconds": s["total_seconds"],
-               **{k2: v for k2, v in s["final_metrics"].items()}}
+        if mode == "anchor":
+            rec = anchor_probe(base, layer, k, base.anchor_steps)
+        else:
+            cfg = replace(base, layer=layer, num_queries=k, out=None, log_json=None, resume=None, name=None)
+            s = run(cfg)
+            rec = {"mode": "full", "layer": layer, "num_queries": k, "steps": s["steps"],
+                   "anchor_steps": cfg.anchor_steps, "seconds": s["total_seconds"], **s["final_metrics"]}
         records.append(rec)
         print(json.dumps(rec))
         if out_json:
             Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(out_json).write_text(json.dumps({"base": asdict(base), "runs": records}, indent=1))
+            Path(out_json).write_text(json.dumps({"base": asdict(base), "runs": old + records}, indent=1))
     return records

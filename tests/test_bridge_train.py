@@ -78,6 +78,22 @@ def test_cached_source_states_equal_the_serving_hidden_states(tiny):
             torch.testing.assert_close(hb[i, : ref.shape[0]], ref.float(), rtol=2e-3, atol=2e-3)  # fp16 cache
 
 
+def test_anchor_targets_are_the_targets_own_answer_embeddings(tiny):
+    from bridge.train import anchor_accuracy, anchor_loss, anchor_targets
+
+    _, target = tiny
+    items = [{"answer": "Oslo"}, {"answer": "1947"}]
+    e, ids, m = anchor_targets(target, items, 6)
+    for i, it in enumerate(items):
+        a = answer_ids(target, it["answer"])
+        assert m[i].sum() == min(6, len(a)) and torch.equal(ids[i, : len(a)], a[:6])
+    rms = target.embed_rms()
+    assert float(anchor_loss(e, e, m, rms)) == 0.0
+    assert anchor_accuracy(target, e, ids, m) == 1.0  # a packet that spells the answer is read back as it
+    noise = e + torch.randn_like(e) * 10 * rms
+    assert float(anchor_loss(noise, e, m, rms)) > 1.0 and anchor_accuracy(target, noise, ids, m) < 1.0
+
+
 def test_batch_order_is_a_function_of_the_step():
     from bridge.train import batch_indices
 
@@ -109,6 +125,7 @@ def test_ray_train_job_checkpoints_recovers_and_resumes(ray_cluster, tmp_path):
     cfg = TrainConfig(source="tiny-llama", target="tiny-mistral", num_queries=4, d_model=32, n_layers=1,
                       steps=4, batch_size=2, train_items=24, val_items=3, eval_every=2, ckpt_every=2,
                       threads=1, num_workers=2, max_failures=1, fail_at_step=3, max_new_tokens=3,
+                      anchor_steps=3, anchor_batch=4,
                       cache_dir=str(tmp_path / "cache"), storage_path=str(tmp_path / "ray"),
                       out=str(tmp_path / "final.safetensors"))
     first = run(cfg, progress=False)
