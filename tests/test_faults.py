@@ -208,3 +208,24 @@ def test_concurrent_hidden_states_do_not_cross_talk(tiny_source):
         for _ in range(5):
             got = list(pool.map(lambda x: tiny_source.hidden_states(x, 2), ids))
             assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("details, code", [
+    ("The actor is dead because it was killed by `ray.kill`.", "UNAVAILABLE"),
+    ("The actor died unexpectedly before finishing this task.", "UNAVAILABLE"),
+    ("ray.exceptions.ActorUnavailableError: The actor abc is unavailable", "UNAVAILABLE"),
+    ("internal error (KeyError: 'h'); see the replica log", "INTERNAL"),  # a real bug stays INTERNAL
+])
+def test_a_hop_whose_replica_died_is_unavailable_to_the_caller(details, code):
+    """Serve's proxy reports a replica that died mid-request as INTERNAL with Ray's message."""
+    from services.status import HopError
+
+    class Err(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.INTERNAL
+
+        def details(self):
+            return details
+
+    err = HopError("target 'default'", Err())
+    assert err.code.name == code and details in str(err)
