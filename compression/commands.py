@@ -20,7 +20,7 @@ def _collect(args: argparse.Namespace) -> int:
     from latentwire import profiles
 
     _setup(args.threads)
-    model, tok = profiles.load(args.model, dtype="float32")
+    model, tok = profiles.load(args.model, device=args.device, dtype="float32")
     man = collect(model, tok, args.out, profile=args.model, n_samples=args.samples, length=args.length,
                   n_queries=args.queries, shard_size=args.shard_size, seed=args.seed)
     print(json.dumps({"out": args.out, "samples": man["samples"], "shards": len(man["shards"]),
@@ -46,9 +46,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     _setup(args.threads)
     cfg = EvalConfig(model=args.model, ratios=[int(r) for r in args.ratios.split(",")], context=args.context,
-                     ppl_docs=args.ppl_docs, ppl_tokens=args.ppl_tokens, facts=args.facts, sink=args.sink,
+                     ppl_tokens=args.ppl_tokens, facts=args.facts, sink=args.sink,
                      recent=args.recent, decode_tokens=args.decode_tokens, methods=args.methods.split(","),
-                     weights=args.weights)
+                     weights=args.weights, timing_context=args.timing_context)
     run(cfg, json_out=args.json, plot_out=args.plot)
     return 0
 
@@ -63,6 +63,7 @@ def register(sub, group) -> None:
     p.add_argument("--shard-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where the frozen model runs (cpu, cuda)")
     p.set_defaults(func=_collect)
 
     tr = group("train", "training jobs (Ray Train)")
@@ -93,14 +94,15 @@ def register(sub, group) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--ratios", default="4,8,16")
     p.add_argument("--context", type=int, default=1024, help="context tokens")
-    p.add_argument("--ppl-docs", type=int, default=6)
     p.add_argument("--ppl-tokens", type=int, default=64, help="scored continuation tokens per document")
-    p.add_argument("--facts", type=int, default=12, help="fact-recall items")
+    p.add_argument("--facts", type=int, default=10, help="items (fact recall + continuation perplexity each)")
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--recent", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--methods", default="dense,fmkvc,streamingllm,snapkv,knorm,expected_attention,mean_pool")
     p.add_argument("--weights", default=None, help="sidecar weights (default: the packaged one)")
+    p.add_argument("--timing-context", type=int, default=0,
+                   help="also time decoding (dense vs fmkvc at 8x) after a context this long, e.g. 4096")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", required=True)
     p.add_argument("--plot", default=None)

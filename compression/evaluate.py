@@ -5,12 +5,13 @@ pruning baselines from kvpress get the same number of cache entries after prefil
 (compression_ratio = 1 - budget / context). Protocol, identical for every method (it mirrors
 kvpress's pipeline: compress the context at prefill, then read the rest without pruning):
 
-- perplexity: prefill `context` held-out tokens (compressed), then score the next `ppl_tokens`
-  tokens in one forward pass with explicit positions;
+- each item: `context` held-out tokens with a fact ("The access code of the X vault is NNNN.") placed
+  at 10-30% of it, so it falls into compressed windows at every ratio; prefill (compressed);
+- perplexity: score the next `ppl_tokens` held-out tokens in one forward pass (explicit positions);
 - attention-output cosine to dense: every layer's attention output on those continuation tokens;
-- fact recall: filler text with a fact ("The access code of the X vault is NNNN.") placed early, so
-  it falls into compressed windows; prefill, read question + answer prefix, greedy-decode; exact match;
-- KV cache bytes after prefill (what the cache object holds) and decode ms/token (greedy).
+- fact recall: then read question + answer prefix and greedy-decode; exact match on the code;
+- KV cache bytes after prefill (what the cache object holds); decode ms/token: item 0 keeps
+  decoding `decode_tokens` more tokens (median per step; optionally also after `timing_context`).
 
 Text is pydoc_data read from the END of the corpus (trajectories are collected from its start).
 """
@@ -36,15 +37,17 @@ class EvalConfig:
     model: str = "smollm2-135m"
     ratios: list[int] = field(default_factory=lambda: [4, 8, 16])
     context: int = 1024
-    ppl_docs: int = 6
     ppl_tokens: int = 64
-    facts: int = 12
+    facts: int = 10  # items (each: fact recall + perplexity of its continuation)
     sink: int = 4
     recent: int = 64
     decode_tokens: int = 32
     methods: list[str] = field(default_factory=lambda: ["dense", "fmkvc", *BASELINES, "mean_pool"])
     weights: str | None = None
     seed: int = 0
+    timing_context: int = 0  # >0: also time decoding after a context this long (dense vs timing_methods)
+    timing_methods: list[str] = field(default_factory=lambda: ["fmkvc"])
+    timing_ratio: int = 8
 
 
 # ---- methods ---------------------------------------------------------------------------------
@@ -95,11 +98,13 @@ NAMES = ["amber", "cobalt", "crimson", "ivory", "jade", "onyx", "scarlet", "silv
 PLACES = ["vault", "archive", "tower", "harbor", "garden", "library", "bridge", "station"]
 
 
-def fact_items(tok, n: int, context: int, seed: int) -> list[dict]:
+def fact_items(tok, n: int, context: int, n_cont: int, seed: int) -> list[dict]:
+    """Held-out filler of context + n_cont tokens with a fact inserted early; the last n_cont tokens
+    are the continuation scored for perplexity."""
     from compression.trajectories import token_samples
 
     rng = random.Random(seed)
-    filler = token_samples(tok, n, context, reverse=True, skip_paragraphs=400)
+    filler = token_samples(tok, n, context + n_cont, reverse=True)
     items = []
     for i, fill in enumerate(filler):
         name, place, code = rng.choice(NAMES), rng.choice(PLACES), str(rng.randint(1000, 9999))
@@ -108,8 +113,8 @@ def fact_items(tok, n: int, context: int, seed: int) -> list[dict]:
                        f"the {name} {place} is", add_special_tokens=False).input_ids
         at = int(context * rng.uniform(0.1, 0.3))  # early: inside the compressed windows at every ratio
         ctx = torch.cat([fill[:at], torch.tensor(fact), fill[at:context - len(fact)]])
-        items.append({"context": _with_bos(tok, ctx), "question": torch.tensor(question), "answer": code,
-                      "fact_pos": at})
+        items.append({"context": _with_bos(tok, ctx), "continuation": fill[context:], "answer": code,
+                      "question": torch.tensor(question), "fact_pos": at})
     return items
 
 
@@ -135,17 +140,18 @@ def attention_outputs(model, fn):
 
 
 @torch.no_grad()
-def eval_ppl(model, docs, name, cfg, ratio, dense_attn=None):
+def eval_method(model, tok, items, name, cfg, ratio, eos_ids, dense_attn=None):
+    """One compressed prefill per item, then: continuation perplexity + attention cosine, question,
+    greedy answer (exact match); item 0 then keeps decoding to time ms/token."""
     from compression.cache import cache_nbytes
 
-    nll, count, cos, nbytes, lengths = 0.0, 0, [], [], []
-    attn_all = []
-    for i, doc in enumerate(docs):
-        ctx, cont = doc[: cfg.context], doc[cfg.context:]
+    nll, count, cos, nbytes, entries, hits, attn_all, times = 0.0, 0, [], [], [], [], [], []
+    for i, it in enumerate(items):
+        ctx, cont = it["context"], it["continuation"]
         cache, press = make_method(name, model, cfg, ratio, len(ctx))
         last = prefill(model, ctx, cache, press)
         nbytes.append(cache_nbytes(cache))
-        lengths.append(max(int(layer.keys.shape[-2]) for layer in cache.layers))
+        entries.append(max(int(layer.keys.shape[-2]) for layer in cache.layers))
         logits, attn = attention_outputs(model, lambda: extend(model, cont[:-1], cache, len(ctx)))
         logits = torch.cat([last[None], logits], 0).float()
         nll += float(torch.nn.functional.cross_entropy(logits, cont, reduction="sum"))
@@ -154,33 +160,32 @@ def eval_ppl(model, docs, name, cfg, ratio, dense_attn=None):
         if dense_attn is not None:
             cos.extend(float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean())
                        for a, b in zip(attn, dense_attn[i]))
-    res = {"perplexity": float(torch.tensor(nll / count).exp()), "kv_bytes": statistics.mean(nbytes),
-           "kv_entries_max_layer": statistics.mean(lengths)}
+        pos = len(ctx) + len(cont) - 1
+        q = torch.cat([cont[-1:], it["question"]])
+        logits = extend(model, q, cache, pos, logits_to_keep=1)
+        pos += len(q)
+        ids, stopped = [], False
+        n_steps = 6 + (cfg.decode_tokens if i == 0 else 0)
+        for step in range(n_steps):
+            nxt = int(logits[-1].argmax())
+            if nxt in eos_ids or step >= 6:
+                stopped = True
+            if not stopped:
+                ids.append(nxt)
+            elif i > 0:
+                break
+            t0 = time.perf_counter()
+            logits = extend(model, torch.tensor([nxt]), cache, pos, logits_to_keep=1)
+            if step >= 8:  # after the answer and a warm-up: steady-state decoding
+                times.append((time.perf_counter() - t0) * 1000)
+            pos += 1
+        hits.append(tok.decode(ids, skip_special_tokens=True).strip().startswith(it["answer"]))
+    res = {"perplexity": float(torch.tensor(nll / count).exp()), "fact_recall": sum(hits) / len(hits),
+           "kv_bytes": statistics.mean(nbytes), "kv_entries_max_layer": statistics.mean(entries),
+           "decode_ms_per_token": statistics.median(times), "decode_ms_p95": sorted(times)[int(0.95 * (len(times) - 1))]}
     if cos:
         res["attention_cosine"] = statistics.mean(cos)
     return res, attn_all
-
-
-@torch.no_grad()
-def eval_facts(model, tok, items, name, cfg, ratio, eos_ids):
-    hits = []
-    for it in items:
-        cache, press = make_method(name, model, cfg, ratio, len(it["context"]))
-        prefill(model, it["context"], cache, press)
-        pos = len(it["context"])
-        logits = extend(model, it["question"], cache, pos, logits_to_keep=1)
-        pos += len(it["question"])
-        ids = []
-        for _ in range(6):
-            nxt = int(logits[-1].argmax())
-            if nxt in eos_ids:
-                break
-            ids.append(nxt)
-            logits = extend(model, torch.tensor([nxt]), cache, pos, logits_to_keep=1)
-            pos += 1
-        text = tok.decode(ids, skip_special_tokens=True).strip()
-        hits.append(text.startswith(it["answer"]))
-    return {"fact_recall": sum(hits) / len(hits)}
 
 
 @torch.no_grad()
@@ -199,34 +204,28 @@ def eval_decode(model, doc, name, cfg, ratio, n_tokens):
 
 
 def run(cfg: EvalConfig, json_out: str, plot_out: str | None = None, log=print) -> dict:
+    from compression.presses import nominal_budget
     from compression.trajectories import token_samples
     from latentwire import profiles
     from latentwire.runtime import AgentModel
 
     model, tok = profiles.load(cfg.model, dtype="float32")
     eos_ids = AgentModel(cfg.model, model=model, tokenizer=tok).eos_ids
-    docs = [_with_bos(tok, d) for d in token_samples(tok, cfg.ppl_docs, cfg.context + cfg.ppl_tokens, reverse=True)]
-    items = fact_items(tok, cfg.facts, cfg.context, cfg.seed)
+    items = fact_items(tok, cfg.facts, cfg.context, cfg.ppl_tokens, cfg.seed)
     results: dict = {"config": asdict(cfg), "device": "cpu (shared 2-core, 1 torch thread, fp32)",
                      "nominal_budget": {}, "methods": {}}
     t_start = time.time()
-    dense_res, dense_attn = eval_ppl(model, docs, "dense", cfg, 1)
-    dense_res.update(eval_facts(model, tok, items, "dense", cfg, 1, eos_ids))
-    dense_res.update(eval_decode(model, docs[0][: cfg.context], "dense", cfg, 1, cfg.decode_tokens))
+    dense_res, dense_attn = eval_method(model, tok, items, "dense", cfg, 1, eos_ids)
     dense_res["attention_cosine"] = 1.0
     results["methods"]["dense"] = {"1": dense_res}
     log(f"dense: {json.dumps(dense_res)} ({time.time() - t_start:.0f}s)")
-    from compression.presses import nominal_budget
-
     for ratio in cfg.ratios:
         results["nominal_budget"][str(ratio)] = nominal_budget(cfg.context, ratio, cfg.sink, cfg.recent)
         for name in cfg.methods:
             if name == "dense":
                 continue
             t0 = time.time()
-            res, _ = eval_ppl(model, docs, name, cfg, ratio, dense_attn)
-            res.update(eval_facts(model, tok, items, name, cfg, ratio, eos_ids))
-            res.update(eval_decode(model, docs[0][: cfg.context], name, cfg, ratio, cfg.decode_tokens))
+            res, _ = eval_method(model, tok, items, name, cfg, ratio, eos_ids, dense_attn)
             res["kv_reduction"] = dense_res["kv_bytes"] / res["kv_bytes"]
             res["perplexity_vs_dense"] = res["perplexity"] / dense_res["perplexity"]
             res["fact_recall_vs_dense"] = res["fact_recall"] / max(dense_res["fact_recall"], 1e-9)
@@ -235,6 +234,18 @@ def run(cfg: EvalConfig, json_out: str, plot_out: str | None = None, log=print) 
             log(f"{name} x{ratio}: ppl {res['perplexity']:.3f} ({res['perplexity_vs_dense']:.3f}x dense) "
                 f"recall {res['fact_recall']:.2f} cos {res['attention_cosine']:.4f} "
                 f"kv/{res['kv_reduction']:.2f} decode {res['decode_ms_per_token']:.1f}ms ({time.time() - t0:.0f}s)")
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_out).write_text(json.dumps(results, indent=2))  # partial results survive a kill
+    if cfg.timing_context:
+        long_doc = _with_bos(tok, token_samples(tok, 1, cfg.timing_context, reverse=True, skip_paragraphs=200)[0])
+        long = {}
+        for name in ["dense", *cfg.timing_methods]:
+            ratio = 1 if name == "dense" else cfg.timing_ratio
+            long[name] = eval_decode(model, long_doc, name, cfg, ratio, cfg.decode_tokens)
+            log(f"decode after {cfg.timing_context} tokens, {name} x{ratio}: {json.dumps(long[name])}")
+        for name in cfg.timing_methods:
+            long[name]["decode_vs_dense"] = long[name]["decode_ms_per_token"] / long["dense"]["decode_ms_per_token"]
+        results["decode_long_context"] = {"context": cfg.timing_context, "ratio": cfg.timing_ratio, **long}
     results["goals_8x"] = goals(results, 8)
     results["elapsed_s"] = round(time.time() - t_start, 1)
     Path(json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -259,6 +270,8 @@ def goals(results: dict, ratio: int) -> dict:
             f["fact_recall"] > others[k]["fact_recall"] for k in ("streamingllm", "mean_pool") if k in others),
         "kv_reduction": f["kv_reduction"],
         "decode_not_slower_than_dense": f["decode_ms_per_token"] <= d["decode_ms_per_token"],
+        **({"decode_not_slower_than_dense_long_context": results["decode_long_context"]["fmkvc"]["decode_vs_dense"] <= 1}
+           if "fmkvc" in results.get("decode_long_context", {}) else {}),
     }
 
 

@@ -78,7 +78,7 @@ def fmkvc_loss(q, k, v, g, f_ref, kt, vt, qpos, *, sink: int, end: int, scale: f
     kc, vc = coarse_cache(k, v, kt, vt, sink, end)
     o_d, p_d = attend(q, k, v, dmask, scale)
     o_c, p_c = attend(q, kc, vc, cmask, scale)
-    r = torch.randn(n_probes, q.shape[-1], generator=generator, device=q.device)
+    r = torch.randn(n_probes, q.shape[-1], generator=generator).to(q.device)  # CPU generator: same probes anywhere
     with torch.no_grad():
         jr_d = jacobian_probe(p_d, k, v, o_d, r, scale)
     jr_c = jacobian_probe(p_c, kc, vc, o_c, r, scale)

@@ -78,6 +78,8 @@ def make_batch(sample: dict, window: int, sink: int, info: dict, max_windows: in
 def batch_loss(sidecar, batch: dict, cfg: TrainConfig, scale: float, generator=None) -> dict:
     from compression.losses import fmkvc_loss
 
+    device = next(sidecar.parameters()).device if isinstance(sidecar, torch.nn.Module) else torch.device("cpu")
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     n, w, m, d = batch["k"].shape[0], batch["window"], batch["m"], batch["k"].shape[-1]
     sink, end = cfg.sink, batch["end"]
     kw = batch["k"][:, sink:end].reshape(n * m, w, d)
@@ -95,6 +97,8 @@ def evaluate(sidecar, samples: list[dict], cfg: TrainConfig, info: dict) -> dict
     from compression.sidecar import mean_pool
 
     out: dict[str, float] = {}
+    was_training = sidecar.training
+    sidecar.eval()
     gen = torch.Generator().manual_seed(1234)
     for w in cfg.windows:
         acc: dict[str, list[float]] = {}
@@ -106,6 +110,7 @@ def evaluate(sidecar, samples: list[dict], cfg: TrainConfig, info: dict) -> dict
                     acc.setdefault(f"{name}{key}", []).append(float(val))
         for key, vals in acc.items():
             out[f"w{w}/{key}"] = sum(vals) / len(vals)
+    sidecar.train(was_training)
     return out
 
 
@@ -172,9 +177,15 @@ def train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            step = resumed_from = load_checkpoint(Path(d), sidecar, opt)
+            step = resumed_from = load_checkpoint(Path(d), sidecar, opt)  # before .to(device): CPU tensors
         print(f"[rank {rank}] resumed from step {step}")
-    model = ray.train.torch.prepare_model(sidecar) if world > 1 else sidecar
+    device = ray.train.torch.get_device()  # cuda:N with use_gpu, else cpu
+    sidecar.to(device)
+    for st in opt.state.values():  # restored optimizer state follows its parameters
+        for key, tensor in st.items():
+            if torch.is_tensor(tensor) and key != "step":
+                st[key] = tensor.to(device)
+    model = ray.train.torch.prepare_model(sidecar, move_to_device=False) if world > 1 else sidecar
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * max(0.05, 1 - s / max(cfg.steps, 1)))
     for _ in range(step):
@@ -234,12 +245,13 @@ def run(cfg: TrainConfig, *, num_workers: int = 1, use_gpu: bool = False, storag
     from compression.sidecar import Sidecar, default_weights_path
     from latentwire import weights
 
-    if use_gpu:
-        raise NotImplementedError("--use-gpu: the loop is device-agnostic but was only run on CPU here")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, num_workers), object_store_memory=200 * 1024**2, include_dashboard=False,
-                 log_to_driver=True)
+        if os.environ.get("RAY_ADDRESS"):  # a cluster (RayJob, `ray start`): join it
+            ray.init()
+        else:  # otherwise our own local instance, even if someone else's runs on this machine
+            ray.init(address="local", num_cpus=max(2, num_workers), object_store_memory=200 * 1024**2,
+                     include_dashboard=False)
     storage = storage or str(Path.home() / ".cache" / "latentwire" / "ray_results")
     name = name or f"fmkvc-{cfg.model}"
     trainer = TorchTrainer(

@@ -77,6 +77,7 @@ def collect_sample(model, ids: torch.Tensor, n_queries: int, rng: random.Random)
     model.set_attn_implementation(CAPTURE)
     try:
         with torch.enable_grad():
+            ids = ids.to(model.device)
             out = model(input_ids=ids[None], use_cache=False, logits_to_keep=t - half + 1)
             logits = out.logits[0, :-1].float()  # predicts tokens half..t-1
             loss = torch.nn.functional.cross_entropy(logits, ids[half:])
@@ -85,15 +86,17 @@ def collect_sample(model, ids: torch.Tensor, n_queries: int, rng: random.Random)
         model.set_attn_implementation(previous)
         model.zero_grad(set_to_none=True)
     layers = sorted(_captured)
+    qpos_d = qpos.to(model.device)
     rec = {
         "K": torch.stack([_captured[i]["k"][0] for i in layers]).half(),
         "V": torch.stack([_captured[i]["v"][0] for i in layers]).half(),
-        "Q": torch.stack([_captured[i]["q"][0][:, qpos] for i in layers]).detach(),
-        "F": torch.stack([_captured[i]["q"].grad[0][:, qpos] for i in layers]),
-        "G": torch.stack([_captured[i]["o"].grad[0][qpos].transpose(0, 1) for i in layers]),
+        "Q": torch.stack([_captured[i]["q"][0][:, qpos_d] for i in layers]).detach().float(),
+        "F": torch.stack([_captured[i]["q"].grad[0][:, qpos_d] for i in layers]).float(),
+        "G": torch.stack([_captured[i]["o"].grad[0][qpos_d].transpose(0, 1) for i in layers]).float(),
         "qpos": qpos,
         "loss": loss.detach().reshape(1),
     }
+    rec = {k: v.cpu() for k, v in rec.items()}
     _captured.clear()
     return rec
 
