@@ -1,0 +1,74 @@
+"""A deployment loads weights only from safetensors whose sha256 matches their manifest.
+
+The bridge servicer is the class the Serve deployment runs (no Ray needed to construct it): given
+`weights:` that are tampered with, pickled, renamed or without a manifest, it refuses to start with
+a message naming the file and the reason, so a replica never serves weights nobody vouched for.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from latentwire import codec
+from latentwire.weights import WeightsError
+from protos.latentwire.v1 import latentwire_pb2 as pb
+
+
+def servicer(path):
+    from services.bridge_service import BridgeServicer
+
+    return BridgeServicer({"weights": str(path), "threads": 1})
+
+
+@pytest.fixture()
+def weights(tiny_bridge_path, tmp_path):
+    """A private copy of the tiny bridge (+ manifest) that each test may damage."""
+    dst = tmp_path / "bridge.safetensors"
+    shutil.copy(tiny_bridge_path, dst)
+    shutil.copy(tiny_bridge_path.with_suffix(".json"), dst.with_suffix(".json"))
+    return dst
+
+
+def test_good_weights_serve(weights):
+    s = servicer(weights)
+    packet = pb.HiddenStatePacket(hidden=codec.encode(torch.randn(5, 64)), provenance=pb.Provenance(
+        source_model="tiny-llama", source_layer=2, source_hidden_size=64))
+    reply = s.Translate(packet)
+    assert list(reply.latent.soft_tokens.shape) == [4, 96] and reply.latent.provenance.bridge_sha256 == s.bridge.sha256
+
+
+def test_a_flipped_byte_is_refused(weights):
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256"):
+        servicer(weights)
+
+
+def test_weights_without_a_manifest_are_refused(weights):
+    weights.with_suffix(".json").unlink()
+    with pytest.raises(WeightsError, match="missing"):
+        servicer(weights)
+
+
+def test_a_manifest_vouching_for_other_weights_is_refused(weights):
+    man = json.loads(weights.with_suffix(".json").read_text())
+    man["sha256"] = "0" * 64
+    weights.with_suffix(".json").write_text(json.dumps(man))
+    with pytest.raises(WeightsError, match="does not match"):
+        servicer(weights)
+
+
+@pytest.mark.parametrize("name", ["bridge.pt", "bridge.bin", "bridge.pkl", "bridge.ckpt"])
+def test_pickled_or_renamed_weights_are_refused_before_any_read(weights, tmp_path, name, monkeypatch):
+    bad = tmp_path / "renamed" / name
+    bad.parent.mkdir()
+    torch.save({"w": torch.zeros(2)}, bad)  # a pickle, the format that can run code when loaded
+    shutil.copy(weights.with_suffix(".json"), bad.with_suffix(".json"))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load (unpickling) was called"))
+    with pytest.raises(WeightsError, match="only .safetensors"):
+        servicer(bad)
