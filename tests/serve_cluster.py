@@ -19,7 +19,9 @@ def start_ray(**kw) -> None:
 
     from tests.conftest import free_port
 
-    ray.init(namespace="serve", include_dashboard=True, dashboard_port=free_port(), **{**RAY_INIT, **kw})
+    # address="local": always a new instance, never the latest cluster some other process started
+    ray.init(address="local", namespace="serve", include_dashboard=True, dashboard_port=free_port(),
+             **{**RAY_INIT, **kw})
 
 
 def tiny_config(bridge_path, grpc_port: int, http_port: int, *, token: str | None = None,

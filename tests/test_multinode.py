@@ -10,6 +10,7 @@ says where they are, and a request crosses the nodes over gRPC.
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 
 import grpc
 import pytest
@@ -53,9 +54,17 @@ def cluster(tiny_bridge_path):
     from services import local
 
     mb = 1024**2
-    c = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=1, num_gpus=0, object_store_memory=100 * mb, include_dashboard=True,
-        dashboard_port=free_port()))
+    # Cluster publishes its address in /tmp/ray/ray_current_cluster, where any `ray.init()` without an
+    # address on this machine (another engineer's `latentwire serve`) would attach to it and deploy
+    # its own config over ours: put the file back as it was at once.
+    address_file = Path(ray._private.utils.get_ray_address_file(None))
+    previous = address_file.read_text() if address_file.exists() else None
+    try:
+        c = Cluster(initialize_head=True, head_node_args=dict(
+            num_cpus=1, num_gpus=0, object_store_memory=100 * mb, include_dashboard=True,
+            dashboard_port=free_port()))
+    finally:
+        address_file.write_text(previous) if previous is not None else address_file.unlink(missing_ok=True)
     nodes = {name: c.add_node(object_store_memory=80 * mb, **spec) for name, spec in NODES.items()}
     c.wait_for_nodes()
     ray.init(address=c.address, namespace="serve", log_to_driver=False)
