@@ -96,7 +96,7 @@ def _bench(args: argparse.Namespace) -> int:
     address, started = args.address, False
     if args.start_local:
         config = local.load_config(args.config or local.DEFAULT_CONFIG)
-        local.deploy(config, ray_init={"log_to_driver": False})
+        local.deploy(config, address="local", ray_init={"log_to_driver": False})
         address, started = local.grpc_address(config), True
     try:
         report = bench.run_bench(address, requests=args.requests, concurrency=ints(args.concurrency),

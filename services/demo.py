@@ -22,7 +22,7 @@ def run_demo(config: dict, *, max_new_tokens: int = 16, warmup: bool = True, ray
 
     t0 = time.perf_counter()
     # replica logs stay in Ray's log folder (/tmp/ray/session_latest/logs) unless asked for
-    local.deploy(config, ray_init={"log_to_driver": ray_logs})
+    local.deploy(config, address="local", ray_init={"log_to_driver": ray_logs})  # always a fresh local cluster
     address = local.grpc_address(config)
     print(f"\n== 3 Serve applications RUNNING in {time.perf_counter() - t0:.1f} s; gRPC ingress {address}", flush=True)
     results, rows = [], []

@@ -14,7 +14,7 @@ def client():
     from services.client import LatentWireClient
 
     cfg = local.with_port(local.load_config(), free_port(), free_port())
-    local.deploy(cfg, ray_init=dict(num_cpus=2, object_store_memory=300 * 1024**2, log_to_driver=False))
+    local.deploy(cfg, address="local", ray_init=dict(num_cpus=2, object_store_memory=300 * 1024**2, log_to_driver=False))
     try:
         with LatentWireClient(local.grpc_address(cfg), timeout_s=300) as c:
             yield c

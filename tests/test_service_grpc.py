@@ -39,7 +39,7 @@ def cluster(tiny_bridge_path):
                                                                      "recent": 8})}
     cfg["applications"].append(pooled)
     apps["source"]["args"]["targets"]["pooled"] = {"app": "target-pooled", "bridge_app": "bridge"}
-    local.deploy(cfg, ray_init=dict(num_cpus=2, object_store_memory=200 * 1024**2, log_to_driver=False))
+    local.deploy(cfg, address="local", ray_init=dict(num_cpus=2, object_store_memory=200 * 1024**2, log_to_driver=False))
     yield local.grpc_address(cfg)
     local.shutdown()
 
