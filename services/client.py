@@ -43,11 +43,17 @@ NO_RETRY = RetryPolicy(attempts=1)
 
 
 def retryable(err: grpc.RpcError) -> bool:
-    """UNAVAILABLE, or RESOURCE_EXHAUSTED from Serve's request queue (not one of our input limits)."""
+    """UNAVAILABLE; RESOURCE_EXHAUSTED from Serve's request queue (not one of our input limits); and
+    the INTERNAL that Serve's proxy returns when the replica serving the call died (Serve replaces it)."""
+    from services.status import REPLICA_DIED
+
     code = err.code() if hasattr(err, "code") else None
+    details = (err.details() if hasattr(err, "details") else "") or ""
     if code == grpc.StatusCode.UNAVAILABLE:
         return True
-    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "backpressure" in (err.details() or "")
+    if code == grpc.StatusCode.INTERNAL:
+        return bool(REPLICA_DIED.search(details))
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "backpressure" in details
 
 
 def call_with_retries(call: Callable[[float], object], timeout: float, policy: RetryPolicy,

@@ -25,7 +25,7 @@ class HopError(Exception):
     def __init__(self, hop: str, err: grpc.RpcError):
         self.code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNAVAILABLE
         details = err.details() if hasattr(err, "details") else str(err)
-        if self.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and _REPLICA_DIED.search(details or ""):
+        if self.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and REPLICA_DIED.search(details or ""):
             # Serve's proxy reports a replica that died mid-request as INTERNAL; to our caller it
             # is a transient outage of that hop (Serve starts a new replica): UNAVAILABLE, retryable.
             self.code = grpc.StatusCode.UNAVAILABLE
@@ -34,7 +34,7 @@ class HopError(Exception):
 
 
 # What Ray puts in the message of a call whose actor (replica) died or became unreachable.
-_REPLICA_DIED = re.compile(r"ActorDiedError|ActorUnavailableError|RayActorError|actor died|actor is dead|"
+REPLICA_DIED = re.compile(r"ActorDiedError|ActorUnavailableError|RayActorError|actor died|actor is dead|"
                            r"WorkerCrashedError|ActorUnschedulableError|OwnerDiedError", re.IGNORECASE)
 
 

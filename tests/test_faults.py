@@ -21,7 +21,7 @@ from tests.conftest import free_port
 from tests.serve_cluster import replicas, start_ray, tiny_config, wait_for
 
 REQUESTS, CONCURRENCY, DEADLINE_S = 200, 8, 30.0
-KILL_AFTER = 40  # completed requests before the kill: mid-run
+KILLS = {40: "target", 120: "source"}  # completed requests -> the app whose replica is killed then
 CONTEXT = "Alice keeps the red key in Lisbon."
 QUESTION = "Where is the key?"
 
@@ -141,15 +141,17 @@ def test_non_retryable_statuses_fail_at_once():
     assert len(calls) == 1  # our input limits are final; only Serve's backpressure is retried
 
 
-def test_killing_the_target_replica_under_load_loses_no_request(cluster):
+def test_killing_model_replicas_under_load_loses_no_request(cluster):
+    """The target replica is killed after 40 answers, the source replica (the ingress app) after 120."""
     import ray
 
     from services.client import LatentWireClient
 
-    before = replicas("target")
-    assert len(before) == 1
+    before = {app: replicas(app) for app in KILLS.values()}
+    assert all(len(v) == 1 for v in before.values())
     outcomes: collections.Counter = collections.Counter()
-    over_deadline, lock, done = [], threading.Lock(), threading.Event()
+    over_deadline, lock = [], threading.Lock()
+    reached = {n: threading.Event() for n in KILLS}
     killed: dict = {}
     details: dict = {}  # one message per non-OK status, for the record
 
@@ -168,14 +170,15 @@ def test_killing_the_target_replica_under_load_loses_no_request(cluster):
             outcomes[status] += 1
             if elapsed > DEADLINE_S + 2.0:
                 over_deadline.append((i, elapsed))
-            if sum(outcomes.values()) == KILL_AFTER:
-                done.set()
+            if sum(outcomes.values()) in reached:
+                reached[sum(outcomes.values())].set()
 
     def killer():
-        done.wait(120)
-        actor = replicas("target")[0]
-        killed.update(actor_id=actor.actor_id, at=sum(outcomes.values()))
-        ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace), no_restart=True)
+        for n, app in KILLS.items():
+            reached[n].wait(180)
+            actor = replicas(app)[0]
+            killed[app] = dict(actor_id=actor.actor_id, after=sum(outcomes.values()))
+            ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace), no_restart=True)
 
     t_start = time.monotonic()
     with LatentWireClient(cluster, timeout_s=DEADLINE_S) as client:
@@ -186,18 +189,20 @@ def test_killing_the_target_replica_under_load_loses_no_request(cluster):
             list(pool.map(lambda i: one(i, client), range(REQUESTS)))
         kill_thread.join()
         wall = time.monotonic() - t_start
-        # Serve replaced the replica: a new actor, and requests succeed through it
-        after = wait_for(lambda: [a for a in replicas("target") if a.actor_id != killed["actor_id"]], 60,
-                         "a replacement target replica")
+        # Serve replaced both replicas: new actors, and requests succeed through them
+        after = {app: wait_for(lambda app=app: [a for a in replicas(app) if a.actor_id != killed[app]["actor_id"]],
+                               60, f"a replacement {app} replica") for app in KILLS.values()}
         assert client.ask(CONTEXT, QUESTION, "latent", max_new_tokens=3).answer_tokens > 0
-    record = dict(requests=REQUESTS, concurrency=CONCURRENCY, killed_after=killed["at"], outcomes=dict(outcomes),
-                  retries=client.retries, over_deadline=len(over_deadline), wall_s=round(wall, 1), details=details)
+    record = dict(requests=REQUESTS, concurrency=CONCURRENCY, killed={a: k["after"] for a, k in killed.items()},
+                  outcomes=dict(outcomes), retries=client.retries, over_deadline=len(over_deadline),
+                  wall_s=round(wall, 1), details=details)
     print("\nkill test:", json.dumps(record))
     assert sum(outcomes.values()) == REQUESTS
     assert set(outcomes) <= {"OK", "UNAVAILABLE", "DEADLINE_EXCEEDED"}, outcomes  # clear statuses only
     assert not over_deadline, over_deadline  # none hung past its deadline
-    assert outcomes["OK"] >= REQUESTS * 0.9, outcomes  # retries turn the outage into answers
-    assert len(after) == 1 and after[0].actor_id != before[0].actor_id
+    assert outcomes["OK"] >= REQUESTS * 0.9, outcomes  # retries turn the outages into answers
+    for app in KILLS.values():
+        assert len(after[app]) == 1 and after[app][0].actor_id != before[app][0].actor_id
 
 
 def test_concurrent_hidden_states_do_not_cross_talk(tiny_source):
@@ -229,3 +234,22 @@ def test_a_hop_whose_replica_died_is_unavailable_to_the_caller(details, code):
 
     err = HopError("target 'default'", Err())
     assert err.code.name == code and details in str(err)
+
+
+def test_the_client_retries_a_call_whose_replica_died_but_not_a_real_internal_error():
+    from services.client import retryable
+
+    class Err(grpc.RpcError):
+        def __init__(self, code, details):
+            self._code, self._details = code, details
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+    assert retryable(Err(grpc.StatusCode.INTERNAL, "The actor died unexpectedly before finishing this task."))
+    assert not retryable(Err(grpc.StatusCode.INTERNAL, "internal error (KeyError: 'h'); see the replica log"))
+    assert retryable(Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "Request dropped due to backpressure (...)"))
+    assert not retryable(Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "context: 300 tokens exceed the limit of 256"))
