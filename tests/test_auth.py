@@ -1,8 +1,9 @@
 """Bearer-token authentication at the gRPC ingress, checked inside the deployments.
 
-Unit tests of services.auth, then a real local cluster with auth on (the token reaches the
-replicas only through their environment): no token or a wrong one is UNAUTHENTICATED on every
-application, the right one works end to end (the source forwards it on its hops).
+Unit tests of services.auth here; the tests over real gRPC (class AuthOverGrpc: no token or a wrong
+one is UNAUTHENTICATED on every application, the right one works end to end, the source forwarding it
+on its hops) run in tests/test_multinode.py on the cluster config, where auth is on by default and the
+token reaches the replicas only through their environment (one cluster fewer for the suite).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import pytest
 
 from latentwire.settings import AuthSettings
 from services.auth import BearerAuth, Unauthenticated
-from tests.conftest import free_port
-from tests.serve_cluster import TOKEN_ENV, replicas, start_ray, tiny_config
+from tests.serve_cluster import TOKEN_ENV, replicas
 
 TOKEN = secrets.token_hex(16)
 CONTEXT = "Alice keeps the red key in Lisbon."
@@ -69,71 +69,63 @@ def test_the_token_is_compared_in_constant_time(monkeypatch):
 
 
 # ---- over real gRPC --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cluster(tiny_bridge_path):
-    from services import local
-
-    start_ray()
-    cfg = tiny_config(tiny_bridge_path, free_port(), free_port(), token=TOKEN)
-    local.deploy(cfg)
-    yield local.grpc_address(cfg)
-    local.shutdown()
-
-
 def client(address, token):
     from services.client import NO_RETRY, LatentWireClient
 
     return LatentWireClient(address, token=token, timeout_s=60, retry=NO_RETRY)
 
 
-@pytest.mark.parametrize("token", [None, "", "wrong-token-0123456789abcdef"], ids=["none", "empty", "wrong"])
-def test_every_application_refuses_a_caller_without_the_token(cluster, token, monkeypatch):
-    from tests.test_service_grpc import hidden_packet, latent_request
+class AuthOverGrpc:
+    """Auth over real gRPC. tests/test_multinode.py runs these (TestAuthOnTheClusterConfig) against
+    deploy/cluster-gpu.yaml, where auth is on by default, so they need no cluster of their own;
+    they use the fixtures `grpc_address` and `auth_token` of the module that runs them."""
 
-    monkeypatch.delenv(TOKEN_ENV, raising=False)  # the client would pick the token up from here
-    with client(cluster, token) as c:
-        calls = {"source": lambda: c.ask(CONTEXT, QUESTION, "latent", max_new_tokens=3),
-                 "stream": lambda: list(c.ask_stream(CONTEXT, QUESTION, "latent", max_new_tokens=3)),
-                 "target": lambda: c.receive(latent_request()),
-                 "bridge": lambda: c.translate(hidden_packet())}
-        codes = {}
-        for name, call in calls.items():
-            try:
-                call()
-                codes[name] = "OK"
-            except grpc.RpcError as err:
-                codes[name] = err.code().name
-                assert TOKEN not in err.details()
-        assert codes == dict.fromkeys(calls, "UNAUTHENTICATED")
+    @pytest.mark.parametrize("bad", [None, "", "wrong-token-0123456789abcdef"], ids=["none", "empty", "wrong"])
+    def test_every_application_refuses_a_caller_without_the_token(self, grpc_address, auth_token, bad,
+                                                                   monkeypatch):
+        from tests.test_service_grpc import hidden_packet, latent_request
 
+        monkeypatch.delenv(TOKEN_ENV, raising=False)  # the client would pick the token up from here
+        with client(grpc_address, bad) as c:
+            calls = {"source": lambda: c.ask(CONTEXT, QUESTION, "latent", max_new_tokens=3),
+                     "stream": lambda: list(c.ask_stream(CONTEXT, QUESTION, "latent", max_new_tokens=3)),
+                     "target": lambda: c.receive(latent_request()),
+                     "bridge": lambda: c.translate(hidden_packet())}
+            codes = {}
+            for name, call in calls.items():
+                try:
+                    call()
+                    codes[name] = "OK"
+                except grpc.RpcError as err:
+                    codes[name] = err.code().name
+                    assert auth_token not in err.details()
+            assert codes == dict.fromkeys(calls, "UNAUTHENTICATED")
 
-def test_the_token_works_end_to_end_in_every_mode(cluster):
-    with client(cluster, TOKEN) as c:
-        for mode in ("latent", "text", "direct", "none"):
-            reply = c.ask(CONTEXT, QUESTION, mode, max_new_tokens=3)
-            assert reply.answer_tokens > 0 and reply.target_model == "tiny-mistral"
-        assert "".join(ch.text for ch in c.ask_stream(CONTEXT, QUESTION, "latent", max_new_tokens=3))
-        assert c.health("source") == "SERVING"
+    def test_the_token_works_end_to_end_in_every_mode(self, grpc_address, auth_token):
+        with client(grpc_address, auth_token) as c:
+            for mode in ("latent", "text", "direct", "none"):
+                reply = c.ask(CONTEXT, QUESTION, mode, max_new_tokens=3)
+                assert reply.answer_tokens > 0 and reply.target_model == "tiny-mistral"
+            assert "".join(ch.text for ch in c.ask_stream(CONTEXT, QUESTION, "latent", max_new_tokens=3))
+            assert c.health("source") == "SERVING"
 
+    def test_refused_callers_change_nothing(self, grpc_address, auth_token):
+        before = [a.actor_id for a in replicas()]
+        with client(grpc_address, "wrong-token-0123456789abcdef") as bad:
+            for _ in range(20):
+                with pytest.raises(grpc.RpcError):
+                    bad.ask(CONTEXT, QUESTION, "latent", request_id="same-id")
+        with client(grpc_address, auth_token) as good:  # the refused request id was never cached or run
+            assert good.ask(CONTEXT, QUESTION, "none", max_new_tokens=3, request_id="same-id").answer_tokens > 0
+        assert [a.actor_id for a in replicas()] == before
 
-def test_refused_callers_change_nothing(cluster):
-    before = [a.actor_id for a in replicas()]
-    with client(cluster, "wrong-token-0123456789abcdef") as bad:
-        for _ in range(20):
-            with pytest.raises(grpc.RpcError):
-                bad.ask(CONTEXT, QUESTION, "latent", request_id="same-id")
-    with client(cluster, TOKEN) as good:  # the refused request id was never cached or run
-        assert good.ask(CONTEXT, QUESTION, "none", max_new_tokens=3, request_id="same-id").answer_tokens > 0
-    assert [a.actor_id for a in replicas()] == before
-
-
-def test_cli_ask_takes_the_token_from_the_environment(cluster):
-    cmd = [sys.executable, "-m", "latentwire.cli", "ask", "--address", cluster, "--mode", "none",
-           "--question", QUESTION, "--max-new-tokens", "2", "--json"]
-    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env({TOKEN_ENV: TOKEN}))
-    assert ok.returncode == 0, ok.stderr
-    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env({}))
-    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    def test_cli_ask_takes_the_token_from_the_environment(self, grpc_address, auth_token):
+        cmd = [sys.executable, "-m", "latentwire.cli", "ask", "--address", grpc_address, "--mode", "none",
+               "--question", QUESTION, "--max-new-tokens", "2", "--json"]
+        ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env({TOKEN_ENV: auth_token}))
+        assert ok.returncode == 0, ok.stderr
+        refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env({}))
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
 
 
 def _env(extra: dict) -> dict:

@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from tests.conftest import free_port
+from tests.test_auth import AuthOverGrpc
 from tests.serve_cluster import TINY_BRIDGE_ID, replicas, state_address, tiny_config
 
 TOKEN = secrets.token_hex(16)
@@ -127,3 +128,18 @@ def test_the_cluster_config_keeps_auth_on(cluster):
             c.ask("x", "Where is the key?", "none")
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert TINY_BRIDGE_ID in cluster["config"]["applications"][1]["args"]["accepted_bridges"]
+
+
+# ---- auth, on by default in the cluster config: the tests of tests/test_auth.py over real gRPC -----
+@pytest.fixture()
+def grpc_address(cluster):
+    return cluster["address"]
+
+
+@pytest.fixture()
+def auth_token():
+    return TOKEN
+
+
+class TestAuthOnTheClusterConfig(AuthOverGrpc):
+    pass
