@@ -41,6 +41,7 @@ class TargetRoute(_Strict):
 
     app: str = "target"
     bridge_app: str = "bridge"
+    source_layer: int | None = None  # the layer this route's bridge reads; None: the agent's source_layer
 
 
 class KVCompression(_Strict):

@@ -183,9 +183,10 @@ class AgentServicer:
             source_tokens = len(ids)
         if mode == pb.LATENT:
             t0 = now_ms()
-            hidden = await asyncio.to_thread(self.model.hidden_states, ids, self.layer)
+            layer = route.source_layer or self.layer
+            hidden = await asyncio.to_thread(self.model.hidden_states, ids, layer)
             t1 = now_ms()
-            prov.source_layer, prov.source_hidden_size = self.layer, self.model.hidden_size
+            prov.source_layer, prov.source_hidden_size = layer, self.model.hidden_size
             packet = pb.HiddenStatePacket(hidden=codec.encode(hidden, self.settings.wire_dtype), provenance=prov)
             t2 = now_ms()
             try:

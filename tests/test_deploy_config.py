@@ -31,3 +31,16 @@ def test_a_typo_in_app_args_is_an_error():
     cfg["applications"][0]["args"]["mesage_tokens"] = 32
     with pytest.raises(ValidationError, match="mesage_tokens"):
         local.validate(cfg)
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "local-fmkvc.yaml"])
+def test_local_source_reads_the_layer_the_packaged_bridge_was_trained_on(name):
+    import json
+
+    from bridge.model import default_weights_path
+
+    bridge = json.loads(default_weights_path().with_suffix(".json").read_text())["config"]
+    cfg = local.load_config(local.DEFAULT_CONFIG.parent / name)
+    source = next(a for a in cfg["applications"] if a["name"] == "source")["args"]
+    assert source["profile"] == bridge["source_model"]
+    assert source["source_layer"] == bridge["source_layer"]
