@@ -49,7 +49,31 @@ def _eval(args: argparse.Namespace) -> int:
                      ppl_tokens=args.ppl_tokens, facts=args.facts, sink=args.sink,
                      recent=args.recent, decode_tokens=args.decode_tokens, methods=args.methods.split(","),
                      weights=args.weights, timing_context=args.timing_context)
-    run(cfg, json_out=args.json, plot_out=args.plot)
+    if args.timing_only:  # add/refresh the long-context decode timing of an existing result file
+        from pathlib import Path
+
+        from compression.evaluate import goals, long_context_timing, plot
+        from latentwire import profiles
+
+        results = json.loads(Path(args.json).read_text())
+        model, tok = profiles.load(args.model, dtype="float32")
+        results["decode_long_context"] = long_context_timing(model, tok, cfg)
+        results["goals_8x"] = goals(results, 8)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        if args.plot:
+            plot(results, args.plot)
+        return 0
+    if args.replot:
+        from pathlib import Path
+
+        from compression.evaluate import goals, plot
+
+        results = json.loads(Path(args.json).read_text())
+        results["goals_8x"] = goals(results, 8)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        plot(results, args.plot)
+        return 0
+    run(cfg, json_out=args.json, plot_out=args.plot, resume=args.resume)
     return 0
 
 
@@ -103,6 +127,9 @@ def register(sub, group) -> None:
     p.add_argument("--weights", default=None, help="sidecar weights (default: the packaged one)")
     p.add_argument("--timing-context", type=int, default=0,
                    help="also time decoding (dense vs fmkvc at 8x) after a context this long, e.g. 4096")
+    p.add_argument("--timing-only", action="store_true", help="only (re)run that timing and update --json")
+    p.add_argument("--resume", action="store_true", help="skip (method, ratio) cells already in --json")
+    p.add_argument("--replot", action="store_true", help="only recompute goals and redraw --plot from --json")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", required=True)
     p.add_argument("--plot", default=None)
