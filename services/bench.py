@@ -154,10 +154,10 @@ def plot(report: dict, path: str | Path) -> None:
     labels, data = [], []
     for s in base:
         for key, m in s["summary"]["modes"].items():
-            labels.append(f"{key}\nctx {s['context_tokens']}")
+            labels.append(f"{key} ctx {s['context_tokens']}")
             data.append([r["e2e_ms"] for r in s["records"] if r["ok"] and f"{r['mode']}/{r['target']}" == key])
     axes[0].boxplot(data, showfliers=True)
-    axes[0].set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
+    axes[0].set_xticks(range(1, len(labels) + 1), labels, fontsize=7, rotation=60, ha="right")
     axes[0].set_ylabel("end-to-end ms")
     axes[0].set_title(f"latency at concurrency {base[0]['concurrency'] if base else '?'}")
     bottoms = [0.0] * len(labels)
@@ -169,22 +169,21 @@ def plot(report: dict, path: str | Path) -> None:
         axes[1].bar(range(len(vals)), vals, bottom=bottoms, label=f.removesuffix("_ms"))
         bottoms = [b + v for b, v in zip(bottoms, vals)]
         i += 1
-    axes[1].set_xticks(range(len(labels)), labels, fontsize=7)
+    axes[1].set_xticks(range(len(labels)), labels, fontsize=7, rotation=60, ha="right")
     axes[1].set_ylabel("mean ms")
     axes[1].set_title("stage breakdown")
     axes[1].legend(fontsize=7)
-    by_mode = {}
-    for s in settings:
-        for key, m in s["summary"]["modes"].items():
-            by_mode.setdefault((key, s["context_tokens"]), []).append((s["concurrency"], m["requests_per_s"]))
-    for (key, ctx), pts in sorted(by_mode.items()):
+    by_ctx = {}
+    for s in settings:  # all modes share one mixed load, so throughput is per setting, not per mode
+        by_ctx.setdefault(s["context_tokens"], []).append((s["concurrency"], s["summary"]["requests_per_s"]))
+    for ctx, pts in sorted(by_ctx.items()):
         pts.sort()
-        axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key} ctx {ctx}")
+        axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"context {ctx} tokens")
     axes[2].set_xscale("log", base=2)
     axes[2].set_xlabel("concurrency")
-    axes[2].set_ylabel("requests/s (mode's share of a mixed load)")
+    axes[2].set_ylabel("requests/s (all modes, interleaved)")
     axes[2].set_title("throughput")
-    axes[2].legend(fontsize=7)
+    axes[2].legend(fontsize=8)
     hw = report["hardware"]
     fig.suptitle(f"LatentWire bench — {hw.get('gpu') or hw.get('cpu_model', hw['processor'])} "
                  f"({hw['cpus']} CPUs)", fontsize=11)
