@@ -4,10 +4,16 @@ Driver (no Ray inside the models): generate train/val fact items (bridge.data), 
 source once to cache its layer-L states (bridge.cache), calibrate the initial bridge
 (bridge.calibrate, normaliser re-fitted on the cached prompts), then start the trainer.
 
-Worker loop: the target model is frozen; each step maps cached source states through the bridge
-(DDP across workers) and minimises the target's NLL of the answer tokens given
-[primer] + soft tokens + [question] (bridge.objective: the serving `target_inputs` per row, logits
-only at the answer positions), plus two anti-collapse terms from the design's failure list:
+Worker loop: the target model is frozen. Phase A (from scratch only, `anchor_steps`, bridge-only and
+cheap: no target forward) teaches the bridge to put the target's own embeddings of the answer
+tokens at its first soft positions; the LM loss alone found a constant prefix instead (pairwise
+cosine 0.9998, EM 0 after 30 steps: posterior collapse, see results/bridge/sweep.json). Phase B
+maps cached source states through the bridge (DDP across workers) and minimises the target's NLL of
+the answer tokens given [primer] + soft tokens + [question] (bridge.objective: the serving
+`target_inputs` per row, logits only at the answer positions), plus terms from the design's
+failure list:
+- anchor (weight `anchor_weight`): phase A's loss kept on, so the entity stays in the packet
+  (entity scrambling) while the LM loss shapes the rest;
 - diversity: the mean pairwise cosine between items' mean soft tokens (the collapse metric) above
   `div_margin`, so items cannot share one prefix that the target ignores (posterior/mode collapse);
 - RMS: (log soft-token RMS / target embedding RMS)^2, so the learned output scale cannot drift
@@ -26,7 +32,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -52,7 +58,7 @@ class TrainConfig:
     div_weight: float = 1.0
     div_margin: float = 0.8
     rms_weight: float = 0.1
-    anchor_steps: int = 1500  # phase A: bridge-only answer anchoring on cached states (no target forward)
+    anchor_steps: int = 800  # phase A: bridge-only answer anchoring on cached states (no target forward)
     anchor_batch: int = 32
     anchor_weight: float = 0.5  # phase B: weight of the anchor term beside the LM loss
     train_items: int = 2400
