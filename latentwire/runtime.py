@@ -140,6 +140,48 @@ class AgentModel:
             handle.remove()
         return captured["h"]
 
+    @torch.no_grad()
+    def hidden_states_many(self, jobs: list[tuple[torch.Tensor, int]], max_padding: float = 0.25) -> list[torch.Tensor]:
+        """`hidden_states` of several (input_ids, layer) jobs, prompts of one layer in shared forwards.
+
+        Rows are right-padded: a causal model never lets a real token see the padding after it,
+        and positions count from 0 as they do alone. Prompts are grouped by length so that padding
+        adds at most `max_padding` of the real tokens to a forward.
+        """
+        if len(jobs) == 1:
+            return [self.hidden_states(*jobs[0])]
+        out: list[torch.Tensor | None] = [None] * len(jobs)
+        for layer in sorted({layer for _, layer in jobs}):
+            if not 1 <= layer <= self.num_layers:
+                raise ValueError(f"layer must be in 1..{self.num_layers}, got {layer}")
+            order = sorted((i for i, (_, l) in enumerate(jobs) if l == layer), key=lambda i: len(jobs[i][0]))
+            groups: list[list[int]] = [[]]
+            for i in order:  # ascending lengths: the newest member is the longest
+                g = groups[-1] + [i]
+                if len(g) > 1 and len(jobs[i][0]) * len(g) > (1 + max_padding) * sum(len(jobs[j][0]) for j in g):
+                    groups.append([i])
+                else:
+                    groups[-1] = g
+            for g in groups:
+                n = len(jobs[g[-1]][0])
+                ids = torch.full((len(g), n), self.tok.pad_token_id or 0, dtype=torch.long, device=self.device)
+                mask = torch.zeros_like(ids)
+                for r, i in enumerate(g):
+                    ids[r, :len(jobs[i][0])] = jobs[i][0]
+                    mask[r, :len(jobs[i][0])] = 1
+                h = self.hidden_states_batch(ids, mask, layer)
+                for r, i in enumerate(g):
+                    out[i] = h[r, :len(jobs[i][0])]
+        return out  # type: ignore[return-value]
+
+    def write_messages(self, jobs: list[tuple[torch.Tensor, int]]) -> list[Generation]:
+        """`write_message` for several (input_ids, max_tokens) jobs in one batched generation."""
+        if len(jobs) == 1 or self.cache_factory is not None:  # generate_batch holds a dense cache only
+            return [self.write_message(*job) for job in jobs]
+        with torch.no_grad():
+            embeds = [self.embed(ids.to(self.device)[None])[0] for ids, _ in jobs]
+        return self.generate_batch(embeds, [n for _, n in jobs])
+
     def write_message(self, input_ids: torch.Tensor, max_tokens: int) -> Generation:
         """Text relay: the source writes its message to the target, at most `max_tokens` tokens."""
         embeds = self.embed(input_ids[None])

@@ -41,11 +41,17 @@ class AgentServicer:
         self.limits = s.limits
         self.auth = BearerAuth.of(s)  # checked by @rpc; its token also goes on the calls below
         self.layer = s.source_layer or self.model.profile.source_layer
+        # a layer the model lacks would fail every latent request; refuse the deployment instead
+        for name, layer in [("source_layer", self.layer)] + [
+                (f"targets.{k}.source_layer", r.source_layer) for k, r in s.targets.items() if r.source_layer]:
+            if not 1 <= layer <= self.model.num_layers:
+                raise ValueError(f"{name}={layer} but {s.profile} has layers 1..{self.model.num_layers}")
         self._channel = None
         # request id -> (request bytes, reply): retries are answered once (touched on the event loop only)
         self._replies: collections.OrderedDict[str, tuple[bytes, pb.AskReply]] = collections.OrderedDict()
-        self._answer_batched.set_max_batch_size(s.max_batch_size)
-        self._answer_batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        for batched in (self._answer_batched, self._hidden_batched, self._write_batched):
+            batched.set_max_batch_size(s.max_batch_size)
+            batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
 
     # ---- health (grpc.health.v1.Health/Check) ----------------------------------------------------
     def Check(self, request, grpc_context=None):
@@ -69,6 +75,16 @@ class AgentServicer:
     async def _answer_batched(self, jobs: list[tuple]) -> list:
         # Concurrent requests share one batched generation; the model runs off the event loop.
         return await asyncio.to_thread(self.model.answer_batch, jobs)
+
+    # Source side: concurrent asks share one forward (LATENT) or one batched generation (TEXT),
+    # instead of many threads fighting over the same cores.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _hidden_batched(self, jobs: list[tuple]) -> list:
+        return await asyncio.to_thread(self.model.hidden_states_many, jobs)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _write_batched(self, jobs: list[tuple]) -> list:
+        return await asyncio.to_thread(self.model.write_messages, jobs)
 
     @rpc(pb.ReceiveChunk)
     def ReceiveStream(self, request: pb.ReceiveRequest, grpc_context=None) -> Iterator[pb.ReceiveChunk]:
@@ -184,7 +200,7 @@ class AgentServicer:
         if mode == pb.LATENT:
             t0 = now_ms()
             layer = route.source_layer or self.layer
-            hidden = await asyncio.to_thread(self.model.hidden_states, ids, layer)
+            hidden = await self._hidden_batched((ids, layer))
             t1 = now_ms()
             prov.source_layer, prov.source_hidden_size = layer, self.model.hidden_size
             packet = pb.HiddenStatePacket(hidden=codec.encode(hidden, self.settings.wire_dtype), provenance=prov)
@@ -202,7 +218,7 @@ class AgentServicer:
             wire += packet.ByteSize() + tr.latent.ByteSize()
             message_tokens = tr.latent.soft_tokens.shape[0] if tr.latent.soft_tokens.shape else 0
         elif mode == pb.TEXT:
-            gen = await asyncio.to_thread(self.model.write_message, ids, budget)
+            gen = await self._write_batched((ids, budget))
             tm.source_prefill_ms, tm.source_decode_ms = gen.prefill_ms, gen.decode_ms
             out.text.CopyFrom(pb.TextPacket(text=gen.text, num_tokens=len(gen.token_ids), provenance=prov))
             message_tokens = len(gen.token_ids)

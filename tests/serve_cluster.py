@@ -31,7 +31,7 @@ def tiny_config(bridge_path, grpc_port: int, http_port: int, *, token: str | Non
 
     cfg = local.with_port(base or local.load_config(), grpc_port, http_port)
     apps = {a["name"]: a for a in cfg["applications"]}
-    apps["source"]["args"].update(profile="tiny-llama", threads=1, message_tokens=8,
+    apps["source"]["args"].update(profile="tiny-llama", source_layer=2, threads=1, message_tokens=8,
                                   limits={"max_context_tokens": 256, "max_new_tokens": 32})
     apps["target"]["args"].update(profile="tiny-mistral", threads=1, accepted_bridges=[TINY_BRIDGE_ID])
     apps["bridge"]["args"].update(weights=str(bridge_path))

@@ -44,3 +44,15 @@ def test_local_source_reads_the_layer_the_packaged_bridge_was_trained_on(name):
     source = next(a for a in cfg["applications"] if a["name"] == "source")["args"]
     assert source["profile"] == bridge["source_model"]
     assert source["source_layer"] == bridge["source_layer"]
+
+
+@pytest.mark.parametrize("args, field", [
+    (dict(source_layer=12), "source_layer=12"),
+    (dict(targets={"default": {"source_layer": 9}}), "targets.default.source_layer=9"),
+])
+def test_agent_refuses_a_source_layer_its_model_lacks(args, field):
+    """A layer out of range would fail every latent request at run time; the replica refuses to start."""
+    from services.agent import AgentServicer
+
+    with pytest.raises(ValueError, match=field):
+        AgentServicer(dict(profile="tiny-llama", threads=1, **args))

@@ -88,3 +88,24 @@ def test_batched_answers_equal_one_by_one_answers(which, request):
     assert [b.token_ids for b in batch] == [s.token_ids for s in single]
     assert [len(b.token_ids) for b in batch] == [7, 5, 9]
     assert [b.cache_tokens for b in batch] == [s.cache_tokens for s in single]
+
+
+def test_batched_hidden_states_equal_one_by_one(tiny_source):
+    """Right padding and length groups: every job gets exactly its own (T_i x d) states."""
+    m = tiny_source
+    texts = ["a", "the red car is parked in Oslo", "x " * 40, "the blue boat", "y " * 45]
+    jobs = [(m.source_ids(t, "Where?"), layer) for t, layer in zip(texts, [2, 2, 2, 1, 2])]
+    single = [m.hidden_states(*j) for j in jobs]
+    batch = m.hidden_states_many(jobs)
+    assert [tuple(b.shape) for b in batch] == [tuple(s.shape) for s in single]
+    for b, s in zip(batch, single):
+        torch.testing.assert_close(b, s, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_messages_equal_one_by_one(tiny_source):
+    m = tiny_source
+    jobs = [(m.source_ids("the red car is parked in Oslo", "Where?"), 6), (m.source_ids("a", "Who?"), 3)]
+    single = [m.write_message(*j) for j in jobs]
+    batch = m.write_messages(jobs)
+    assert [b.token_ids for b in batch] == [s.token_ids for s in single]
+    assert [len(b.token_ids) for b in batch] == [6, 3]

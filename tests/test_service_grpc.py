@@ -29,7 +29,7 @@ def cluster(tiny_bridge_path):
 
     cfg = local.with_port(local.load_config(), free_port(), free_port())
     apps = {a["name"]: a for a in cfg["applications"]}
-    apps["source"]["args"].update(profile="tiny-llama", threads=1, message_tokens=8,
+    apps["source"]["args"].update(profile="tiny-llama", source_layer=2, threads=1, message_tokens=8,
                                   limits={"max_context_tokens": 256, "max_new_tokens": 32})
     apps["target"]["args"].update(profile="tiny-mistral", threads=1, accepted_bridges=[TINY_BRIDGE_ID])
     apps["bridge"]["args"].update(weights=str(tiny_bridge_path))
