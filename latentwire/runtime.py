@@ -40,6 +40,19 @@ class _StopForward(Exception):
     pass
 
 
+def length_groups(items: list[int], lengths: list[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Split `items` into batches whose padding to their longest member adds at most `max_padding`."""
+    order = sorted(range(len(items)), key=lambda k: lengths[k])
+    groups: list[list[int]] = []
+    for k in order:  # ascending lengths: the newest member is the longest
+        if groups and lengths[k] * (len(groups[-1]) + 1) <= (1 + max_padding) * (
+                sum(lengths[j] for j in groups[-1]) + lengths[k]):
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    return [[items[k] for k in g] for g in groups]
+
+
 class AgentModel:
     """One model and its tokenizer, with the prompts of the LatentWire protocol."""
 
@@ -154,15 +167,8 @@ class AgentModel:
         for layer in sorted({layer for _, layer in jobs}):
             if not 1 <= layer <= self.num_layers:
                 raise ValueError(f"layer must be in 1..{self.num_layers}, got {layer}")
-            order = sorted((i for i, (_, l) in enumerate(jobs) if l == layer), key=lambda i: len(jobs[i][0]))
-            groups: list[list[int]] = [[]]
-            for i in order:  # ascending lengths: the newest member is the longest
-                g = groups[-1] + [i]
-                if len(g) > 1 and len(jobs[i][0]) * len(g) > (1 + max_padding) * sum(len(jobs[j][0]) for j in g):
-                    groups.append([i])
-                else:
-                    groups[-1] = g
-            for g in groups:
+            members = [i for i, (_, l) in enumerate(jobs) if l == layer]
+            for g in length_groups(members, [len(jobs[i][0]) for i in members], max_padding):
                 n = len(jobs[g[-1]][0])
                 ids = torch.full((len(g), n), self.tok.pad_token_id or 0, dtype=torch.long, device=self.device)
                 mask = torch.zeros_like(ids)
@@ -232,7 +238,14 @@ class AgentModel:
             return [self.answer(*jobs[0])]
         with torch.no_grad():
             embeds = [self.target_inputs(payload, question)[0] for payload, question, _ in jobs]
-        return self.generate_batch(embeds, [n for _, _, n in jobs])
+        out: list[Generation | None] = [None] * len(jobs)
+        # a few soft tokens padded to a long DIRECT context would cost a long prefill each
+        for g in length_groups(list(range(len(jobs))), [len(e) for e in embeds]):
+            gens = self.generate_batch([embeds[i] for i in g], [jobs[i][2] for i in g]) if len(g) > 1 \
+                else [self.generate(embeds[g[0]][None], jobs[g[0]][2])]
+            for i, gen in zip(g, gens):
+                out[i] = gen
+        return out  # type: ignore[return-value]
 
     # ---- generation -----------------------------------------------------------------------
     def new_cache(self):

@@ -109,3 +109,15 @@ def test_batched_messages_equal_one_by_one(tiny_source):
     batch = m.write_messages(jobs)
     assert [b.token_ids for b in batch] == [s.token_ids for s in single]
     assert [len(b.token_ids) for b in batch] == [6, 3]
+
+
+def test_length_groups_bound_the_padding():
+    from latentwire.runtime import length_groups
+
+    lengths = [300, 40, 42, 310, 45, 41]
+    groups = length_groups(list("abcdef"), lengths)
+    assert sorted(x for g in groups for x in g) == list("abcdef")
+    assert sorted(map(sorted, groups)) == [["a", "d"], ["b", "c", "e", "f"]]
+    by = dict(zip("abcdef", lengths))
+    for g in groups:
+        assert max(by[x] for x in g) * len(g) <= 1.25 * sum(by[x] for x in g)
