@@ -49,9 +49,9 @@ class AgentServicer:
         self._channel = None
         # request id -> (request bytes, reply): retries are answered once (touched on the event loop only)
         self._replies: collections.OrderedDict[str, tuple[bytes, pb.AskReply]] = collections.OrderedDict()
-        for batched in (self._answer_batched, self._hidden_batched, self._write_batched):
+        for batched, wait in ((self._answer_batched, 0.1), (self._hidden_batched, 0.02), (self._write_batched, 0.02)):
             batched.set_max_batch_size(s.max_batch_size)
-            batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+            batched.set_batch_wait_timeout_s(wait if s.batch_wait_timeout_s is None else s.batch_wait_timeout_s)
 
     # ---- health (grpc.health.v1.Health/Check) ----------------------------------------------------
     def Check(self, request, grpc_context=None):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import torch
+from ray import serve
 
 from bridge.model import Bridge, default_weights_path
 from latentwire import codec
@@ -24,6 +27,8 @@ class BridgeServicer:
         self.cfg = self.bridge.cfg
         self.limits = s.limits
         self.auth = BearerAuth.of(s)  # checked by @rpc
+        self._translate_batched.set_max_batch_size(s.max_batch_size)
+        self._translate_batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
 
     def Check(self, request, grpc_context=None):
         from grpc_health.v1 import health_pb2
@@ -31,7 +36,7 @@ class BridgeServicer:
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     @rpc(pb.TranslateReply)
-    def Translate(self, packet: pb.HiddenStatePacket, grpc_context=None) -> pb.TranslateReply:
+    async def Translate(self, packet: pb.HiddenStatePacket, grpc_context=None) -> pb.TranslateReply:
         t0 = now_ms()
         p, cfg = packet.provenance, self.cfg
         packets.expect("provenance.source_model", p.source_model, cfg.source_model, "source model")
@@ -45,8 +50,7 @@ class BridgeServicer:
             raise ResourceExhausted(f"{hidden.shape[0]} source tokens exceed the limit of "
                                     f"{self.limits.max_packet_tokens}", "hidden.shape")
         t1 = now_ms()
-        with torch.no_grad():
-            soft = self.bridge(hidden[None].to(self.settings.device))[0]
+        soft = await self._translate_batched(hidden)
         t2 = now_ms()
         prov = pb.Provenance()
         prov.CopyFrom(p)
@@ -56,3 +60,17 @@ class BridgeServicer:
         t3 = now_ms()
         return pb.TranslateReply(latent=latent, bridge_ms=t2 - t1, packet_decode_ms=t1 - t0,
                                  packet_encode_ms=t3 - t2, total_ms=now_ms() - t0)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _translate_batched(self, hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
+        return await asyncio.to_thread(self.translate_many, hiddens)
+
+    @torch.no_grad()
+    def translate_many(self, hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Soft tokens (K x d_tgt) of several (T_i x d_src) packets: right-padded, masked, one forward."""
+        n = max(h.shape[0] for h in hiddens)
+        x = hiddens[0].new_zeros(len(hiddens), n, hiddens[0].shape[-1], dtype=torch.float32)
+        mask = torch.zeros(len(hiddens), n, dtype=torch.long)
+        for i, h in enumerate(hiddens):
+            x[i, :h.shape[0]], mask[i, :h.shape[0]] = h, 1
+        return list(self.bridge(x.to(self.settings.device), mask.to(self.settings.device)))

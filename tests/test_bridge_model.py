@@ -56,3 +56,18 @@ def test_packaged_bridge_is_for_the_embedded_pair():
     manifest = json.loads(default_weights_path().with_suffix(".json").read_text())
     assert (manifest["config"]["source_model"], manifest["config"]["target_model"]) == ("smollm2-135m", "gemma3-270m")
     assert Bridge.load(default_weights_path()).sha256 == manifest["sha256"]
+
+
+def test_bridge_service_batches_packets_of_different_lengths_exactly(tiny_bridge_path):
+    """The bridge replica's padded, masked batch gives each packet its own soft tokens."""
+    from services.bridge_service import BridgeServicer
+
+    svc = BridgeServicer(dict(weights=str(tiny_bridge_path), threads=1))
+    torch.manual_seed(0)
+    hiddens = [torch.randn(t, svc.cfg.d_src) for t in (5, 9, 1)]
+    batched = svc.translate_many(hiddens)
+    with torch.no_grad():
+        single = [svc.bridge(h[None])[0] for h in hiddens]
+    assert [tuple(b.shape) for b in batched] == [(svc.cfg.num_queries, svc.cfg.d_tgt)] * 3
+    for b, s in zip(batched, single):
+        torch.testing.assert_close(b, s, atol=1e-5, rtol=1e-4)
