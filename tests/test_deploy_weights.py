@@ -13,9 +13,7 @@ import shutil
 import pytest
 import torch
 
-from latentwire import codec
 from latentwire.weights import WeightsError
-from protos.latentwire.v1 import latentwire_pb2 as pb
 
 
 def servicer(path):
@@ -34,11 +32,11 @@ def weights(tiny_bridge_path, tmp_path):
 
 
 def test_good_weights_serve(weights):
+    """Vouched-for weights load and translate (the gRPC Translate path is in test_service_grpc)."""
     s = servicer(weights)
-    packet = pb.HiddenStatePacket(hidden=codec.encode(torch.randn(5, 64)), provenance=pb.Provenance(
-        source_model="tiny-llama", source_layer=2, source_hidden_size=64))
-    reply = s.Translate(packet)
-    assert list(reply.latent.soft_tokens.shape) == [4, 96] and reply.latent.provenance.bridge_sha256 == s.bridge.sha256
+    soft = s.translate_many([torch.randn(5, 64)])[0]
+    assert tuple(soft.shape) == (4, 96)
+    assert s.bridge.sha256 == json.loads(weights.with_suffix(".json").read_text())["sha256"]
 
 
 def test_a_flipped_byte_is_refused(weights):
