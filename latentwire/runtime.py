@@ -129,11 +129,14 @@ class AgentModel:
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
         """Hidden states after `layer` decoder layers (T x d), without running the layers above."""
-        if not 1 <= layer <= self.num_layers:
-            raise ValueError(f"layer must be in 1..{self.num_layers}, got {layer}")
         return self.hidden_states_batch(input_ids[None], torch.ones_like(input_ids)[None], layer)[0]
 
+    def check_layer(self, layer: int, what: str = "layer") -> None:
+        if not 1 <= layer <= self.num_layers:
+            raise ValueError(f"{what}={layer} but {self.name} has layers 1..{self.num_layers}")
+
     def hidden_states_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        self.check_layer(layer)
         captured, me = {}, threading.get_ident()
 
         def hook(_mod, _args, out):
@@ -165,8 +168,6 @@ class AgentModel:
             return [self.hidden_states(*jobs[0])]
         out: list[torch.Tensor | None] = [None] * len(jobs)
         for layer in sorted({layer for _, layer in jobs}):
-            if not 1 <= layer <= self.num_layers:
-                raise ValueError(f"layer must be in 1..{self.num_layers}, got {layer}")
             members = [i for i, (_, l) in enumerate(jobs) if l == layer]
             for g in length_groups(members, [len(jobs[i][0]) for i in members], max_padding):
                 n = len(jobs[g[-1]][0])

@@ -44,8 +44,7 @@ class AgentServicer:
         # a layer the model lacks would fail every latent request; refuse the deployment instead
         for name, layer in [("source_layer", self.layer)] + [
                 (f"targets.{k}.source_layer", r.source_layer) for k, r in s.targets.items() if r.source_layer]:
-            if not 1 <= layer <= self.model.num_layers:
-                raise ValueError(f"{name}={layer} but {s.profile} has layers 1..{self.model.num_layers}")
+            self.model.check_layer(layer, name)
         self._channel = None
         # request id -> (request bytes, reply): retries are answered once (touched on the event loop only)
         self._replies: collections.OrderedDict[str, tuple[bytes, pb.AskReply]] = collections.OrderedDict()
