@@ -72,9 +72,10 @@ class AgentSettings(_Strict):
     targets: dict[str, TargetRoute] = {"default": TargetRoute()}  # agent name -> its Serve apps
     hop_timeout_s: float = Field(120.0, gt=0)  # deadline of each call to the bridge / target
     kv_compression: KVCompression | None = None  # None: transformers' dense cache
-    # Concurrent requests share one forward (@serve.batch): the source's LATENT states and TEXT
-    # messages, the target's answers. A batch waits at most `batch_wait_timeout_s` to fill
-    # (latency at low load); the target waits longer, since its requests arrive after a bridge hop.
+    # Concurrent requests share one forward (services.batching): the source's LATENT states and
+    # TEXT messages, the target's answers. A batch takes all that queued while the model was busy;
+    # an idle model waits `batch_wait_timeout_s` for company (the target longer: its requests
+    # arrive after a bridge hop).
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float | None = Field(None, ge=0)  # None: 0.02 s (source), 0.1 s (target)
     # target only: bridges whose packets are accepted (ids); empty: any bridge for this target
@@ -87,7 +88,7 @@ class BridgeSettings(_Strict):
     device: str = "cpu"
     wire_dtype: str = "bfloat16"
     threads: int | None = None
-    # concurrent Translate calls share one padded forward (@serve.batch); the burst a source batch
+    # concurrent Translate calls share one padded forward (services.batching); the burst a source batch
     # sends then reaches the target together, where it can be batched again
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0)

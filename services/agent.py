@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import torch
-from ray import serve
 
 from latentwire import codec
 from latentwire.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -23,6 +22,7 @@ from protos.latentwire.v1 import latentwire_pb2 as pb
 from protos.latentwire.v1 import latentwire_pb2_grpc as pb_grpc
 from services import packets
 from services.auth import BearerAuth
+from services.batching import Batcher
 from services.status import HopError, rpc
 
 
@@ -48,9 +48,14 @@ class AgentServicer:
         self._channel = None
         # request id -> (request bytes, reply): retries are answered once (touched on the event loop only)
         self._replies: collections.OrderedDict[str, tuple[bytes, pb.AskReply]] = collections.OrderedDict()
-        for batched, wait in ((self._answer_batched, 0.1), (self._hidden_batched, 0.02), (self._write_batched, 0.02)):
-            batched.set_max_batch_size(s.max_batch_size)
-            batched.set_batch_wait_timeout_s(wait if s.batch_wait_timeout_s is None else s.batch_wait_timeout_s)
+        # Concurrent requests share one forward: the target's answers, the source's LATENT states
+        # and TEXT messages (instead of many threads fighting over the same cores)
+        def batcher(fn, wait):
+            return Batcher(fn, s.max_batch_size, wait if s.batch_wait_timeout_s is None else s.batch_wait_timeout_s)
+
+        self.answers = batcher(self.model.answer_batch, 0.1)
+        self.hiddens = batcher(self.model.hidden_states_many, 0.02)
+        self.messages = batcher(self.model.write_messages, 0.02)
 
     # ---- health (grpc.health.v1.Health/Check) ----------------------------------------------------
     def Check(self, request, grpc_context=None):
@@ -65,25 +70,10 @@ class AgentServicer:
         payload, max_new = self._check_receive(request)
         t1 = now_ms()
         if self.model.cache_factory is None and self.settings.max_batch_size > 1:
-            gen = await self._answer_batched((payload, request.question, max_new))
+            gen, batch = await self.answers.submit((payload, request.question, max_new))
         else:
-            gen = await asyncio.to_thread(self.model.answer, payload, request.question, max_new)
-        return self._receive_reply(request, gen, t0, t1)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _answer_batched(self, jobs: list[tuple]) -> list:
-        # Concurrent requests share one batched generation; the model runs off the event loop.
-        return await asyncio.to_thread(self.model.answer_batch, jobs)
-
-    # Source side: concurrent asks share one forward (LATENT) or one batched generation (TEXT),
-    # instead of many threads fighting over the same cores.
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _hidden_batched(self, jobs: list[tuple]) -> list:
-        return await asyncio.to_thread(self.model.hidden_states_many, jobs)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _write_batched(self, jobs: list[tuple]) -> list:
-        return await asyncio.to_thread(self.model.write_messages, jobs)
+            gen, batch = await asyncio.to_thread(self.model.answer, payload, request.question, max_new), 1
+        return self._receive_reply(request, gen, t0, t1, batch)
 
     @rpc(pb.ReceiveChunk)
     def ReceiveStream(self, request: pb.ReceiveRequest, grpc_context=None) -> Iterator[pb.ReceiveChunk]:
@@ -101,11 +91,11 @@ class AgentServicer:
                                            self.limits.max_new_tokens)
         return self._payload(req), max_new
 
-    def _receive_reply(self, req: pb.ReceiveRequest, gen, t0: float, t1: float) -> pb.ReceiveReply:
+    def _receive_reply(self, req: pb.ReceiveRequest, gen, t0: float, t1: float, batch: int = 1) -> pb.ReceiveReply:
         return pb.ReceiveReply(request_id=req.request_id, answer=gen.text, answer_tokens=len(gen.token_ids),
                                packet_decode_ms=t1 - t0, prefill_ms=gen.prefill_ms, decode_ms=gen.decode_ms,
                                total_ms=now_ms() - t0, target_model=self.model.name,
-                               kv_cache_tokens=gen.cache_tokens)
+                               kv_cache_tokens=gen.cache_tokens, batch_size=batch)
 
     def _payload(self, req: pb.ReceiveRequest):
         mode, which = packets.check_mode(req.mode), req.WhichOneof("payload")
@@ -199,7 +189,7 @@ class AgentServicer:
         if mode == pb.LATENT:
             t0 = now_ms()
             layer = route.source_layer or self.layer
-            hidden = await self._hidden_batched((ids, layer))
+            hidden, tm.source_batch = await self.hiddens.submit((ids, layer))
             t1 = now_ms()
             prov.source_layer, prov.source_hidden_size = layer, self.model.hidden_size
             packet = pb.HiddenStatePacket(hidden=codec.encode(hidden, self.settings.wire_dtype), provenance=prov)
@@ -211,13 +201,13 @@ class AgentServicer:
                 raise HopError("bridge", err) from None
             t3 = now_ms()
             tm.source_prefill_ms, tm.packet_encode_ms = t1 - t0, (t2 - t1) + tr.packet_encode_ms
-            tm.bridge_hop_ms, tm.bridge_ms = (t3 - t2) - tr.total_ms, tr.bridge_ms
+            tm.bridge_hop_ms, tm.bridge_ms, tm.bridge_batch = (t3 - t2) - tr.total_ms, tr.bridge_ms, tr.batch_size
             tm.packet_decode_ms = tr.packet_decode_ms
             out.latent.CopyFrom(tr.latent)
             wire += packet.ByteSize() + tr.latent.ByteSize()
             message_tokens = tr.latent.soft_tokens.shape[0] if tr.latent.soft_tokens.shape else 0
         elif mode == pb.TEXT:
-            gen = await self._write_batched((ids, budget))
+            gen, tm.source_batch = await self.messages.submit((ids, budget))
             tm.source_prefill_ms, tm.source_decode_ms = gen.prefill_ms, gen.decode_ms
             out.text.CopyFrom(pb.TextPacket(text=gen.text, num_tokens=len(gen.token_ids), provenance=prov))
             message_tokens = len(gen.token_ids)
@@ -245,7 +235,7 @@ class AgentServicer:
         t5 = now_ms()
         tm.target_hop_ms = (t5 - t4) - rr.total_ms
         tm.packet_decode_ms += rr.packet_decode_ms
-        tm.target_prefill_ms, tm.target_decode_ms = rr.prefill_ms, rr.decode_ms
+        tm.target_prefill_ms, tm.target_decode_ms, tm.target_batch = rr.prefill_ms, rr.decode_ms, rr.batch_size
         tm.source_total_ms = now_ms() - t_start
         return pb.AskReply(request_id=rid, answer=rr.answer, mode=mode, timings=tm, packet_bytes=wire,
                            source_tokens=source_tokens, message_tokens=message_tokens,

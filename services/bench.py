@@ -21,6 +21,8 @@ import grpc
 
 from services.report import STAGES
 
+BATCHES = ["source_batch", "bridge_batch", "target_batch"]  # requests sharing each forward pass
+
 FACTS = [
     ("The courier for the northern route is {name}.", "Who is the courier for the northern route?"),
     ("The spare key is kept in {place}.", "Where is the spare key kept?"),
@@ -87,7 +89,8 @@ def run_setting(client, items, modes, concurrency: int, max_new_tokens: int, tar
                            message_tokens=message_tokens)
             rec.update(ok=True, e2e_ms=(time.perf_counter() - t0) * 1000, answer=r.answer,
                        bytes=r.packet_bytes, source_tokens=r.source_tokens, message_tokens=r.message_tokens,
-                       **{f: getattr(r.timings, f) for f, _ in STAGES}, source_total_ms=r.timings.source_total_ms)
+                       **{f: getattr(r.timings, f) for f, _ in STAGES}, source_total_ms=r.timings.source_total_ms,
+                       **{f: getattr(r.timings, f) for f in BATCHES})
             rec["ingress_hop_ms"] = rec["e2e_ms"] - r.timings.source_total_ms
         except grpc.RpcError as err:
             rec.update(ok=False, code=err.code().name, details=err.details())
@@ -121,6 +124,8 @@ def summarize(records: list[dict], repeats: int) -> dict:
             "source_tokens": statistics.mean(r["source_tokens"] for r in rs),
             "message_tokens": statistics.mean(r["message_tokens"] for r in rs),
             "requests_per_s": len(rs) / wall if wall else float("nan"),
+            # 0 where a mode skips the stage (no bridge for TEXT, no source forward for DIRECT)
+            "batch_mean": {f: statistics.mean(r.get(f, 0) for r in rs) for f in BATCHES},
             "answers": [r["answer"] for r in rs[:3]]}
     # LATENT vs TEXT speedup of p50, per repeat (items split into `repeats` rounds) -> spread
     for target in {r["target"] for r in ok}:
@@ -192,15 +197,17 @@ def plot(report: dict, path: str | Path) -> None:
 
 
 def table(report: dict) -> str:
-    rows = [["ctx", "conc", "mode/target", "n", "p50", "p95", "p99", "req/s", "grpc+codec %", "bytes"]]
+    rows = [["ctx", "conc", "mode/target", "n", "p50", "p95", "p99", "req/s", "grpc+codec %", "bytes",
+             "batch src/brg/tgt"]]
     for s in report["settings"]:
         for key, m in s["summary"]["modes"].items():
             rows.append([str(s["context_tokens"]), str(s["concurrency"]), key, str(m["n"]), f"{m['p50_ms']:.0f}",
                          f"{m['p95_ms']:.0f}", f"{m['p99_ms']:.0f}", f"{m['requests_per_s']:.2f}",
-                         f"{100 * m['grpc_and_codec_share']:.1f}", f"{m['bytes_per_request']:.0f}"])
+                         f"{100 * m['grpc_and_codec_share']:.1f}", f"{m['bytes_per_request']:.0f}",
+                         "/".join(f"{m['batch_mean'][f]:.1f}" for f in BATCHES)])
         for target, sp in s["summary"].get("speedup_latent_vs_text", {}).items():
             rows.append([str(s["context_tokens"]), str(s["concurrency"]), f"LATENT vs TEXT ({target})", "",
-                         f"{sp['p50_ratio']:.2f}x", f"[{sp['min']:.2f}-{sp['max']:.2f}]", "", "", "", ""])
+                         f"{sp['p50_ratio']:.2f}x", f"[{sp['min']:.2f}-{sp['max']:.2f}]", "", "", "", "", ""])
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w[i]) if i != 2 else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import torch
-from ray import serve
-
 from bridge.model import Bridge, default_weights_path
 from latentwire import codec
 from latentwire.errors import ResourceExhausted
@@ -15,6 +12,7 @@ from latentwire.settings import BridgeSettings
 from protos.latentwire.v1 import latentwire_pb2 as pb
 from services import packets
 from services.auth import BearerAuth
+from services.batching import Batcher
 from services.status import rpc
 
 
@@ -27,8 +25,8 @@ class BridgeServicer:
         self.cfg = self.bridge.cfg
         self.limits = s.limits
         self.auth = BearerAuth.of(s)  # checked by @rpc
-        self._translate_batched.set_max_batch_size(s.max_batch_size)
-        self._translate_batched.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        # concurrent Translate calls share one padded forward
+        self.batcher = Batcher(self.translate_many, s.max_batch_size, s.batch_wait_timeout_s)
 
     def Check(self, request, grpc_context=None):
         from grpc_health.v1 import health_pb2
@@ -50,7 +48,7 @@ class BridgeServicer:
             raise ResourceExhausted(f"{hidden.shape[0]} source tokens exceed the limit of "
                                     f"{self.limits.max_packet_tokens}", "hidden.shape")
         t1 = now_ms()
-        soft = await self._translate_batched(hidden)
+        soft, batch_size = await self.batcher.submit(hidden)
         t2 = now_ms()
         prov = pb.Provenance()
         prov.CopyFrom(p)
@@ -59,11 +57,7 @@ class BridgeServicer:
         latent = pb.LatentPacket(soft_tokens=codec.encode(soft, self.settings.wire_dtype), provenance=prov)
         t3 = now_ms()
         return pb.TranslateReply(latent=latent, bridge_ms=t2 - t1, packet_decode_ms=t1 - t0,
-                                 packet_encode_ms=t3 - t2, total_ms=now_ms() - t0)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _translate_batched(self, hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
-        return await asyncio.to_thread(self.translate_many, hiddens)
+                                 packet_encode_ms=t3 - t2, total_ms=now_ms() - t0, batch_size=batch_size)
 
     @torch.no_grad()
     def translate_many(self, hiddens: list[torch.Tensor]) -> list[torch.Tensor]:

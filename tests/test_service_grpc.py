@@ -94,6 +94,23 @@ def test_same_request_id_gets_the_same_reply(client):
     assert a == b and a.request_id == "retry-1"
 
 
+def test_concurrent_asks_share_forward_passes(client):
+    """Asks in flight together are answered by shared forwards (services.batching) at each stage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = ["Alice", "Bruno", "Chen", "Dara", "Emil", "Farah", "Goran", "Hana"]
+    with ThreadPoolExecutor(len(names)) as pool:
+        replies = list(pool.map(lambda n: client.ask(f"{n} keeps the red key in Lisbon.", QUESTION, "latent",
+                                                     max_new_tokens=4), names))
+    batches = {f: [getattr(r.timings, f) for r in replies] for f in ("source_batch", "bridge_batch", "target_batch")}
+    assert all(r.answer_tokens > 0 for r in replies)
+    assert all(1 <= b <= len(names) for v in batches.values() for b in v), batches
+    assert max(batches["source_batch"]) >= 2 and max(batches["target_batch"]) >= 2, batches
+    # a request alone reports batches of 1
+    t = client.ask(CONTEXT, QUESTION, "latent", max_new_tokens=4).timings
+    assert (t.source_batch, t.bridge_batch, t.target_batch) == (1, 1, 1)
+
+
 # ---- refusals -----------------------------------------------------------------------------------
 def hidden_packet(rows=6, dim=64, **prov) -> pb.HiddenStatePacket:
     p = dict(source_model="tiny-llama", source_layer=2, source_hidden_size=64, request_id="t")
@@ -201,6 +218,8 @@ def test_bench_compares_modes_side_by_side_and_writes_json_and_plot(cluster, tmp
     assert "2" not in s["throughput_scaling"] and s["throughput_scaling"]["64"]["to"] == 2
     assert (tmp_path / "b.png").stat().st_size > 10_000 and s["hardware"]["cpus"] >= 1
     assert "LATENT vs TEXT" in bench.table(report)
+    assert first["modes"]["latent/default"]["batch_mean"]["target_batch"] >= 1
+    assert first["modes"]["text/default"]["batch_mean"]["bridge_batch"] == 0  # TEXT skips the bridge
 
 
 def test_a_target_configured_with_kv_compression_keeps_a_smaller_cache(client):

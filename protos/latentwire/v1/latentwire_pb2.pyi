@@ -86,7 +86,7 @@ class TextPacket(_message.Message):
     def __init__(self, text: _Optional[str] = ..., num_tokens: _Optional[int] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("source_prefill_ms", "source_decode_ms", "packet_encode_ms", "bridge_hop_ms", "bridge_ms", "target_hop_ms", "packet_decode_ms", "target_prefill_ms", "target_decode_ms", "source_total_ms")
+    __slots__ = ("source_prefill_ms", "source_decode_ms", "packet_encode_ms", "bridge_hop_ms", "bridge_ms", "target_hop_ms", "packet_decode_ms", "target_prefill_ms", "target_decode_ms", "source_total_ms", "source_batch", "bridge_batch", "target_batch")
     SOURCE_PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     PACKET_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,9 @@ class Timings(_message.Message):
     TARGET_PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     TARGET_DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_BATCH_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_BATCH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_BATCH_FIELD_NUMBER: _ClassVar[int]
     source_prefill_ms: float
     source_decode_ms: float
     packet_encode_ms: float
@@ -107,7 +110,10 @@ class Timings(_message.Message):
     target_prefill_ms: float
     target_decode_ms: float
     source_total_ms: float
-    def __init__(self, source_prefill_ms: _Optional[float] = ..., source_decode_ms: _Optional[float] = ..., packet_encode_ms: _Optional[float] = ..., bridge_hop_ms: _Optional[float] = ..., bridge_ms: _Optional[float] = ..., target_hop_ms: _Optional[float] = ..., packet_decode_ms: _Optional[float] = ..., target_prefill_ms: _Optional[float] = ..., target_decode_ms: _Optional[float] = ..., source_total_ms: _Optional[float] = ...) -> None: ...
+    source_batch: int
+    bridge_batch: int
+    target_batch: int
+    def __init__(self, source_prefill_ms: _Optional[float] = ..., source_decode_ms: _Optional[float] = ..., packet_encode_ms: _Optional[float] = ..., bridge_hop_ms: _Optional[float] = ..., bridge_ms: _Optional[float] = ..., target_hop_ms: _Optional[float] = ..., packet_decode_ms: _Optional[float] = ..., target_prefill_ms: _Optional[float] = ..., target_decode_ms: _Optional[float] = ..., source_total_ms: _Optional[float] = ..., source_batch: _Optional[int] = ..., bridge_batch: _Optional[int] = ..., target_batch: _Optional[int] = ...) -> None: ...
 
 class AskRequest(_message.Message):
     __slots__ = ("request_id", "context", "question", "mode", "max_new_tokens", "target_agent", "message_tokens")
@@ -180,7 +186,7 @@ class ReceiveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., question: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., latent: _Optional[_Union[LatentPacket, _Mapping]] = ..., text: _Optional[_Union[TextPacket, _Mapping]] = ...) -> None: ...
 
 class ReceiveReply(_message.Message):
-    __slots__ = ("request_id", "answer", "answer_tokens", "packet_decode_ms", "prefill_ms", "decode_ms", "total_ms", "target_model", "kv_cache_tokens")
+    __slots__ = ("request_id", "answer", "answer_tokens", "packet_decode_ms", "prefill_ms", "decode_ms", "total_ms", "target_model", "kv_cache_tokens", "batch_size")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     ANSWER_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +196,7 @@ class ReceiveReply(_message.Message):
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     answer: str
     answer_tokens: int
@@ -199,7 +206,8 @@ class ReceiveReply(_message.Message):
     total_ms: float
     target_model: str
     kv_cache_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., answer_tokens: _Optional[int] = ..., packet_decode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., target_model: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ...) -> None: ...
+    batch_size: int
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., answer_tokens: _Optional[int] = ..., packet_decode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., target_model: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ReceiveChunk(_message.Message):
     __slots__ = ("text", "reply")
@@ -210,15 +218,17 @@ class ReceiveChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., reply: _Optional[_Union[ReceiveReply, _Mapping]] = ...) -> None: ...
 
 class TranslateReply(_message.Message):
-    __slots__ = ("latent", "bridge_ms", "total_ms", "packet_decode_ms", "packet_encode_ms")
+    __slots__ = ("latent", "bridge_ms", "total_ms", "packet_decode_ms", "packet_encode_ms", "batch_size")
     LATENT_FIELD_NUMBER: _ClassVar[int]
     BRIDGE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     PACKET_DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     PACKET_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     latent: LatentPacket
     bridge_ms: float
     total_ms: float
     packet_decode_ms: float
     packet_encode_ms: float
-    def __init__(self, latent: _Optional[_Union[LatentPacket, _Mapping]] = ..., bridge_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., packet_decode_ms: _Optional[float] = ..., packet_encode_ms: _Optional[float] = ...) -> None: ...
+    batch_size: int
+    def __init__(self, latent: _Optional[_Union[LatentPacket, _Mapping]] = ..., bridge_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., packet_decode_ms: _Optional[float] = ..., packet_encode_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
