@@ -69,10 +69,7 @@ class AgentServicer:
         t0 = now_ms()
         payload, max_new = self._check_receive(request)
         t1 = now_ms()
-        if self.model.cache_factory is None and self.settings.max_batch_size > 1:
-            gen, batch = await self.answers.submit((payload, request.question, max_new))
-        else:
-            gen, batch = await asyncio.to_thread(self.model.answer, payload, request.question, max_new), 1
+        gen, batch = await self.answers.submit((payload, request.question, max_new))
         return self._receive_reply(request, gen, t0, t1, batch)
 
     @rpc(pb.ReceiveChunk)

@@ -96,10 +96,12 @@ def test_batched_hidden_states_equal_one_by_one(tiny_source):
     texts = ["a", "the red car is parked in Oslo", "x " * 40, "the blue boat", "y " * 45]
     jobs = [(m.source_ids(t, "Where?"), layer) for t, layer in zip(texts, [2, 2, 2, 1, 2])]
     single = [m.hidden_states(*j) for j in jobs]
-    batch = m.hidden_states_many(jobs)
-    assert [tuple(b.shape) for b in batch] == [tuple(s.shape) for s in single]
-    for b, s in zip(batch, single):
-        torch.testing.assert_close(b, s, atol=1e-4, rtol=1e-4)
+    for padded in (True, False):  # False: the CPU default (m.batch_prefill), one prompt at a time
+        batch = m.hidden_states_many(jobs, padded=padded)
+        assert [tuple(b.shape) for b in batch] == [tuple(s.shape) for s in single]
+        for b, s in zip(batch, single):
+            torch.testing.assert_close(b, s, atol=1e-4, rtol=1e-4)
+    assert m.batch_prefill is False  # tests run on a CPU
 
 
 def test_batched_messages_equal_one_by_one(tiny_source):
@@ -121,3 +123,18 @@ def test_length_groups_bound_the_padding():
     by = dict(zip("abcdef", lengths))
     for g in groups:
         assert max(by[x] for x in g) * len(g) <= 1.25 * sum(by[x] for x in g)
+
+
+def test_a_compressed_cache_answers_a_batch_one_by_one(tiny_target):
+    """FMKVC-style caches hold one sequence: a batch is answered in turn, each as it would be alone."""
+    from compression.cache import factory
+
+    m = AgentModel(tiny_target.profile, model=tiny_target.model, tokenizer=tiny_target.tok,
+                   cache_factory=factory(profile="tiny-mistral", method="mean_pool", window=4, sink=2, recent=8))
+    context = " ".join(["The red key is kept in Lisbon by Alice."] * 4)
+    jobs = [(context, "Where is the key?", 4), (None, "Who?", 3)]
+    single = [m.answer(*j) for j in jobs]
+    batch = m.answer_batch(jobs)
+    assert [b.token_ids for b in batch] == [s.token_ids for s in single]
+    dense = tiny_target.answer(*jobs[0])
+    assert batch[0].cache_tokens < dense.cache_tokens  # the compressed cache was used
