@@ -74,10 +74,10 @@ class AgentSettings(_Strict):
     kv_compression: KVCompression | None = None  # None: transformers' dense cache
     # Concurrent requests share one forward (services.batching): the source's LATENT states and
     # TEXT messages, the target's answers. A batch takes all that queued while the model was busy;
-    # an idle model waits `batch_wait_timeout_s` for company (the target longer: its requests
-    # arrive after a bridge hop).
+    # an idle model waits `batch_wait_timeout_s` for company. Under load the queue fills batches by
+    # itself, so the wait is kept short: it is latency every request pays at low load.
     max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float | None = Field(None, ge=0)  # None: 0.02 s (source), 0.1 s (target)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
     # target only: bridges whose packets are accepted (ids); empty: any bridge for this target
     accepted_bridges: list[str] = []
     auth: AuthSettings = AuthSettings()

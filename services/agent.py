@@ -50,12 +50,9 @@ class AgentServicer:
         self._replies: collections.OrderedDict[str, tuple[bytes, pb.AskReply]] = collections.OrderedDict()
         # Concurrent requests share one forward: the target's answers, the source's LATENT states
         # and TEXT messages (instead of many threads fighting over the same cores)
-        def batcher(fn, wait):
-            return Batcher(fn, s.max_batch_size, wait if s.batch_wait_timeout_s is None else s.batch_wait_timeout_s)
-
-        self.answers = batcher(self.model.answer_batch, 0.1)
-        self.hiddens = batcher(self.model.hidden_states_many, 0.02)
-        self.messages = batcher(self.model.write_messages, 0.02)
+        self.answers, self.hiddens, self.messages = (
+            Batcher(fn, s.max_batch_size, s.batch_wait_timeout_s)
+            for fn in (self.model.answer_batch, self.model.hidden_states_many, self.model.write_messages))
 
     # ---- health (grpc.health.v1.Health/Check) ----------------------------------------------------
     def Check(self, request, grpc_context=None):
