@@ -24,7 +24,6 @@ class Batcher:
         self.fn, self.max_batch_size, self.wait_s = fn, max_batch_size, wait_s
         self._pending: list[tuple[Any, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []  # the last batches run, for tests and logs
 
     async def submit(self, job: Any) -> tuple[Any, int]:
         fut = asyncio.get_running_loop().create_future()
@@ -42,7 +41,6 @@ class Batcher:
         if self.wait_s and len(self._pending) < self.max_batch_size:
             await asyncio.sleep(self.wait_s)  # model idle: let a burst of arrivals join
         while batch := self._take():
-            self.batch_sizes = (self.batch_sizes + [len(batch)])[-64:]
             try:
                 results = await asyncio.to_thread(self.fn, [job for job, _ in batch])
                 if len(results) != len(batch):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-
 import torch
+
 from bridge.model import Bridge, default_weights_path
 from latentwire import codec
 from latentwire.errors import ResourceExhausted

@@ -7,13 +7,16 @@ a message naming the file and the reason, so a replica never serves weights nobo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 
 import pytest
 import torch
 
+from latentwire import codec
 from latentwire.weights import WeightsError
+from protos.latentwire.v1 import latentwire_pb2 as pb
 
 
 def servicer(path):
@@ -32,8 +35,12 @@ def weights(tiny_bridge_path, tmp_path):
 
 
 def test_good_weights_serve(weights):
-    """Vouched-for weights load and translate (the gRPC Translate path is in test_service_grpc)."""
+    """Vouched-for weights load and translate a packet (its batcher needs no Serve replica)."""
     s = servicer(weights)
+    packet = pb.HiddenStatePacket(hidden=codec.encode(torch.randn(5, 64)), provenance=pb.Provenance(
+        source_model="tiny-llama", source_layer=2, source_hidden_size=64))
+    reply = asyncio.run(s.Translate(packet))
+    assert list(reply.latent.soft_tokens.shape) == [4, 96] and reply.latent.provenance.bridge_sha256 == s.bridge.sha256
     soft = s.translate_many([torch.randn(5, 64)])[0]
     assert tuple(soft.shape) == (4, 96)
     assert s.bridge.sha256 == json.loads(weights.with_suffix(".json").read_text())["sha256"]
