@@ -108,6 +108,8 @@ def register(sub, group) -> None:
     p.add_argument("--cache-dir", default=None, help="cached source states")
     p.add_argument("--name", default=None)
     p.add_argument("--resume", default=None, help="checkpoint directory to continue from")
+    p.add_argument("--export", default=None, choices=["best", "last"],
+                   help="which checkpoint becomes --out: lowest held-out answer NLL (default) or the last")
     p.add_argument("--out", default=None, help="final bridge .safetensors (default: packaged, for the embedded pair)")
     p.add_argument("--log-json", default=None, help="write a training summary JSON here")
     p.add_argument("--sweep-layers", default=None, help="e.g. 12,18,24: short runs per source layer")

@@ -22,6 +22,7 @@ Every `eval_every` steps rank 0 generates answers on a held-out subset (EM, dive
 cosine, RMS ratio, LATENT-vs-NONE gap); every `ckpt_every` steps it writes a checkpoint
 (bridge + optimizer safetensors with manifests, train_state.json) reported via `ray.train.report`.
 Restarts (FailureConfig) and `--resume` continue from the checkpoint's step with the same data order.
+The exported bridge is the checkpoint with the lowest held-out answer NLL (`export="last"`: the final one).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     max_failures: int = 2
+    export: str = "best"  # "best": the checkpoint with the lowest held-out answer NLL; "last": the final one
     cache_dir: str = str(Path.home() / ".cache" / "latentwire" / "bridge-train")
     storage_path: str = str(Path.home() / ".cache" / "latentwire" / "ray-results")
     name: str | None = None
@@ -363,8 +365,8 @@ def train_loop(config: dict) -> None:
             bar.update(1)
             bar.set_description(f"{desc} nll={float(nll):.3f} cos={cos_val:.2f} |g|={gnorm:.2f}")
         done = step + 1
-        do_eval = done % cfg.eval_every == 0 or done == cfg.steps
         do_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
+        do_eval = done % cfg.eval_every == 0 or do_ckpt  # every checkpoint carries its held-out scores
         if not (do_eval or do_ckpt):
             continue
         metrics = {"step": done, "train_nll": run_loss / run_n, "lr": lr_at(step, cfg), "grad_norm": gnorm,
@@ -414,24 +416,34 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(name=name, storage_path=cfg.storage_path,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # Ray keeps the latest checkpoint too (for restarts); the best one is exported
+                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_nll",
+                                                                checkpoint_score_order="min"),
                              worker_runtime_env={"env_vars": env}),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:
-        bridge = Bridge.load(Path(d) / "bridge.safetensors")
         state = json.loads((Path(d) / "train_state.json").read_text())
+    # The held-out NLL rises and falls while the LR is high (32 items, unseen vocabulary); "best"
+    # exports the checkpoint where it was lowest rather than whichever came last.
+    best = result.get_best_checkpoint("val_nll", "min") if cfg.export == "best" else None
+    exported = best or result.checkpoint
+    with exported.as_directory() as d:
+        bridge = Bridge.load(Path(d) / "bridge.safetensors")
+        exported_state = json.loads((Path(d) / "train_state.json").read_text())
     summary = {"name": name, "layer": paths["layer"], "num_queries": cfg.num_queries, "steps": state["step"],
                "prepare_seconds": round(t_prep, 1), "total_seconds": round(time.time() - t_start, 1),
                "checkpoint": result.checkpoint.path, "final_metrics": state["metrics"],
-               "history": state.get("history", [])}
+               "exported_checkpoint": exported.path, "exported_step": exported_state["step"],
+               "exported_metrics": exported_state["metrics"], "history": state.get("history", [])}
     if cfg.out:
         man = bridge.save(cfg.out, data={"train": "bridge.data.generate train split", "items": cfg.train_items,
                                          "seed": cfg.seed, "job": name},
-                          metrics={**state["metrics"], "step": state["step"],
-                                   "train_seconds": summary["total_seconds"]}, dtype=torch.bfloat16)
+                          metrics={**exported_state["metrics"], "step": exported_state["step"],
+                                   "steps_run": state["step"], "train_seconds": summary["total_seconds"]},
+                          dtype=torch.bfloat16)
         summary["out"], summary["sha256"] = str(cfg.out), man["sha256"]
     if cfg.log_json:
         Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)

@@ -138,6 +138,10 @@ def test_ray_train_job_checkpoints_recovers_and_resumes(ray_cluster, tmp_path):
     assert json.loads((ckpt / "train_state.json").read_text())["step"] == 4
     final = Bridge.load(cfg.out)  # bf16 export, sha-checked on load
     assert final.cfg.num_queries == 4 and final.sha256
+    # the export is the checkpoint with the lowest held-out NLL, and its manifest says which step
+    best = min(first["history"], key=lambda m: m["val_nll"])
+    assert first["exported_step"] == best["step"]
+    assert json.loads(Path(cfg.out).with_suffix(".json").read_text())["metrics"]["step"] == best["step"]
 
     second = run(replace(cfg, steps=6, fail_at_step=None, resume=str(ckpt), out=None,
                          name="resumed"), progress=False)
