@@ -96,6 +96,8 @@ def register(sub, group) -> None:
     p.add_argument("--anchor-steps", type=int, default=None, help="phase A steps (answer anchoring, no target)")
     p.add_argument("--anchor-weight", type=float, default=None, help="anchor term weight beside the LM loss")
     p.add_argument("--train-items", type=int, default=None)
+    p.add_argument("--wide-vocab", type=float, default=None,
+                   help="share of training names/cities/pets/rooms/years from the wide pool (0-1)")
     p.add_argument("--val-items", type=int, default=None, help="held-out items for periodic eval")
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=None)

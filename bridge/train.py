@@ -63,6 +63,7 @@ class TrainConfig:
     anchor_batch: int = 32
     anchor_weight: float = 0.5  # phase B: weight of the anchor term beside the LM loss
     train_items: int = 2400
+    wide_vocab: float = 0.0  # share of training entities from the wide pool (bridge.data.wide_vocabulary)
     val_items: int = 32  # periodic eval subset (validation split: held-out templates and vocabulary)
     eval_every: int = 100
     ckpt_every: int = 100
@@ -93,7 +94,7 @@ def prepare(cfg: TrainConfig, layers: list[int] | None = None, progress: bool = 
 
     layer = cfg.layer or profiles.get_profile(cfg.source).source_layer
     layers = sorted(set((layers or []) + [layer]))
-    train, val = generate(cfg.train_items, "train", cfg.seed), generate(cfg.val_items, "val", cfg.seed)
+    train, val = generate(cfg.train_items, "train", cfg.seed, wide=cfg.wide_vocab), generate(cfg.val_items, "val", cfg.seed)
     key = f"{cfg.source}__{cfg.target}__n{cfg.train_items}_v{cfg.val_items}_s{cfg.seed}_{cache.items_digest(train + val)}"
     root = Path(cfg.cache_dir) / key
     root.mkdir(parents=True, exist_ok=True)

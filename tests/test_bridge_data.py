@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from bridge import data
 
 
@@ -62,3 +64,22 @@ def test_committed_validation_file_is_the_seeded_val_split():
     items = data.read_jsonl(path)
     assert len(items) == 200
     assert items == data.generate(200, "val", seed=0)
+
+
+def test_wide_training_pool_stays_disjoint_from_validation():
+    val_voc = {w.lower() for xs in data.vocabulary("val").values() for w in xs}
+    wide = data.wide_vocabulary()
+    for slot in data.WIDE_SLOTS:
+        assert len(wide[slot]) > 200, slot  # far more entities than the base lists hold
+        assert not {w.lower() for w in wide[slot]} & val_voc, slot
+    train, val = data.generate(2000, "train", wide=0.7), data.generate(300, "val")
+    train_answers = {it["answer"] for it in train}
+    assert all(it["answer"] not in train_answers for it in val)
+    base = {w for xs in data.vocabulary("train").values() for w in xs}
+    drawn_wide = [it for it in train if it["kind"] in ("city", "pet", "room", "year") and it["answer"] not in base]
+    assert len(drawn_wide) > 0.5 * sum(it["kind"] in ("city", "pet", "room", "year") for it in train)
+    for it in train:
+        assert it["answer"] in it["context"] and it["answer"] not in it["question"]
+    assert data.generate(50, "train", wide=0.7) == data.generate(50, "train", wide=0.7)
+    with pytest.raises(ValueError, match="training only"):
+        data.generate(5, "val", wide=0.5)
