@@ -124,17 +124,10 @@ def templates(split: str) -> dict[str, tuple[list[str], list[str]]]:
     return {rel: (spec[i], spec[i + 2]) for rel, spec in RELATIONS.items()}
 
 
-def _pick(slot: str, voc: dict[str, list[str]], wide_voc: dict[str, list[str]], wide: float,
-          rng: random.Random) -> str:
-    pool = wide_voc[slot] if slot in wide_voc and rng.random() < wide else voc[slot]
-    return rng.choice(pool)
-
-
-def _value(rel: str, voc: dict[str, list[str]], wide_voc: dict[str, list[str]], wide: float,
-           rng: random.Random) -> str:
+def _value(rel: str, pick) -> str:
     if rel == "date":
-        return f"{rng.choice(voc['month'])} {rng.choice(voc['day'])}"
-    return _pick(RELATIONS[rel][0], voc, wide_voc, wide, rng)
+        return f"{pick('month')} {pick('day')}"
+    return pick(RELATIONS[rel][0])
 
 
 def generate(n: int, split: str = "train", seed: int = 0, facts: int = 3, wide: float = 0.0) -> list[dict]:
@@ -143,17 +136,24 @@ def generate(n: int, split: str = "train", seed: int = 0, facts: int = 3, wide: 
     wide: share of names, cities, pets, rooms and years drawn from `wide_vocabulary` (train only)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if not 0.0 <= wide <= 1.0:
+        raise ValueError(f"wide is a share of entities, between 0 and 1; got {wide}")
     if wide and split != "train":
         raise ValueError("the wide pool is for training only; validation keeps its held-out vocabulary")
     voc, tpl = vocabulary(split), templates(split)
     wide_voc = wide_vocabulary() if wide else {}
     rng = random.Random(f"{split}:{seed}")
+
+    def pick(slot: str) -> str:
+        # no draw for the coin when the slot has no wide pool: wide=0 keeps the base item stream
+        return rng.choice(wide_voc[slot] if slot in wide_voc and rng.random() < wide else voc[slot])
+
     items = []
     rels = sorted(RELATIONS)
     for i in range(n):
-        person = _pick("p", voc, wide_voc, wide, rng)
+        person = pick("p")
         chosen = rng.sample(rels, facts)
-        values = {rel: _value(rel, voc, wide_voc, wide, rng) for rel in chosen}
+        values = {rel: _value(rel, pick) for rel in chosen}
         sentences = [rng.choice(tpl[rel][0]).format(p=person, **{RELATIONS[rel][0]: values[rel]}) for rel in chosen]
         asked = chosen[rng.randrange(facts)]
         question = rng.choice(tpl[asked][1]).format(p=person)

@@ -82,6 +82,10 @@ class TrainConfig:
     log_json: str | None = None
     fail_at_step: int | None = None  # test hook: raise once at this step to exercise FailureConfig
 
+    def __post_init__(self):
+        if self.export not in ("best", "last"):
+            raise ValueError(f"export must be 'best' or 'last', got {self.export!r}")
+
 
 # ---- driver-side preparation (source model, cached states, initial bridge) ------------------
 def prepare(cfg: TrainConfig, layers: list[int] | None = None, progress: bool = True) -> dict:
@@ -94,7 +98,8 @@ def prepare(cfg: TrainConfig, layers: list[int] | None = None, progress: bool = 
 
     layer = cfg.layer or profiles.get_profile(cfg.source).source_layer
     layers = sorted(set((layers or []) + [layer]))
-    train, val = generate(cfg.train_items, "train", cfg.seed, wide=cfg.wide_vocab), generate(cfg.val_items, "val", cfg.seed)
+    train = generate(cfg.train_items, "train", cfg.seed, wide=cfg.wide_vocab)
+    val = generate(cfg.val_items, "val", cfg.seed)
     key = f"{cfg.source}__{cfg.target}__n{cfg.train_items}_v{cfg.val_items}_s{cfg.seed}_{cache.items_digest(train + val)}"
     root = Path(cfg.cache_dir) / key
     root.mkdir(parents=True, exist_ok=True)

@@ -83,3 +83,6 @@ def test_wide_training_pool_stays_disjoint_from_validation():
     assert data.generate(50, "train", wide=0.7) == data.generate(50, "train", wide=0.7)
     with pytest.raises(ValueError, match="training only"):
         data.generate(5, "val", wide=0.5)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            data.generate(5, "train", wide=bad)

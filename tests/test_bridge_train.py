@@ -94,6 +94,13 @@ def test_anchor_targets_are_the_targets_own_answer_embeddings(tiny):
     assert float(anchor_loss(noise, e, m, rms)) > 1.0 and anchor_accuracy(target, noise, ids, m) < 1.0
 
 
+def test_an_unknown_export_choice_is_refused():
+    from bridge.train import TrainConfig
+
+    with pytest.raises(ValueError, match="'best' or 'last'"):
+        TrainConfig(export="newest")
+
+
 def test_batch_order_is_a_function_of_the_step():
     from bridge.train import batch_indices
 
