@@ -17,6 +17,11 @@ length `get_seq_length() + q` (what `AgentModel.generate` and `model.generate` p
 
 Sliding-window layers (Gemma 3, Mistral): the dense model never sees tokens older than the window, so
 entries whose newest token left the window are evicted; the rest is compressed as above.
+
+Attention mass: a compressor marked `proportional` (the FMKVC sidecar) makes each super-token count as
+the W tokens it replaces: the layer keeps every entry's log-count and publishes it to
+`compression.attention` before each attention call, which adds it to the scores. That needs the model
+switched to `compression.attention.NAME` (`cache_factory` does it; `FMKVCCache` checks it).
 """
 
 from __future__ import annotations
@@ -26,9 +31,13 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import math
+
 import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
+
+from compression import attention
 
 # (keys, values, layer_idx) with keys/values (B, H, m, W, head_dim) -> (k~, v~) each (B, H, m, head_dim)
 Compressor = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
@@ -53,6 +62,11 @@ def mean_pool_compressor(keys: torch.Tensor, values: torch.Tensor, layer_idx: in
     return keys.mean(-2), values.mean(-2)
 
 
+def proportional(compressor: Compressor | None) -> bool:
+    """Whether the compressor's super-tokens carry the attention mass of their W tokens."""
+    return bool(getattr(compressor, "proportional", False))
+
+
 def sidecar_compressor(sidecar) -> Compressor:
     @torch.no_grad()
     def compress(keys, values, layer_idx):
@@ -61,7 +75,16 @@ def sidecar_compressor(sidecar) -> Compressor:
         kt, vt = sidecar(keys.reshape(-1, w, d), values.reshape(-1, w, d), slot)
         return kt.reshape(b, h, m, d), vt.reshape(b, h, m, d)
 
+    compress.proportional = sidecar.cfg.proportional  # trained with the log-count bias or not
     return compress
+
+
+def mean_pool_mass_compressor(keys: torch.Tensor, values: torch.Tensor, layer_idx: int):
+    """Mean pooling with proportional attention: the ablation that isolates what the sidecar learns."""
+    return keys.mean(-2), values.mean(-2)
+
+
+mean_pool_mass_compressor.proportional = True
 
 
 def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedule: Schedule,
@@ -99,10 +122,14 @@ class CompressedLayer(DynamicLayer):
         self.seen = 0  # tokens seen (true position of the next token)
         self.n_final = 0
         self.last_pos = torch.zeros(0, dtype=torch.long)  # newest true position each entry stands for
+        self.proportional = proportional(compressor)
+        self.log_count = torch.zeros(0)  # log of the tokens each stored entry stands for
 
     def update(self, key_states, value_states, cache_kwargs=None):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.proportional and bool(self.log_count.any()):  # super-tokens stored: this step weighs them
+            attention.publish(self.layer_idx, self.log_count)
         q = key_states.shape[-2]
         full_k = torch.cat([self.keys, key_states], dim=-2)
         full_v = torch.cat([self.values, value_states], dim=-2)
@@ -110,11 +137,13 @@ class CompressedLayer(DynamicLayer):
         last_pos = torch.cat([self.last_pos, new_pos])
         self.seen += q
         keys, values = full_k, full_v
+        log_count = torch.cat([self.log_count, torch.zeros(q)])
         if self.sliding_window is not None:  # drop what the dense layer could no longer see
             keep = last_pos >= self.seen + 1 - self.sliding_window
             if not bool(keep.all()):
                 n_drop = int((~keep).sum())  # entries are ordered by position: drop a prefix
                 keys, values, last_pos = keys[:, :, n_drop:], values[:, :, n_drop:], last_pos[n_drop:]
+                log_count = log_count[n_drop:]
                 self.n_final = max(self.n_final - n_drop, 0)
         keys, values, self.n_final, m = compress_tail(keys, values, self.n_final, self.schedule,
                                                       self.compressor, self.layer_idx)
@@ -123,7 +152,9 @@ class CompressedLayer(DynamicLayer):
             w = self.schedule.window
             window_last = last_pos[start:start + m * w].view(m, w)[:, -1]
             last_pos = torch.cat([last_pos[:start], window_last, last_pos[start + m * w:]])
-        self.keys, self.values, self.last_pos = keys, values, last_pos
+            mass = torch.full((m,), math.log(w) if self.proportional else 0.0)
+            log_count = torch.cat([log_count[:start], mass, log_count[start + m * w:]])
+        self.keys, self.values, self.last_pos, self.log_count = keys, values, last_pos, log_count
         return full_k, full_v  # this step's attention still sees what it was given
 
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
@@ -158,6 +189,9 @@ class FMKVCCache(Cache):
                   for i, t in enumerate(types)]
         super().__init__(layers=layers)
         self.schedule = schedule
+        if schedule.enabled and proportional(compressor) and not attention.enabled(cfg):
+            raise ValueError(f"this compressor's super-tokens need proportional attention: call "
+                             f"compression.attention.enable(model) (attn_implementation={attention.NAME!r}) first")
 
     def kv_lengths(self) -> list[int]:
         """Stored entries per layer (what the memory holds), as opposed to tokens seen."""
@@ -187,11 +221,14 @@ def load_sidecar(path: str | Path, device="cpu"):
 
 def make_compressor(method: str, *, profile: str | None = None, weights: str | Path | None = None,
                     device="cpu") -> Compressor | None:
-    """'fmkvc' (trained sidecar), 'mean_pool', or 'dense'/'none' (no compression)."""
+    """'fmkvc' (trained sidecar), 'mean_pool', 'mean_pool_mass' (mean pooling + proportional attention),
+    or 'dense'/'none' (no compression)."""
     if method in ("dense", "none"):
         return None
     if method == "mean_pool":
         return mean_pool_compressor
+    if method == "mean_pool_mass":
+        return mean_pool_mass_compressor
     if method == "fmkvc":
         from compression.sidecar import default_weights_path
 
@@ -209,6 +246,8 @@ def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, w
     as `AgentModel(cache_factory=...)`."""
     device = next(model.parameters()).device
     compressor = make_compressor(method, profile=profile, weights=weights, device=str(device))
+    if proportional(compressor):
+        attention.enable(model)
     return FMKVCCache(model.config, Schedule(window, sink, recent), compressor)
 
 

@@ -34,7 +34,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(model=args.model, data=args.data, windows=[int(w) for w in str(args.window).split(",")],
                       steps=args.steps, lr=args.lr, batch_windows=args.batch_windows, d_model=args.d_model,
                       n_blocks=args.blocks, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                      jac_weight=args.jac_weight, force_weight=args.force_weight, threads=args.threads, seed=args.seed)
+                      jac_weight=args.jac_weight, force_weight=args.force_weight, threads=args.threads, seed=args.seed,
+                      proportional=args.attention == "proportional", value_norm=args.value_norm)
     result = run(cfg, num_workers=args.workers, use_gpu=args.use_gpu, storage=args.storage, name=args.name,
                  out=args.out, max_failures=args.max_failures)
     print(json.dumps(result, indent=2))
@@ -102,6 +103,10 @@ def register(sub, group) -> None:
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--jac-weight", type=float, default=1.0)
     p.add_argument("--force-weight", type=float, default=1.0)
+    p.add_argument("--value-norm", choices=["fixed", "bounded"], default="fixed",
+                   help="super-token value norm: equal to the window's mean |v|, or at most that")
+    p.add_argument("--attention", choices=["proportional", "plain"], default="proportional",
+                   help="how the target reads super-tokens: with a log W mass bias (default) or as single tokens")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--workers", type=int, default=1)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 BASELINES = ("streamingllm", "snapkv", "knorm", "expected_attention")
-WINDOW_METHODS = ("fmkvc", "mean_pool")
+WINDOW_METHODS = ("fmkvc", "mean_pool", "mean_pool_mass")  # mean_pool_mass: ablation, not a baseline
 
 
 @dataclass
@@ -55,13 +55,16 @@ def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int):
     """-> (fresh cache, press context manager factory or None)."""
     from transformers import DynamicCache
 
-    from compression.cache import FMKVCCache, Schedule, make_compressor
+    from compression import attention
+    from compression.cache import FMKVCCache, Schedule, make_compressor, proportional
     from compression.presses import nominal_budget
 
     if name == "dense":
         return DynamicCache(config=model.config), None
     if name in WINDOW_METHODS:
         comp = make_compressor(name, profile=cfg.model, weights=cfg.weights)
+        if proportional(comp):
+            attention.enable(model)  # a no-op wrapper of SDPA for every cache that publishes nothing
         return FMKVCCache(model.config, Schedule(ratio, cfg.sink, cfg.recent), comp), None
     import kvpress
 
@@ -300,7 +303,7 @@ def goals(results: dict, ratio: int) -> dict:
     if "fmkvc" not in m or r not in m["fmkvc"]:
         return {}
     f, d = m["fmkvc"][r], m["dense"]["1"]
-    others = {k: v[r] for k, v in m.items() if k not in ("dense", "fmkvc") and r in v and "error" not in v[r]}
+    others = {k: v[r] for k, v in m.items() if k in (*BASELINES, "mean_pool") and r in v and "error" not in v[r]}
     return {
         "perplexity_within_5pct_of_dense": f["perplexity"] <= 1.05 * d["perplexity"],
         "perplexity_better_than_every_baseline": all(f["perplexity"] < o["perplexity"] for o in others.values()),

@@ -11,7 +11,10 @@ Terms (each relative, per (layer, kv head) row then averaged, so no row or term 
     jacobian ||J_dense - J_cg||_F^2 / ||J_dense||_F^2, estimated with shared Gaussian probes r
              (E ||J r||^2 = ||J||_F^2), which avoids forming D x D matrices per query
     force    ||F - J_cg^T g||^2 / ||F||^2 with F the recorded force of the dense model
-The super-token's scale is fixed by hard normalisation in the sidecar, not penalised here.
+The super-token's scale is fixed by hard normalisation in the sidecar, not penalised here. With
+`log_mass` = log W the coarse attention is proportional (each super-token counts as W tokens), as the
+cache serves it (compression/attention.py); the Jacobian and force formulas hold unchanged, because a
+constant score bias only reweights p.
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ import torch
 NEG = -1e30
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
-    """q (N, Q, D), k/v (N, L, D), mask (N|1, Q, L) bool (True = visible). Returns o (N, Q, D), p (N, Q, L)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           bias: torch.Tensor | None = None):
+    """q (N, Q, D), k/v (N, L, D), mask (N|1, Q, L) bool (True = visible), bias (L,) added to the scores
+    (log-counts: proportional attention). Returns o (N, Q, D), p (N, Q, L)."""
     s = torch.einsum("nqd,nld->nql", q, k) * scale
+    if bias is not None:
+        s = s + bias
     if mask is not None:
         s = s.masked_fill(~mask, NEG)
     p = torch.softmax(s, -1)
@@ -70,14 +77,18 @@ def rel(ref: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
 
 
 def fmkvc_loss(q, k, v, g, f_ref, kt, vt, qpos, *, sink: int, end: int, scale: float, n_probes: int = 4,
-               jac_weight: float = 1.0, force_weight: float = 1.0, generator=None) -> dict[str, torch.Tensor]:
-    """All tensors per (layer, kv head) row N: q/g/f_ref (N, Q, D), k/v (N, L, D), kt/vt (N, m, D)."""
+               jac_weight: float = 1.0, force_weight: float = 1.0, log_mass: float = 0.0,
+                generator=None) -> dict[str, torch.Tensor]:
+    """All tensors per (layer, kv head) row N: q/g/f_ref (N, Q, D), k/v (N, L, D), kt/vt (N, m, D).
+    log_mass: score bias of the super-tokens (log W for proportional attention, 0 for plain)."""
     m = kt.shape[1]
     dmask, cmask = causal_masks(qpos, k.shape[1], sink, end, m)
     dmask, cmask = dmask.to(q.device)[None], cmask.to(q.device)[None]
     kc, vc = coarse_cache(k, v, kt, vt, sink, end)
+    bias = torch.zeros(kc.shape[1], device=q.device)
+    bias[sink:sink + m] = log_mass
     o_d, p_d = attend(q, k, v, dmask, scale)
-    o_c, p_c = attend(q, kc, vc, cmask, scale)
+    o_c, p_c = attend(q, kc, vc, cmask, scale, bias)
     r = torch.randn(n_probes, q.shape[-1], generator=generator).to(q.device)  # CPU generator: same probes anywhere
     with torch.no_grad():
         jr_d = jacobian_probe(p_d, k, v, o_d, r, scale)

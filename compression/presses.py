@@ -20,16 +20,20 @@ schedule inside the cache itself (no hooks), which is what `AgentModel(cache_fac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from kvpress import BasePress
 from kvpress.presses.base_press import is_prefilling
 from kvpress.utils import extract_keys_and_values
 from torch import nn
-from transformers.cache_utils import DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from compression.cache import Compressor, FMKVCCache, Schedule, compress_tail, make_compressor, mean_pool_compressor
+from compression import attention
+from compression.cache import (Compressor, FMKVCCache, Schedule, compress_tail, make_compressor,
+                               mean_pool_compressor, proportional)
 
 
 @dataclass
@@ -72,16 +76,39 @@ class WindowPress(BasePress):
         if isinstance(layer, DynamicSlidingWindowLayer):  # bounded already; its mask sizes assume it dense
             return output
         if is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
-            layer._fmkvc_final = 0
+            layer._fmkvc_final, layer._fmkvc_log_count = 0, torch.zeros(0)
         elif not self.compress_decoding:
             return output
         keys, values = extract_keys_and_values(cache, module.layer_idx)
+        log_count = getattr(layer, "_fmkvc_log_count", torch.zeros(0))
+        log_count = torch.cat([log_count, torch.zeros(keys.shape[-2] - log_count.shape[0])])
+        compressor = self.compressor()
         keys, values, n_final, m = compress_tail(keys, values, getattr(layer, "_fmkvc_final", 0), self.schedule,
-                                                 self.compressor(), module.layer_idx)
+                                                 compressor, module.layer_idx)
         layer._fmkvc_final = n_final
         if m:
             layer.keys, layer.values = keys, values
+            start, w = n_final - m, self.window
+            mass = torch.full((m,), math.log(w) if proportional(compressor) else 0.0)
+            log_count = torch.cat([log_count[:start], mass, log_count[start + m * w:]])
+            if proportional(compressor):
+                layer._fmkvc_layer_idx = module.layer_idx
+                layer.__class__ = ProportionalDynamicLayer  # it now holds super-tokens; see that class
+        layer._fmkvc_log_count = log_count
         return output
+
+
+class ProportionalDynamicLayer(DynamicLayer):
+    """A transformers `DynamicLayer` holding super-tokens: before each attention call it publishes its
+    entries' log-counts (compression/attention.py). The press retypes the layers it compresses, so the
+    bias outlives the press's `with` block, e.g. while kvpress's pipeline decodes the answer."""
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        attention.publish(self._fmkvc_layer_idx, self._fmkvc_log_count)
+        keys, values = super().update(key_states, value_states, cache_kwargs)
+        q = key_states.shape[-2]  # the new tokens stand for themselves
+        self._fmkvc_log_count = torch.cat([self._fmkvc_log_count, torch.zeros(q)])
+        return keys, values
 
 
 @dataclass
@@ -120,6 +147,8 @@ class FMKVCPress(WindowPress):
         if self._compressor is None:
             device = str(next(model.parameters()).device)
             self._compressor = make_compressor("fmkvc", profile=self.profile, weights=self.weights, device=device)
+        if proportional(self._compressor):
+            attention.enable(model)
 
     def compressor(self) -> Compressor:
         if self._compressor is None:

@@ -6,13 +6,17 @@ nanoGPT style: the whole model in this file, its config a dataclass, no framewor
       -> a few pre-norm transformer blocks (self-attention across the W tokens)
       -> set pooling with learned inducing points (one seed for k, one for v): attention weights a_i
       -> direction = sum_i a_i k_i + delta(pooled features)        (same for v)
-      -> HARD normalisation: k~ = direction / |direction| * mean_i |k_i|   (same for v)
+      -> HARD normalisation: k~ = direction / |direction| * mean_i |k_i|   (same for v, or with
+         value_norm="bounded": v~ = direction / max(1, |direction|) * mean_i |v_i|)
 
 Why the hard normalisation: earlier attempts let the super-token's scale float and it collapsed under
 output matching (Jacobian 50x too small) or exploded under Jacobian matching (24-105x too large).
 Pinning |k~| and |v~| to the window's mean key/value norm *by construction* removes that degree of
 freedom; the network only chooses directions. Seeds and deltas start at zero, so an untrained
 sidecar is exactly "normalised mean pooling", a sane starting point that training improves.
+
+Proportional attention: each super-token is scored with a + log W bias (compression/attention.py), so it
+carries the attention mass of the W tokens it replaces; the losses train it that way.
 
 Keys are post-RoPE (what the cache holds), so the super-token lives in that space and decodes at
 any later position without re-rotation.
@@ -42,6 +46,11 @@ class SidecarConfig:
     max_window: int = 32
     windows: list[int] = field(default_factory=lambda: [4, 8, 16])  # window sizes it was trained for
     model: str = ""  # profile name of the host model
+    # super-tokens read with proportional attention (a log W bias, compression/attention.py); trained so
+    proportional: bool = True
+    # "fixed": |v~| = window mean |v| (DESIGN's form); "bounded": |v~| <= window mean |v|, the pooled
+    # value's own norm, which shrinks as the window's values disagree, like an attention average does
+    value_norm: str = "fixed"
 
 
 class Block(nn.Module):
@@ -62,6 +71,8 @@ class Block(nn.Module):
 class Sidecar(nn.Module):
     def __init__(self, cfg: SidecarConfig):
         super().__init__()
+        if cfg.value_norm not in ("fixed", "bounded"):
+            raise ValueError(f"value_norm must be 'fixed' or 'bounded', not {cfg.value_norm!r}")
         self.cfg = cfg
         d = cfg.d_model
         self.inp = nn.Linear(2 * cfg.head_dim, d)
@@ -100,7 +111,10 @@ class Sidecar(nn.Module):
         k_dir = torch.einsum("nw,nwd->nd", a[:, 0], kh) + self.delta_k(pooled[:, 0])
         v_dir = torch.einsum("nw,nwd->nd", a[:, 1], vh) + self.delta_v(pooled[:, 1])
         k_t = F.normalize(k_dir, dim=-1, eps=1e-6) * k_norm  # hard normalisation, by construction
-        v_t = F.normalize(v_dir, dim=-1, eps=1e-6) * v_norm
+        if self.cfg.value_norm == "bounded":  # never above the window's mean norm, by construction
+            v_t = v_dir / v_dir.norm(dim=-1, keepdim=True).clamp_min(1.0) * v_norm
+        else:
+            v_t = F.normalize(v_dir, dim=-1, eps=1e-6) * v_norm
         return k_t.to(dtype), v_t.to(dtype)
 
     # ---- weights (safetensors + manifest, via latentwire.weights) ------------------------
@@ -114,7 +128,8 @@ class Sidecar(nn.Module):
         from latentwire import weights
 
         tensors, manifest = weights.load(path, kind=KIND)
-        model = cls(SidecarConfig(**manifest["config"]))
+        # sidecars saved before proportional attention existed were trained without it
+        model = cls(SidecarConfig(**{"proportional": False, "value_norm": "fixed", **manifest["config"]}))
         model.load_state_dict(tensors)
         model.manifest = manifest
         return model.to(device).eval()

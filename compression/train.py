@@ -13,6 +13,7 @@ know about it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import tempfile
@@ -41,6 +42,8 @@ class TrainConfig:
     n_heads: int = 4
     jac_weight: float = 1.0
     force_weight: float = 1.0
+    proportional: bool = True  # train (and serve) super-tokens with proportional attention
+    value_norm: str = "fixed"  # sidecar's |v~|: "fixed" to the window mean norm, or "bounded" by it
     n_probes: int = 4
     eval_every: int = 50
     eval_samples: int = 4
@@ -86,9 +89,12 @@ def batch_loss(sidecar, batch: dict, cfg: TrainConfig, scale: float, generator=N
     vw = batch["v"][:, sink:end].reshape(n * m, w, d)
     slot = batch["slot"].repeat_interleave(m)
     kt, vt = sidecar(kw, vw, slot)
+    # the sidecar is trained as the cache serves it: proportional attention (log W) unless configured off
+    log_mass = math.log(w) if getattr(getattr(sidecar, "cfg", None), "proportional", False) else 0.0
     return fmkvc_loss(batch["q"], batch["k"], batch["v"], batch["g"], batch["f"], kt.reshape(n, m, d),
                       vt.reshape(n, m, d), batch["qpos"], sink=sink, end=end, scale=scale, n_probes=cfg.n_probes,
-                      jac_weight=cfg.jac_weight, force_weight=cfg.force_weight, generator=generator)
+                      jac_weight=cfg.jac_weight, force_weight=cfg.force_weight, log_mass=log_mass,
+                      generator=generator)
 
 
 @torch.no_grad()
@@ -171,7 +177,8 @@ def train_loop(config: dict) -> None:
     sidecar = Sidecar(SidecarConfig(head_dim=info["head_dim"], n_layers=info["n_layers"],
                                     n_kv_heads=info["n_kv_heads"], d_model=cfg.d_model,
                                     n_blocks=cfg.n_blocks, n_heads=cfg.n_heads, windows=list(cfg.windows),
-                                    max_window=max(32, max(cfg.windows)), model=cfg.model))
+                                    max_window=max(32, max(cfg.windows)), model=cfg.model,
+                                    proportional=cfg.proportional, value_norm=cfg.value_norm))
     opt = torch.optim.AdamW(sidecar.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = resumed_from = 0
     ckpt = ray.train.get_checkpoint()

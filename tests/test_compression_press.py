@@ -62,6 +62,7 @@ def test_fmkvc_press_equals_cache_with_same_sidecar(tmp_path):
     cache_a = DynamicCache()
     with torch.no_grad(), FMKVCPress(window=8, sink=4, recent=16, weights=str(tmp_path / "sc.safetensors"))(model):
         la = model(ids, past_key_values=cache_a, position_ids=torch.arange(120)[None]).logits[:, -1]
+    with torch.no_grad():  # press closed (as in kvpress's pipeline while it decodes): super-tokens keep their mass
         la2 = model(ids[:, :1], past_key_values=cache_a, position_ids=torch.tensor([[120]])).logits[:, -1]
     cache_b = FMKVCCache(model.config, Schedule(8, 4, 16), sidecar_compressor(Sidecar.load(tmp_path / "sc.safetensors")))
     with torch.no_grad():

@@ -38,6 +38,7 @@ def test_two_worker_job_checkpoints_and_resumes(tmp_path, ray_cluster):
     assert abs(first["metrics"]["w8/k_norm_ratio"] - 1) < 1e-4  # hard normalisation, logged
     tensors, man = weights.load(tmp_path / "sc.safetensors", kind="fmkvc-sidecar")  # sha-verified
     assert man["sha256"] == first["sha256"] and man["config"]["n_kv_heads"] == 2
+    assert man["config"]["proportional"] is True  # trained for proportional attention, as it will be served
     ckpt_tensors, _ = weights.load(f"{first['checkpoint']}/sidecar.safetensors", kind="fmkvc-sidecar")
     assert all(torch.equal(tensors[k], ckpt_tensors[k]) for k in tensors)
 
