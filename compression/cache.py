@@ -67,12 +67,14 @@ def proportional(compressor: Compressor | None) -> bool:
     return bool(getattr(compressor, "proportional", False))
 
 
-def sidecar_compressor(sidecar) -> Compressor:
-    @torch.no_grad()
+def sidecar_compressor(sidecar, trainable: bool = False) -> Compressor:
+    """trainable=True: super-tokens keep their graph to the sidecar's weights, even inside a no_grad
+    forward of the frozen model (end-to-end distillation, compression/distill.py)."""
     def compress(keys, values, layer_idx):
         b, h, m, w, d = keys.shape
         slot = (layer_idx * h + torch.arange(h, device=keys.device)).repeat_interleave(m).repeat(b)
-        kt, vt = sidecar(keys.reshape(-1, w, d), values.reshape(-1, w, d), slot)
+        with torch.set_grad_enabled(trainable):
+            kt, vt = sidecar(keys.reshape(-1, w, d), values.reshape(-1, w, d), slot)
         return kt.reshape(b, h, m, d), vt.reshape(b, h, m, d)
 
     compress.proportional = sidecar.cfg.proportional  # trained with the log-count bias or not

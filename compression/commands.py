@@ -35,7 +35,9 @@ def _train(args: argparse.Namespace) -> int:
                       steps=args.steps, lr=args.lr, batch_windows=args.batch_windows, d_model=args.d_model,
                       n_blocks=args.blocks, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                       jac_weight=args.jac_weight, force_weight=args.force_weight, threads=args.threads, seed=args.seed,
-                      proportional=args.attention == "proportional", value_norm=args.value_norm)
+                      proportional=args.attention == "proportional", value_norm=args.value_norm,
+                      distill_steps=args.distill_steps, distill_lr=args.distill_lr, distill_window=args.distill_window,
+                      recent=args.recent, distill_context=args.distill_context, distill_tokens=args.distill_tokens)
     result = run(cfg, num_workers=args.workers, use_gpu=args.use_gpu, storage=args.storage, name=args.name,
                  out=args.out, max_failures=args.max_failures)
     print(json.dumps(result, indent=2))
@@ -105,6 +107,14 @@ def register(sub, group) -> None:
     p.add_argument("--force-weight", type=float, default=1.0)
     p.add_argument("--value-norm", choices=["fixed", "bounded"], default="fixed",
                    help="super-token value norm: equal to the window's mean |v|, or at most that")
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="after --steps of force matching: steps of end-to-end KL distillation through the frozen "
+                        "model (compression/distill.py); loads the model in each worker")
+    p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--distill-window", type=int, default=8, help="W of the compressed cache distilled through")
+    p.add_argument("--recent", type=int, default=64, help="dense recent tokens of that cache")
+    p.add_argument("--distill-context", type=int, default=768, help="context tokens per distillation document")
+    p.add_argument("--distill-tokens", type=int, default=64, help="scored tokens after the context")
     p.add_argument("--attention", choices=["proportional", "plain"], default="proportional",
                    help="how the target reads super-tokens: with a log W mass bias (default) or as single tokens")
     p.add_argument("--eval-every", type=int, default=50)

@@ -45,6 +45,14 @@ class TrainConfig:
     proportional: bool = True  # train (and serve) super-tokens with proportional attention
     value_norm: str = "fixed"  # sidecar's |v~|: "fixed" to the window mean norm, or "bounded" by it
     n_probes: int = 4
+    # stage 2, end-to-end distillation through the frozen model (compression/distill.py); 0: off
+    distill_steps: int = 0
+    distill_lr: float = 1e-4
+    distill_window: int = 8
+    recent: int = 64
+    distill_context: int = 768
+    distill_tokens: int = 64
+    distill_docs: int = 48  # training texts; 2 more are held out for its evaluation
     eval_every: int = 50
     eval_samples: int = 4
     checkpoint_every: int = 100
@@ -208,6 +216,17 @@ def train_loop(config: dict) -> None:
 
     data = stream()
     t0, running = time.time(), {}
+    total = cfg.steps + cfg.distill_steps
+
+    def report(step: int, metrics: dict, do_ckpt: bool, optimizer) -> None:
+        metrics = {"resumed_from": resumed_from, **metrics}
+        if do_ckpt and rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(Path(d), sidecar, optimizer, step, cfg, metrics)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
     while step < cfg.steps:
         batch = make_batch(next(data), rng.choice(cfg.windows), cfg.sink, info, cfg.batch_windows, rng)
         res = batch_loss(model, batch, cfg, info["scaling"], gen)
@@ -219,27 +238,89 @@ def train_loop(config: dict) -> None:
         step += 1
         for key in ("loss", "output", "jacobian", "force"):
             running[key] = 0.9 * running.get(key, float(res[key])) + 0.1 * float(res[key])
-        last = step == cfg.steps
+        last = step == cfg.steps  # the end of this stage: evaluated and saved before any distillation
         do_eval = step % cfg.eval_every == 0 or last
         do_ckpt = step % cfg.checkpoint_every == 0 or last
         if not (do_eval or do_ckpt):
             continue
-        metrics = {"step": step, "resumed_from": resumed_from, "elapsed_s": round(time.time() - t0, 1), **{f"train/{k}": v for k, v in running.items()}}
+        metrics = {"step": step, "elapsed_s": round(time.time() - t0, 1), **{f"train/{k}": v for k, v in running.items()}}
         if do_eval and rank == 0:  # the held-out evaluation is the same on every rank: run it once
             metrics.update(evaluate(sidecar, val, cfg, info))
         if rank == 0:
-            print(f"[step {step}/{cfg.steps} {metrics['elapsed_s']}s] loss {running['loss']:.4f} "
+            print(f"[step {step}/{total} {metrics['elapsed_s']}s] loss {running['loss']:.4f} "
                   + " ".join(f"W{w}: cos {metrics.get(f'w{w}/output_cosine', float('nan')):.4f} "
                              f"jac {metrics.get(f'w{w}/jacobian', float('nan')):.3f}"
                              f" (mean-pool {metrics.get(f'w{w}/mean_pool_jacobian', float('nan')):.3f}) "
                              f"Jratio {metrics.get(f'w{w}/jacobian_norm_ratio', float('nan')):.3f}"
                              for w in cfg.windows), flush=True)
-        if do_ckpt and rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(Path(d), sidecar, opt, step, cfg, metrics)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        report(step, metrics, do_ckpt, opt)
+    if step < total:
+        distill_loop(cfg, sidecar, opt, step, total, report, rank, world, device, t0)
+
+
+def distill_loop(cfg: TrainConfig, sidecar, opt, step: int, total: int, report, rank: int, world: int, device,
+                 t0: float) -> None:
+    """Stage 2: KL(dense || compressed) through the frozen model; gradients averaged across workers by
+    hand (the sidecar runs once per layer per step, which DDP's one-forward-per-backward rule forbids)."""
+    import torch.distributed as dist
+
+    from compression import attention
+    from compression.cache import Schedule
+    from compression.distill import distill_loss, documents
+    from latentwire import profiles
+
+    # bf16 on GPUs; fp32 on CPUs, where bf16 is slow (super-tokens and the KL are computed in fp32 anyway)
+    host, tok = profiles.load(cfg.model, device=str(device), dtype="bfloat16" if device.type == "cuda" else "float32")
+    host.requires_grad_(False)
+    attention.enable(host)
+    length = cfg.distill_context + cfg.distill_tokens
+    docs = [d.to(device) for d in documents(tok, cfg.distill_docs + 2, length)]
+    train_docs, val_docs = docs[:-2], docs[-2:]
+    if len(train_docs) < 1:
+        raise ValueError(f"the offline corpus holds too little text for {length}-token distillation documents")
+    schedule = Schedule(cfg.distill_window, cfg.sink, cfg.recent)
+    dopt = torch.optim.AdamW(sidecar.parameters(), lr=cfg.distill_lr, weight_decay=cfg.weight_decay)
+    if step > cfg.steps:  # resumed inside this stage: the checkpoint's optimizer state is this stage's
+        dopt.load_state_dict(opt.state_dict())
+        for group in dopt.param_groups:
+            group["lr"] = cfg.distill_lr
+    def held_out_kl() -> float:
+        sidecar.eval()
+        with torch.no_grad():
+            kl = sum(float(distill_loss(host, sidecar, d, cfg.distill_context, schedule)) for d in val_docs)
+        sidecar.train()
+        return kl / len(val_docs)
+
+    start_kl = held_out_kl() if rank == 0 else float("nan")  # where this stage starts from, for comparison
+    running = None
+    sidecar.train()
+    while step < total:
+        ids = train_docs[(step * world + rank) % len(train_docs)]
+        kl = distill_loss(host, sidecar, ids, cfg.distill_context, schedule)
+        dopt.zero_grad(set_to_none=True)
+        kl.backward()
+        if world > 1:
+            for p in sidecar.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        torch.nn.utils.clip_grad_norm_(sidecar.parameters(), 1.0)
+        dopt.step()
+        step += 1
+        value = float(kl.detach())
+        running = value if running is None else 0.9 * running + 0.1 * value
+        last = step == cfg.steps  # the end of this stage: evaluated and saved before any distillation
+        do_eval = step % cfg.eval_every == 0 or last
+        do_ckpt = step % cfg.checkpoint_every == 0 or last
+        if not (do_eval or do_ckpt):
+            continue
+        metrics = {"step": step, "elapsed_s": round(time.time() - t0, 1), "distill/kl": running,
+                   "distill/val_kl_at_start": start_kl}
+        if do_eval and rank == 0:
+            metrics["distill/val_kl"] = held_out_kl()
+            print(f"[distill step {step}/{total} {metrics['elapsed_s']}s] kl {running:.4f} held-out kl "
+                  f"{metrics['distill/val_kl']:.4f} (at start {start_kl:.4f})", flush=True)
+        report(step, metrics, do_ckpt, dopt)
 
 
 def run(cfg: TrainConfig, *, num_workers: int = 1, use_gpu: bool = False, storage: str | None = None,

@@ -1,4 +1,4 @@
-"""A tiny Ray Train sidecar job on 2 CPU workers: sha-verified checkpoint, then resume."""
+"""A tiny Ray Train sidecar job on 2 CPU workers: sha-verified checkpoint, resume, then distillation."""
 
 import pytest
 import torch
@@ -47,3 +47,12 @@ def test_two_worker_job_checkpoints_and_resumes(tmp_path, ray_cluster):
     assert second["metrics"]["step"] == 4 and second["metrics"]["resumed_from"] == 2
     after, _ = weights.load(tmp_path / "sc.safetensors", kind="fmkvc-sidecar")
     assert any(not torch.equal(after[k], tensors[k]) for k in tensors)
+
+    # stage 2 on top: end-to-end distillation through the frozen model, gradients averaged over 2 workers
+    cfg.distill_steps, cfg.distill_context, cfg.distill_tokens, cfg.distill_window = 2, 48, 8, 4
+    cfg.recent, cfg.distill_docs, cfg.distill_lr = 8, 4, 1e-3
+    third = run(cfg, **kw)
+    assert third["metrics"]["step"] == 6 and third["metrics"]["resumed_from"] == 4
+    assert 0 <= third["metrics"]["distill/val_kl"] < 10 and third["metrics"]["distill/kl"] > 0
+    distilled, _ = weights.load(tmp_path / "sc.safetensors", kind="fmkvc-sidecar")
+    assert any(not torch.equal(distilled[k], after[k]) for k in after)
