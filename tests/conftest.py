@@ -10,10 +10,20 @@ from transformers.utils import logging as hf_logging
 hf_logging.disable_progress_bar()
 
 
+# Ports Ray binds by default after a test has picked its own (GCS, Serve HTTP/gRPC, dashboard, client,
+# dashboard agent); the kernel's ephemeral range includes 52365, and one CI run drew it for Serve's gRPC.
+RAY_DEFAULT_PORTS = {6379, 8000, 8265, 9000, 10001, 52365, 52366}
+RAY_WORKER_PORTS = range(10002, 20000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port that none of Ray's own default listeners will take after we pick it."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS and port not in RAY_WORKER_PORTS:
+            return port
 
 
 @pytest.fixture(scope="session")
