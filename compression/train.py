@@ -284,6 +284,7 @@ def distill_loop(cfg: TrainConfig, sidecar, opt, step: int, total: int, report, 
         dopt.load_state_dict(opt.state_dict())
         for group in dopt.param_groups:
             group["lr"] = cfg.distill_lr
+
     def held_out_kl() -> float:
         sidecar.eval()
         with torch.no_grad():
@@ -309,7 +310,7 @@ def distill_loop(cfg: TrainConfig, sidecar, opt, step: int, total: int, report, 
         step += 1
         value = float(kl.detach())
         running = value if running is None else 0.9 * running + 0.1 * value
-        last = step == cfg.steps  # the end of this stage: evaluated and saved before any distillation
+        last = step == total
         do_eval = step % cfg.eval_every == 0 or last
         do_ckpt = step % cfg.checkpoint_every == 0 or last
         if not (do_eval or do_ckpt):

@@ -49,10 +49,12 @@ def test_two_worker_job_checkpoints_and_resumes(tmp_path, ray_cluster):
     assert any(not torch.equal(after[k], tensors[k]) for k in tensors)
 
     # stage 2 on top: end-to-end distillation through the frozen model, gradients averaged over 2 workers
-    cfg.distill_steps, cfg.distill_context, cfg.distill_tokens, cfg.distill_window = 2, 48, 8, 4
+    # 3 steps with checkpoint_every=2: the last step (7) must still be evaluated, saved and exported
+    cfg.distill_steps, cfg.distill_context, cfg.distill_tokens, cfg.distill_window = 3, 48, 8, 4
     cfg.recent, cfg.distill_docs, cfg.distill_lr = 8, 4, 1e-3
     third = run(cfg, **kw)
-    assert third["metrics"]["step"] == 6 and third["metrics"]["resumed_from"] == 4
+    assert third["metrics"]["step"] == 7 and third["metrics"]["resumed_from"] == 4
     assert 0 <= third["metrics"]["distill/val_kl"] < 10 and third["metrics"]["distill/kl"] > 0
-    distilled, _ = weights.load(tmp_path / "sc.safetensors", kind="fmkvc-sidecar")
+    distilled, man = weights.load(tmp_path / "sc.safetensors", kind="fmkvc-sidecar")
+    assert man["data"]["step"] == 7
     assert any(not torch.equal(distilled[k], after[k]) for k in after)
