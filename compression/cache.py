@@ -29,9 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-
 import math
+from pathlib import Path
 
 import torch
 from transformers import Cache
@@ -87,6 +86,12 @@ def mean_pool_mass_compressor(keys: torch.Tensor, values: torch.Tensor, layer_id
 
 
 mean_pool_mass_compressor.proportional = True
+
+
+def merge_log_count(log_count: torch.Tensor, start: int, m: int, window: int, compressor: Compressor) -> torch.Tensor:
+    """Log-counts after compress_tail replaced entries [start, start + m * window) by m super-tokens."""
+    mass = torch.full((m,), math.log(window) if proportional(compressor) else 0.0)
+    return torch.cat([log_count[:start], mass, log_count[start + m * window:]])
 
 
 def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedule: Schedule,
@@ -154,8 +159,7 @@ class CompressedLayer(DynamicLayer):
             w = self.schedule.window
             window_last = last_pos[start:start + m * w].view(m, w)[:, -1]
             last_pos = torch.cat([last_pos[:start], window_last, last_pos[start + m * w:]])
-            mass = torch.full((m,), math.log(w) if self.proportional else 0.0)
-            log_count = torch.cat([log_count[:start], mass, log_count[start + m * w:]])
+            log_count = merge_log_count(log_count, start, m, w, self.compressor)
         self.keys, self.values, self.last_pos, self.log_count = keys, values, last_pos, log_count
         return full_k, full_v  # this step's attention still sees what it was given
 

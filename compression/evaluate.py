@@ -55,17 +55,14 @@ def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int):
     """-> (fresh cache, press context manager factory or None)."""
     from transformers import DynamicCache
 
-    from compression import attention
-    from compression.cache import FMKVCCache, Schedule, make_compressor, proportional
+    from compression.cache import cache_factory
     from compression.presses import nominal_budget
 
     if name == "dense":
         return DynamicCache(config=model.config), None
-    if name in WINDOW_METHODS:
-        comp = make_compressor(name, profile=cfg.model, weights=cfg.weights)
-        if proportional(comp):
-            attention.enable(model)  # a no-op wrapper of SDPA for every cache that publishes nothing
-        return FMKVCCache(model.config, Schedule(ratio, cfg.sink, cfg.recent), comp), None
+    if name in WINDOW_METHODS:  # the serving cache (switches the model to proportional attention if needed)
+        return cache_factory(model, method=name, profile=cfg.model, weights=cfg.weights, window=ratio,
+                             sink=cfg.sink, recent=cfg.recent), None
     import kvpress
 
     budget = nominal_budget(n_context, ratio, cfg.sink, cfg.recent)

@@ -78,7 +78,7 @@ def rel(ref: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
 
 def fmkvc_loss(q, k, v, g, f_ref, kt, vt, qpos, *, sink: int, end: int, scale: float, n_probes: int = 4,
                jac_weight: float = 1.0, force_weight: float = 1.0, log_mass: float = 0.0,
-                generator=None) -> dict[str, torch.Tensor]:
+               generator=None) -> dict[str, torch.Tensor]:
     """All tensors per (layer, kv head) row N: q/g/f_ref (N, Q, D), k/v (N, L, D), kt/vt (N, m, D).
     log_mass: score bias of the super-tokens (log W for proportional attention, 0 for plain)."""
     m = kt.shape[1]

@@ -20,7 +20,6 @@ schedule inside the cache itself (no hooks), which is what `AgentModel(cache_fac
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from compression import attention
 from compression.cache import (Compressor, FMKVCCache, Schedule, compress_tail, make_compressor,
-                               mean_pool_compressor, proportional)
+                               mean_pool_compressor, merge_log_count, proportional)
 
 
 @dataclass
@@ -88,9 +87,7 @@ class WindowPress(BasePress):
         layer._fmkvc_final = n_final
         if m:
             layer.keys, layer.values = keys, values
-            start, w = n_final - m, self.window
-            mass = torch.full((m,), math.log(w) if proportional(compressor) else 0.0)
-            log_count = torch.cat([log_count[:start], mass, log_count[start + m * w:]])
+            log_count = merge_log_count(log_count, n_final - m, m, self.window, compressor)
             if proportional(compressor):
                 layer._fmkvc_layer_idx = module.layer_idx
                 layer.__class__ = ProportionalDynamicLayer  # it now holds super-tokens; see that class
