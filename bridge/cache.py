@@ -1,7 +1,8 @@
 """Source hidden states, computed once: the source model is frozen, so training never runs it.
 
-The prompt is `AgentModel.source_ids(context, question)` (what serving sends the source), and
-the states equal `AgentModel.hidden_states(ids, layer)` per item (tested); several layers are
+The prompt is `AgentModel.source_prompt(context, question)` (what serving sends the source), and
+the states equal `AgentModel.hidden_states(ids, layer)[span]` per item, the context tokens a LATENT
+packet carries (tested); several layers are
 captured in one pass so a layer sweep costs one source forward. Stored as fp16 safetensors with
 a manifest (latentwire.weights), right-padded, with per-item lengths.
 """
@@ -26,9 +27,10 @@ class _Stop(Exception):
 @torch.no_grad()
 def source_states(source: AgentModel, items: list[dict], layers: list[int], batch_size: int = 16,
                   progress: bool = True) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (states (N, T, d) fp16 right-padded, lengths (N,))} for the items' source prompts."""
-    ids = [source.source_ids(it["context"], it["question"]) for it in items]
-    lengths = torch.tensor([len(x) for x in ids])
+    """{layer: (states (N, T, d) fp16 right-padded, lengths (N,))}: the packets of the items' prompts."""
+    prompts = [source.source_prompt(it["context"], it["question"]) for it in items]
+    ids, spans = [p[0] for p in prompts], [p[1] for p in prompts]
+    lengths = torch.tensor([sp.stop - sp.start for sp in spans])
     T = int(lengths.max())
     out = {layer: torch.zeros(len(ids), T, source.hidden_size, dtype=torch.float16) for layer in layers}
     captured: dict[int, torch.Tensor] = {}
@@ -56,7 +58,9 @@ def source_states(source: AgentModel, items: list[dict], layers: list[int], batc
             except _Stop:
                 pass
             for layer in layers:
-                out[layer][s : s + len(chunk), :t] = captured[layer].to("cpu", torch.float16)
+                h = captured[layer].to("cpu", torch.float16)
+                for b, sp in enumerate(spans[s : s + len(chunk)]):
+                    out[layer][s + b, : sp.stop - sp.start] = h[b, sp]
     finally:
         for h in handles:
             h.remove()

@@ -32,6 +32,16 @@ def _train(args: argparse.Namespace) -> int:
     from bridge.train import TrainConfig, run
 
     hf_logging.disable_progress_bar()
+    if args.arch == "aligned":
+        from bridge.align import AlignConfig
+        from bridge.align import run as run_aligned
+
+        acfg = AlignConfig(**{k: v for k, v in vars(args).items() if k in AlignConfig.__dataclass_fields__
+                              and v is not None})
+        if acfg.out is None and acfg.source == "smollm2-135m" and acfg.target == "gemma3-270m":
+            acfg.out = str(default_weights_path())
+        print(json.dumps(run_aligned(acfg), indent=1, default=str))
+        return 0
     fields = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     if cfg.out is None and cfg.source == "smollm2-135m" and cfg.target == "gemma3-270m":
@@ -83,8 +93,18 @@ def register(sub, group) -> None:
     p = tr.add_parser("bridge", help="train a bridge as a Ray Train TorchTrainer job")
     p.add_argument("--source", default="smollm2-135m")
     p.add_argument("--target", default="gemma3-270m")
+    p.add_argument("--arch", default="aligned", choices=["aligned", "perceiver"],
+                   help="aligned: one soft token per context token, a ridge fit (bridge/align.py, the "
+                        "packaged bridge); perceiver: K learned queries, SGD on the target's loss")
     p.add_argument("--layer", type=int, default=None, help="source layer (default: the profile's)")
-    p.add_argument("--num-queries", type=int, default=None, help="K soft tokens (default 16)")
+    p.add_argument("--corpus-chunks", type=int, default=None, help="aligned: offline text chunks (default 300)")
+    p.add_argument("--vocab-sequences", type=int, default=None,
+                   help="aligned: random source-vocabulary sequences of 256 tokens (default 100)")
+    p.add_argument("--ridge", type=float, default=None, help="aligned: L2 weight per 1000 rows (default 1)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="aligned: vocabulary softmax temperature (default 0.01)")
+    p.add_argument("--chunk-units", type=int, default=None, help="aligned: work units per checkpoint")
+    p.add_argument("--num-queries", type=int, default=None, help="perceiver: K soft tokens (default 16)")
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--n-layers", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 600)")

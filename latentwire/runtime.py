@@ -121,14 +121,30 @@ class AgentModel:
     # ---- source side ----------------------------------------------------------------------
     def source_ids(self, context: str, question: str) -> torch.Tensor:
         """Token ids of what the source reads (the same prompt for LATENT and TEXT)."""
+        return self.source_prompt(context, question)[0]
+
+    def source_prompt(self, context: str, question: str) -> tuple[torch.Tensor, slice]:
+        """`source_ids` and the slice of its tokens that spell the context.
+
+        A LATENT packet carries the states of the context tokens only: the template, instruction
+        and question are the same for every request or reach the target as text anyway. An empty
+        context has no tokens of its own; the whole prompt is sent then, so a packet is never empty.
+        """
         if len(question) > self.limits.max_question_chars:
             raise InvalidArgument(f"{len(question)} characters exceed the limit of "
                                   f"{self.limits.max_question_chars}", "question")
-        ids = self.tokenize(self.render(f"{context}\n\nQuestion: {question}", SOURCE_INSTRUCTION))
+        user = f"{context}\n\nQuestion: {question}"
+        text = self.render(user, SOURCE_INSTRUCTION)
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor(enc.input_ids, dtype=torch.long, device=self.device)
         if len(ids) > self.limits.max_context_tokens:
             raise ResourceExhausted(f"{len(ids)} tokens exceed the configured limit of "
                                     f"{self.limits.max_context_tokens} (max_context_tokens)", "context")
-        return ids
+        c0 = text.rfind(user)
+        c1 = c0 + len(context)
+        inside = [i for i, (a, b) in enumerate(enc.offset_mapping) if b > a and a < c1 and b > c0]
+        span = slice(inside[0], inside[-1] + 1) if c0 >= 0 and context and inside else slice(0, len(ids))
+        return ids, span
 
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:

@@ -85,6 +85,9 @@ class AgentSettings(_Strict):
 
 class BridgeSettings(_Strict):
     weights: str | None = None  # path to .safetensors (manifest beside it); None: the packaged default
+    # an aligned bridge reads its vocabulary rows from the target's weights: a safetensors directory,
+    # None: the target profile's own (the converted embedded model, or the hub cache)
+    target_path: str | None = None
     device: str = "cpu"
     wire_dtype: str = "bfloat16"
     threads: int | None = None

@@ -178,12 +178,13 @@ class AgentServicer:
         timeout = self.settings.hop_timeout_s
 
         if mode in (pb.LATENT, pb.TEXT):
-            ids = await asyncio.to_thread(self.model.source_ids, req.context, req.question)
+            ids, span = await asyncio.to_thread(self.model.source_prompt, req.context, req.question)
             source_tokens = len(ids)
         if mode == pb.LATENT:
             t0 = now_ms()
             layer = route.source_layer or self.layer
             hidden, tm.source_batch = await self.hiddens.submit((ids, layer))
+            hidden = hidden[span]  # the packet carries the context tokens (AgentModel.source_prompt)
             t1 = now_ms()
             prov.source_layer, prov.source_hidden_size = layer, self.model.hidden_size
             packet = pb.HiddenStatePacket(hidden=codec.encode(hidden, self.settings.wire_dtype), provenance=prov)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bridge.model import Bridge, default_weights_path
+from bridge.model import default_weights_path, load_bridge
 from latentwire import codec
 from latentwire.errors import ResourceExhausted
 from latentwire.runtime import now_ms
@@ -21,7 +21,7 @@ class BridgeServicer:
         self.settings = s = BridgeSettings.model_validate(settings)
         if s.threads:
             torch.set_num_threads(s.threads)
-        self.bridge = Bridge.load(s.weights or default_weights_path(), device=s.device)
+        self.bridge = load_bridge(s.weights or default_weights_path(), device=s.device, target_path=s.target_path)
         self.cfg = self.bridge.cfg
         self.limits = s.limits
         self.auth = BearerAuth.of(s)  # checked by @rpc
@@ -61,10 +61,14 @@ class BridgeServicer:
 
     @torch.no_grad()
     def translate_many(self, hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Soft tokens (K x d_tgt) of several (T_i x d_src) packets: right-padded, masked, one forward."""
+        """Soft tokens (K x d_tgt, or T_i x d_tgt for an aligned bridge) of several (T_i x d_src)
+        packets: right-padded, masked, one forward."""
         n = max(h.shape[0] for h in hiddens)
         x = hiddens[0].new_zeros(len(hiddens), n, hiddens[0].shape[-1], dtype=torch.float32)
         mask = torch.zeros(len(hiddens), n, dtype=torch.long)
         for i, h in enumerate(hiddens):
             x[i, :h.shape[0]], mask[i, :h.shape[0]] = h, 1
-        return list(self.bridge(x.to(self.settings.device), mask.to(self.settings.device)))
+        soft = self.bridge(x.to(self.settings.device), mask.to(self.settings.device))
+        if getattr(self.bridge, "per_position", False):  # one soft token per packet row: drop the padding
+            return [soft[i, :h.shape[0]] for i, h in enumerate(hiddens)]
+        return list(soft)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyinstrument import Profiler
     from transformers.utils import logging as hf_logging
 
-    from bridge.model import Bridge, default_weights_path
+    from bridge.model import default_weights_path, load_bridge
     from latentwire import codec
     from latentwire.runtime import AgentModel
     from protos.latentwire.v1 import latentwire_pb2 as pb
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     src, tgt = AgentModel(args.source), AgentModel(args.target)
-    bridge = Bridge.load(default_weights_path())
+    bridge = load_bridge(default_weights_path())
     items = make_items(args.requests + 1, 256)
     stages: dict[str, float] = {}
 
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     def one(context, question):
-        ids = timed("tokenize_source", src.source_ids, context, question)
-        h = timed("source_forward", src.hidden_states, ids, bridge.cfg.source_layer)
+        ids, span = timed("tokenize_source", src.source_prompt, context, question)
+        h = timed("source_forward", src.hidden_states, ids, bridge.cfg.source_layer)[span]
         wire = timed("codec", lambda: pb.HiddenStatePacket(hidden=codec.encode(h)).SerializeToString())
         hidden = timed("codec", lambda: codec.decode(pb.HiddenStatePacket.FromString(wire).hidden, ndim=2))
         with torch.no_grad():

@@ -73,6 +73,9 @@ def test_end_to_end_eval_produces_every_metric(tiny_pair, tmp_path):
     assert result["modes"]["direct"]["transfer_ratio"] == pytest.approx(1.0)
     lat = result["modes"]["latent"]
     assert -1 <= lat["pairwise_cosine"] <= 1 and 0.5 < lat["rms_ratio"] < 2  # calibrated scale
+    assert -1 <= lat["context_embedding_cosine"] <= 1
+    golds = {it["answer"] for it in generate(3, "val")}
+    assert result["gold_diversity"] == pytest.approx(len(golds) / 3)
     assert 0 < result["modes"]["text"]["message_tokens"] <= 8
     assert result["config"]["bridge_sha256"] == bridge.sha256
     assert len(result["items"]) == 3 and "message" in result["items"][0]
@@ -82,7 +85,8 @@ def test_latent_packet_is_the_serving_computation(tiny_pair):
     source, _, bridge = tiny_pair
     ctx, q = "Alice lives in Oslo.", "Which city does Alice live in?"
     soft = ev.soft_tokens(source, bridge, ctx, q, wire_dtype=None)
-    h = source.hidden_states(source.source_ids(ctx, q), bridge.cfg.source_layer)
+    ids, span = source.source_prompt(ctx, q)
+    h = source.hidden_states(ids, bridge.cfg.source_layer)[span]
     with torch.no_grad():
         assert torch.equal(soft, bridge(h[None])[0])
     assert soft.shape == (4, bridge.cfg.d_tgt)

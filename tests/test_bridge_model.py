@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from bridge.model import Bridge, BridgeConfig, default_weights_path, soft_token_stats
+from bridge.model import Bridge, BridgeConfig, default_weights_path, load_bridge, soft_token_stats
+from latentwire.profiles import get_profile
 from latentwire.weights import WeightsError
 
 
@@ -55,7 +56,9 @@ def test_non_safetensors_weights_are_refused(tmp_path):
 def test_packaged_bridge_is_for_the_embedded_pair():
     manifest = json.loads(default_weights_path().with_suffix(".json").read_text())
     assert (manifest["config"]["source_model"], manifest["config"]["target_model"]) == ("smollm2-135m", "gemma3-270m")
-    assert Bridge.load(default_weights_path()).sha256 == manifest["sha256"]
+    bridge = load_bridge(default_weights_path())  # reads its vocabulary rows from the target's weights
+    assert bridge.sha256 == manifest["sha256"]
+    assert bridge.cfg.source_layer == get_profile("smollm2-135m").source_layer  # what the source sends
 
 
 def test_bridge_service_batches_packets_of_different_lengths_exactly(tiny_bridge_path):

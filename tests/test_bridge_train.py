@@ -73,7 +73,8 @@ def test_cached_source_states_equal_the_serving_hidden_states(tiny):
         h, lengths = states[layer]
         hb, mask = batch(h, lengths, list(range(5)))
         for i, it in enumerate(items):
-            ref = source.hidden_states(source.source_ids(it["context"], it["question"]), layer)
+            ids, span = source.source_prompt(it["context"], it["question"])
+            ref = source.hidden_states(ids, layer)[span]  # the context tokens: what a packet carries
             assert int(lengths[i]) == ref.shape[0] and mask[i].sum() == ref.shape[0]
             torch.testing.assert_close(hb[i, : ref.shape[0]], ref.float(), rtol=2e-3, atol=2e-3)  # fp16 cache
 

@@ -1,0 +1,336 @@
+"""`latentwire train bridge --arch aligned`: fit the aligned bridge (bridge.aligned) as a Ray Train job.
+
+The fit is ridge regression, so the job is a distributed pass over the data rather than SGD:
+each `TorchTrainer` worker runs the frozen source over its share of the work units and sums the
+moments  S = sum [x, 1][x, 1]^T  and  B = sum [x, 1] y^T  of (source layer-L state x, target
+embedding y) rows; the chunk's sums are all-reduced and rank 0 reports them as a checkpoint, so a
+restarted job (FailureConfig) or `--resume` continues after the last whole chunk and ends with
+the same sums. Rank 0 then solves for the normaliser and the linear map, evaluates on held-out
+items and reports the bridge as the final checkpoint.
+
+Rows (x at a source token, y = what the target should read there):
+- y is the target's own embedding of the same piece of text when the target has that piece as one
+  token (names split differently by the two tokenizers then still arrive piece by piece), else the
+  overlap-weighted mean of the target tokens covering its characters (`aligned_rows`);
+- units: fact items (context tokens only: what a packet carries), offline text chunks (lexical
+  breadth) and random source-vocabulary sequences (every source token once in a while, so a name
+  never seen in any text still has a row).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class AlignConfig:
+    source: str = "smollm2-135m"
+    target: str = "gemma3-270m"
+    layer: int | None = None  # None: the source profile's source_layer
+    train_items: int = 400
+    wide_vocab: float = 0.7  # share of training entities from the wide pool (bridge.data)
+    corpus_chunks: int = 300  # offline text chunks of >= 600 characters
+    vocab_sequences: int = 100  # random source-vocabulary sequences of 256 tokens
+    ridge: float = 1.0  # L2 weight, per 1000 rows
+    temperature: float = 0.01
+    chunk_units: int = 200  # work units per checkpoint
+    val_items: int = 32
+    seed: int = 0
+    threads: int = 1
+    num_workers: int = 2
+    use_gpu: bool = False
+    max_failures: int = 3
+    storage_path: str | None = None
+    name: str | None = None
+    resume: str | None = None
+    out: str | None = None
+    log_json: str | None = None
+    fail_at_chunk: int | None = None  # test hook: raise once in this chunk (1-based) to exercise FailureConfig
+
+    def __post_init__(self):
+        if self.temperature <= 0 or self.ridge < 0:
+            raise ValueError("temperature must be > 0 and ridge >= 0")
+
+
+# ---- rows -----------------------------------------------------------------------------------
+def piece_targets(source, target, text: str, char_span: tuple[int, int] | None = None):
+    """Source ids of `text`, the positions in `char_span` (default: all) with a target, and for
+    each the target token id (single-token piece, else -1) and target vector (scaled embedding)."""
+    s = source.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    t = target.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    with torch.no_grad():
+        temb = target.embed(torch.tensor(t.input_ids, dtype=torch.long, device=target.device)[None])[0].float()
+    c0, c1 = char_span or (0, len(text))
+    pos, tids, ys = [], [], []
+    for i, (a, b) in enumerate(s.offset_mapping):
+        if b <= a or b <= c0 or a >= c1:
+            continue
+        g = target.tok(text[a:b], add_special_tokens=False).input_ids
+        if len(g) == 1:
+            with torch.no_grad():
+                y = target.embed(torch.tensor([[g[0]]], device=target.device))[0, 0].float()
+            pos.append(i), tids.append(g[0]), ys.append(y)
+            continue
+        w = [(j, min(b, d) - max(a, c)) for j, (c, d) in enumerate(t.offset_mapping) if min(b, d) > max(a, c)]
+        if w:
+            tot = sum(o for _, o in w)
+            pos.append(i), tids.append(-1), ys.append(sum(temb[j] * (o / tot) for j, o in w))
+    ids = torch.tensor(s.input_ids, dtype=torch.long, device=source.device)
+    y = torch.stack(ys) if ys else temb.new_zeros(0, target.hidden_size)
+    return ids, torch.tensor(pos, dtype=torch.long), torch.tensor(tids, dtype=torch.long), y
+
+
+def item_text(source, item: dict) -> tuple[str, tuple[int, int]]:
+    """The source prompt of a fact item as text and the character span of its context."""
+    from latentwire.runtime import SOURCE_INSTRUCTION
+
+    user = f"{item['context']}\n\nQuestion: {item['question']}"
+    text = source.render(user, SOURCE_INSTRUCTION)
+    c0 = text.rfind(user)
+    return text, (c0, c0 + len(item["context"]))
+
+
+@torch.no_grad()
+def unit_rows(source, target, unit: tuple, layer: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (n, d_src), y (n, d_tgt)) rows of one work unit ("item", item) | ("text", str) | ("vocab", k)."""
+    kind, payload = unit
+    if kind == "vocab":
+        g = torch.Generator().manual_seed(seed * 100_003 + payload)
+        ids = torch.randint(0, min(len(source.tok), source.embed.num_embeddings), (256,), generator=g)
+        xs, ys = [], []
+        h = source.hidden_states(ids.to(source.device), layer).float()
+        for i, t in enumerate(ids.tolist()):
+            tg = target.tok(source.tok.decode([t]), add_special_tokens=False).input_ids
+            if len(tg) == 1:
+                xs.append(h[i]), ys.append(target.embed(torch.tensor([[tg[0]]], device=target.device))[0, 0].float())
+        if not xs:
+            return h.new_zeros(0, h.shape[-1]), h.new_zeros(0, target.hidden_size)
+        return torch.stack(xs), torch.stack(ys)
+    text, span = item_text(source, payload) if kind == "item" else (payload, None)
+    ids, pos, _, y = piece_targets(source, target, text, span)
+    h = source.hidden_states(ids, layer).float()
+    return h[pos.to(h.device)], y
+
+
+def work_units(cfg: AlignConfig) -> list[tuple]:
+    """Every unit of the fit in a seeded order (so shards and resumption are reproducible)."""
+    from bridge.data import generate
+    from latentwire.textdata import text_chunks
+
+    units = [("item", it) for it in generate(cfg.train_items, "train", seed=cfg.seed, wide=cfg.wide_vocab)]
+    units += [("text", t) for t in text_chunks(cfg.corpus_chunks, min_chars=600)]
+    units += [("vocab", k) for k in range(cfg.vocab_sequences)]
+    random.Random(cfg.seed).shuffle(units)
+    return units
+
+
+def moments(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xt = torch.cat([x.double(), x.new_ones(len(x), 1).double()], 1)
+    return xt.T @ xt, xt.T @ y.double()
+
+
+def solve(S: torch.Tensor, B: torch.Tensor, ridge: float) -> dict[str, torch.Tensor]:
+    """Normaliser (mean, log std) and linear map from the moments, ridge in normalised space."""
+    d = S.shape[0] - 1
+    n = S[d, d]
+    mean = S[:d, d] / n
+    var = (torch.diagonal(S)[:d] / n - mean**2).clamp_min(1e-10)
+    std = var.sqrt()
+    # z = (x - mean) / std: [z, 1] = [x, 1] M
+    M = torch.zeros_like(S)
+    M[:d, :d] = torch.diag(1 / std)
+    M[d, :d] = -mean / std
+    M[d, d] = 1
+    Sz, Bz = M.T @ S @ M, M.T @ B
+    reg = ridge * float(n) / 1000 * torch.eye(d + 1, dtype=S.dtype)
+    reg[d, d] = 0  # the bias is not shrunk
+    A = torch.linalg.solve(Sz + reg, Bz)  # (d+1, d_tgt)
+    return {"normalizer.mean": mean.float(), "normalizer.log_std": std.log().float(),
+            "proj.weight": A[:d].T.float().contiguous(), "proj.bias": A[d].float()}
+
+
+def candidate_vocab(source, target) -> torch.Tensor:
+    """Target ids the projection may mix: the one-token images of the source vocabulary's pieces."""
+    ids = set()
+    for t in range(len(source.tok)):
+        g = target.tok(source.tok.decode([t]), add_special_tokens=False).input_ids
+        if len(g) == 1:
+            ids.add(g[0])
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def build_bridge(source, target, cfg: AlignConfig, layer: int, params: dict, vocab_ids: torch.Tensor):
+    from bridge.aligned import AlignedBridge, AlignedConfig, vocab_digest
+
+    scale = float(getattr(target.embed, "embed_scale", 1.0))
+    rows = target.embed.weight.detach().float()[vocab_ids] * scale
+    acfg = AlignedConfig(source.name, target.name, layer, source.hidden_size, target.hidden_size,
+                         temperature=cfg.temperature, embed_rms=target.embed_rms(), embed_scale=scale,
+                         vocab_digest=vocab_digest(rows))
+    bridge = AlignedBridge(acfg, vocab_ids, rows)
+    bridge.load_state_dict({**params, "vocab_ids": vocab_ids}, strict=True)
+    return bridge.eval()
+
+
+@torch.no_grad()
+def evaluate(bridge, source, target, items: list[dict], answers: bool = True) -> dict:
+    """Held-out: how many answer tokens land nearest their own target token, and EM of the answers."""
+    from bridge.eval import exact_match, soft_tokens
+
+    hit = tot = 0
+    em, peaks = [], []
+    for it in items:
+        text, (c0, _) = item_text(source, it)
+        a0 = c0 + it["context"].find(it["answer"])
+        ids, pos, tids, _ = piece_targets(source, target, text, (a0, a0 + len(it["answer"])))
+        x = bridge.mapped(source.hidden_states(ids, bridge.cfg.source_layer)[pos])
+        d2 = x.pow(2).sum(-1, keepdim=True) - 2 * x @ bridge.vocab.T + bridge.vocab_sq
+        nearest = bridge.vocab_ids[d2.argmin(-1)]
+        known = tids >= 0
+        hit += int((nearest[known] == tids[known]).sum())
+        tot += int(known.sum())
+        peaks.append(bridge.project(x)[1].mean())
+        if answers:
+            soft = soft_tokens(source, bridge, it["context"], it["question"])
+            em.append(exact_match(target.answer(soft, it["question"], 16).text, it["answer"]))
+    out = {"val_answer_token_acc": hit / max(1, tot), "val_peak_weight": float(torch.stack(peaks).mean())}
+    if em:
+        out["val_em"] = sum(em) / len(em)
+    return out
+
+
+# ---- the worker loop ------------------------------------------------------------------------
+def _load_state(d: Path) -> tuple[int, torch.Tensor, torch.Tensor, int]:
+    from latentwire import weights
+
+    tensors, man = weights.load(d / "moments.safetensors", kind="bridge-moments")
+    return int(man["data"]["chunks_done"]), tensors["S"], tensors["B"], int(man["data"]["rows"])
+
+
+def _save_state(d: Path, chunks: int, S: torch.Tensor, B: torch.Tensor, rows: int, cfg: dict) -> None:
+    from latentwire import weights
+
+    weights.save(d / "moments.safetensors", {"S": S, "B": B}, kind="bridge-moments", config=cfg,
+                 data={"chunks_done": chunks, "rows": rows})
+
+
+def fit_loop(config: dict) -> None:
+    """Runs on each Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+    from transformers.utils import logging as hf_logging
+
+    from bridge.data import generate
+    from latentwire.runtime import AgentModel
+
+    hf_logging.disable_progress_bar()
+    cfg = AlignConfig(**{k: v for k, v in config.items() if k in AlignConfig.__dataclass_fields__})
+    torch.set_num_threads(cfg.threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = str(ray.train.torch.get_device()) if cfg.use_gpu else "cpu"
+    source, target = AgentModel(cfg.source, device=device), AgentModel(cfg.target, device=device)
+    layer = cfg.layer or source.profile.source_layer
+    units = work_units(cfg)
+    chunks = [units[i:i + cfg.chunk_units] for i in range(0, len(units), cfg.chunk_units)]
+    d = source.hidden_size + 1
+    S, B, rows, done = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, target.hidden_size,
+                                                                             dtype=torch.float64), 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and cfg.resume:
+        ckpt = Checkpoint.from_directory(cfg.resume)
+    if ckpt is not None:
+        with ckpt.as_directory() as cd:
+            done, S, B, rows = _load_state(Path(cd))
+    t0 = time.time()
+    for c in range(done, len(chunks)):
+        if cfg.fail_at_chunk == c + 1 and ckpt is None and rank == 0:
+            raise RuntimeError(f"injected failure in chunk {c + 1} (test hook)")
+        mine = chunks[c][rank::world]
+        s_c, b_c, n_c = torch.zeros_like(S), torch.zeros_like(B), torch.zeros((), dtype=torch.float64)
+        for unit in mine:
+            x, y = unit_rows(source, target, unit, layer, cfg.seed)
+            if len(x):
+                ms, mb = moments(x, y)
+                s_c += ms
+                b_c += mb
+                n_c += len(x)
+        if world > 1:
+            for t in (s_c, b_c, n_c):
+                dist.all_reduce(t)
+        S, B, rows = S + s_c, B + b_c, rows + int(n_c)
+        metrics = {"chunk": c + 1, "chunks": len(chunks), "rows": rows, "seconds": round(time.time() - t0, 1)}
+        with tempfile.TemporaryDirectory() as td:
+            if rank == 0:
+                _save_state(Path(td), c + 1, S, B, rows, {**asdict(cfg), "layer": layer})
+                print(json.dumps(metrics))
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(td))
+            else:
+                ray.train.report(metrics)
+    if rank != 0:  # every worker reports each round (a report is collective); rank 0 alone solves
+        ray.train.report({"chunk": len(chunks), "chunks": len(chunks), "rows": rows})
+        return
+    bridge = build_bridge(source, target, cfg, layer, solve(S, B, cfg.ridge), candidate_vocab(source, target))
+    metrics = {"chunk": len(chunks), "chunks": len(chunks), "rows": rows, "seconds": round(time.time() - t0, 1),
+               **evaluate(bridge, source, target, generate(cfg.val_items, "val", seed=cfg.seed + 1))}
+    print(json.dumps(metrics))
+    with tempfile.TemporaryDirectory() as td:
+        _save_state(Path(td), len(chunks), S, B, rows, {**asdict(cfg), "layer": layer})
+        bridge.save(Path(td) / "bridge.safetensors", data={"rows": rows, "job": ctx.get_experiment_name()},
+                    metrics=metrics)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(td))
+
+
+# ---- the job --------------------------------------------------------------------------------
+def run(cfg: AlignConfig) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from bridge.aligned import AlignedBridge
+
+    t_start = time.time()
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": str(cfg.threads), "TOKENIZERS_PARALLELISM": "false"}
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(2, cfg.num_workers), include_dashboard=False, runtime_env={"env_vars": env},
+                 object_store_memory=200 * 1024**2)
+    name = cfg.name or f"bridge-aligned-{cfg.source}-{cfg.target}-{int(t_start)}"
+    trainer = TorchTrainer(
+        fit_loop, train_loop_config=asdict(cfg),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(name=name, storage_path=cfg.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": env}))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        bridge = AlignedBridge.load(Path(d) / "bridge.safetensors")
+        man = json.loads((Path(d) / "bridge.json").read_text())
+    summary = {"name": name, "arch": "aligned", "layer": bridge.cfg.source_layer, "bridge_id": bridge.bridge_id,
+               "total_seconds": round(time.time() - t_start, 1), "checkpoint": result.checkpoint.path,
+               "final_metrics": man["metrics"]}
+    if cfg.out:
+        out = bridge.save(cfg.out, data={"train": "bridge.align work units", "items": cfg.train_items,
+                                         "corpus_chunks": cfg.corpus_chunks, "vocab_sequences": cfg.vocab_sequences,
+                                         "seed": cfg.seed, "job": name, "rows": man["data"].get("rows")},
+                          metrics={**man["metrics"], "train_seconds": summary["total_seconds"]})
+        summary["out"], summary["sha256"] = str(cfg.out), out["sha256"]
+    if cfg.log_json:
+        Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.log_json).write_text(json.dumps(summary, indent=1, default=str))
+    return summary

@@ -1,0 +1,178 @@
+"""The aligned bridge: context-token packets, the ridge fit, the vocabulary projection, the weights
+and its Ray Train job (tiny pair, real local Ray cluster, 2 CPU workers)."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridge.align import AlignConfig, candidate_vocab, moments, piece_targets, solve
+from bridge.aligned import AlignedBridge, AlignedConfig, vocab_digest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bridge(d_src=6, d_tgt=4, vocab=None, temperature=0.01):
+    vocab = torch.randn(10, d_tgt) if vocab is None else vocab
+    cfg = AlignedConfig("a", "b", 2, d_src, d_tgt, temperature=temperature, embed_rms=1.0,
+                        vocab_digest=vocab_digest(vocab))
+    return AlignedBridge(cfg, torch.arange(len(vocab)), vocab).eval()
+
+
+def test_the_packet_is_the_context_tokens(tiny_source):
+    ctx, q = "Alice lives in Oslo and drives a red car.", "Which city does Alice live in?"
+    ids, span = tiny_source.source_prompt(ctx, q)
+    assert torch.equal(ids, tiny_source.source_ids(ctx, q))
+    assert tiny_source.tok.decode(ids[span]).strip() == ctx
+    assert 0 < span.start and span.stop < len(ids)  # the template and question are left out
+    # an empty context has no tokens of its own: the whole prompt goes, never an empty packet
+    ids, span = tiny_source.source_prompt("", q)
+    assert (span.start, span.stop) == (0, len(ids))
+
+
+def test_ridge_solve_recovers_a_linear_map():
+    torch.manual_seed(0)
+    x = torch.randn(500, 6) * torch.tensor([1.0, 5, 0.1, 2, 3, 1]) + torch.tensor([3.0, -1, 0, 2, 0, 7])
+    w, b = torch.randn(6, 4), torch.randn(4)
+    y = x @ w + b
+    S, B = moments(x, y)
+    bridge = _bridge()
+    bridge.load_state_dict({**solve(S, B, ridge=0.0), "vocab_ids": bridge.vocab_ids})
+    torch.testing.assert_close(bridge.mapped(x), y, atol=1e-3, rtol=1e-3)
+    # moments add up: two halves give the same sums as the whole (what the workers all-reduce)
+    S1, B1 = moments(x[:200], y[:200])
+    S2, B2 = moments(x[200:], y[200:])
+    torch.testing.assert_close(S1 + S2, S)
+    torch.testing.assert_close(B1 + B2, B)
+
+
+def test_projection_is_a_convex_mix_of_the_vocabulary_and_sharpens_to_the_nearest_row():
+    torch.manual_seed(0)
+    vocab = torch.randn(10, 4)
+    sharp, soft = _bridge(vocab=vocab, temperature=1e-4), _bridge(vocab=vocab, temperature=10.0)
+    x = vocab[[3, 7, 7]] + 0.05 * torch.randn(3, 4)
+    out, peak = sharp.project(x)
+    torch.testing.assert_close(out, vocab[[3, 7, 7]], atol=1e-4, rtol=0)
+    assert (peak > 0.999).all()
+    out, peak = soft.project(x)
+    assert (peak < 0.5).all()  # a real mixture, not a codebook lookup
+    lo, hi = vocab.min(0).values, vocab.max(0).values
+    assert ((out >= lo - 1e-6) & (out <= hi + 1e-6)).all()  # inside the vocabulary's hull
+
+
+def test_padding_rows_do_not_change_the_soft_tokens():
+    b = _bridge()
+    h = torch.randn(2, 5, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        batched = b(h, mask)
+        single = b(h[:1, :3])
+    torch.testing.assert_close(batched[0, :3], single[0])
+    assert torch.equal(batched[0, 3:], torch.zeros(2, 4))
+
+
+def test_weights_round_trip_and_refuse_other_target_embeddings(tmp_path):
+    from latentwire.weights import WeightsError
+
+    vocab = torch.randn(10, 4)
+    b = _bridge(vocab=vocab)
+    torch.nn.init.normal_(b.proj.weight)
+    b.save(tmp_path / "b.safetensors")
+    x = torch.randn(1, 3, 6)
+    loaded = AlignedBridge.load(tmp_path / "b.safetensors", embeddings=vocab)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), b(x))
+    assert loaded.sha256 == json.loads((tmp_path / "b.json").read_text())["sha256"]
+    with pytest.raises(ValueError, match="vocabulary digest"):
+        AlignedBridge.load(tmp_path / "b.safetensors", embeddings=vocab + 0.1)
+    with pytest.raises(ValueError, match="does not fit"):
+        AlignedBridge.load(tmp_path / "b.safetensors", embeddings=torch.randn(10, 5))
+    raw = bytearray((tmp_path / "b.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (tmp_path / "b.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(WeightsError):
+        AlignedBridge.load(tmp_path / "b.safetensors", embeddings=vocab)
+
+
+def test_piece_targets_are_the_targets_own_embeddings(tiny_source, tiny_target):
+    text = "Alice lives in Oslo."
+    ids, pos, tids, y = piece_targets(tiny_source, tiny_target, text)
+    assert len(pos) == len(ids)  # every source token has a target here
+    one = tids >= 0
+    assert one.any()
+    with torch.no_grad():
+        torch.testing.assert_close(y[one], tiny_target.embed(tids[one][None])[0].float())
+    for i in pos[one].tolist()[:5]:  # the target token spells the same piece of text
+        j = int(tids[pos.tolist().index(i)])
+        assert tiny_target.tok.decode([j]) == tiny_source.tok.decode([int(ids[i])])
+    assert set(tids[one].tolist()) <= set(candidate_vocab(tiny_source, tiny_target).tolist())
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+        started = True
+    yield
+    if started:
+        ray.shutdown()
+
+
+def test_fit_job_recovers_from_a_worker_failure_and_resumes_to_the_same_bridge(ray_cluster, tmp_path):
+    from bridge.align import run
+    from latentwire.weights import sha256_file
+
+    cfg = AlignConfig(source="tiny-llama", target="tiny-mistral", train_items=12, corpus_chunks=6,
+                      vocab_sequences=2, chunk_units=5, val_items=2, num_workers=2, max_failures=1,
+                      fail_at_chunk=2, storage_path=str(tmp_path / "ray"), name="fit",
+                      out=str(tmp_path / "aligned.safetensors"))
+    first = run(cfg)
+    ckpt = Path(first["checkpoint"])
+    man = json.loads((ckpt / "bridge.json").read_text())
+    assert man["sha256"] == sha256_file(ckpt / "bridge.safetensors")
+    m = first["final_metrics"]
+    assert m["chunks"] == 4 and m["rows"] > 0 and 0 <= m["val_answer_token_acc"] <= 1 and "val_em" in m
+    # a worker raised in chunk 2; FailureConfig restarted the group from the chunk-1 checkpoint and
+    # the sums were not counted twice: a clean run gives the same rows and the same weights
+    clean = run(replace(cfg, fail_at_chunk=None, name="clean", out=None))
+    assert clean["final_metrics"]["rows"] == m["rows"]
+    a = AlignedBridge.load(cfg.out, embeddings=_tiny_embeddings())
+    b = AlignedBridge.load(Path(clean["checkpoint"]) / "bridge.safetensors", embeddings=_tiny_embeddings())
+    torch.testing.assert_close(a.proj.weight, b.proj.weight, atol=1e-5, rtol=1e-4)
+    # --resume from a mid-run checkpoint ends at the same bridge too
+    mid = sorted((tmp_path / "ray" / "clean").glob("checkpoint_*"))[0]
+    resumed = run(replace(cfg, fail_at_chunk=None, name="resumed", out=None, resume=str(mid)))
+    assert resumed["final_metrics"]["rows"] == m["rows"]
+    c = AlignedBridge.load(Path(resumed["checkpoint"]) / "bridge.safetensors", embeddings=_tiny_embeddings())
+    torch.testing.assert_close(c.proj.weight, b.proj.weight, atol=1e-5, rtol=1e-4)
+
+
+def _tiny_embeddings():
+    from latentwire.profiles import input_embeddings
+
+    return input_embeddings("tiny-mistral")
+
+
+def test_bridge_service_trims_each_packet_to_its_own_rows(tmp_path, tiny_source, tiny_target):
+    from bridge.align import build_bridge, solve
+    from services.bridge_service import BridgeServicer
+
+    torch.manual_seed(0)
+    d = tiny_source.hidden_size + 1
+    S, B = moments(torch.randn(50, d - 1), torch.randn(50, tiny_target.hidden_size))
+    bridge = build_bridge(tiny_source, tiny_target, AlignConfig(), 2, solve(S, B, 1.0),
+                          candidate_vocab(tiny_source, tiny_target))
+    bridge.save(tmp_path / "aligned.safetensors")
+    svc = BridgeServicer(dict(weights=str(tmp_path / "aligned.safetensors"), threads=1))
+    hiddens = [torch.randn(t, tiny_source.hidden_size) for t in (5, 9, 1)]
+    batched = svc.translate_many(hiddens)
+    assert [tuple(b.shape) for b in batched] == [(t, tiny_target.hidden_size) for t in (5, 9, 1)]
+    with torch.no_grad():
+        for b, h in zip(batched, hiddens):
+            torch.testing.assert_close(b, svc.bridge(h[None])[0], atol=1e-5, rtol=1e-4)
