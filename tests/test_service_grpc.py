@@ -64,15 +64,17 @@ def test_every_application_reports_serving(client):
 
 
 @pytest.mark.parametrize("mode", ["latent", "text", "direct", "none"])
-def test_all_four_modes_answer_with_timings_and_bytes(client, mode):
+def test_all_four_modes_answer_with_timings_and_bytes(client, mode, tiny_source):
     reply = client.ask(CONTEXT, QUESTION, mode, max_new_tokens=5)
     t = reply.timings
     assert reply.mode == pb.Mode.Value(mode.upper()) and 0 < reply.answer_tokens <= 5
     assert t.target_prefill_ms > 0 and t.source_total_ms >= t.target_prefill_ms + t.target_decode_ms
     if mode == "latent":
         assert reply.message_tokens == 4 and t.bridge_ms > 0 and t.source_prefill_ms > 0
-        # hidden states (T x 64) in + soft tokens (4 x 96) out, bf16 on the wire
-        assert reply.packet_bytes > (reply.source_tokens * 64 + 4 * 96) * 2
+        # the context tokens' hidden states (T x 64) in + soft tokens (4 x 96) out, bf16 on the wire
+        ids, span = tiny_source.source_prompt(CONTEXT, QUESTION)
+        assert reply.source_tokens == len(ids) and span.stop - span.start < len(ids)
+        assert (span.stop - span.start) * 64 * 2 < reply.packet_bytes - 4 * 96 * 2 < len(ids) * 64 * 2
     elif mode == "text":
         assert 0 < reply.message_tokens <= 8 and t.source_decode_ms > 0
     elif mode == "direct":
