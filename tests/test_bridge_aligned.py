@@ -176,3 +176,16 @@ def test_bridge_service_trims_each_packet_to_its_own_rows(tmp_path, tiny_source,
     with torch.no_grad():
         for b, h in zip(batched, hiddens):
             torch.testing.assert_close(b, svc.bridge(h[None])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_keeping_the_nearest_rows_changes_nothing_at_a_low_temperature():
+    """The top-k softmax equals the softmax over the whole vocabulary when the rest weigh nothing."""
+    torch.manual_seed(0)
+    vocab = torch.randn(200, 4)
+    full, kept = _bridge(vocab=vocab, temperature=0.01), _bridge(vocab=vocab, temperature=0.01)
+    full.cfg.top_k, kept.cfg.top_k = 200, 8
+    x = torch.randn(50, 4)
+    a, pa = full.project(x)
+    b, pb = kept.project(x)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5)
