@@ -49,3 +49,20 @@ def tiny_bridge_path(tmp_path_factory, tiny_source, tiny_target):
     path = tmp_path_factory.mktemp("bridge") / "tiny.safetensors"
     bridge.save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster for Ray Train jobs (2 CPUs: the jobs' two workers), unless one is running."""
+    from pathlib import Path
+
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        repo = str(Path(__file__).resolve().parent.parent)
+        ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}})
+    yield
+    if started:
+        ray.shutdown()

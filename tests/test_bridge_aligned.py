@@ -11,7 +11,6 @@ import torch
 from bridge.align import AlignConfig, candidate_vocab, moments, piece_targets, solve
 from bridge.aligned import AlignedBridge, AlignedConfig, vocab_digest
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _bridge(d_src=6, d_tgt=4, vocab=None, temperature=0.01):
@@ -109,19 +108,6 @@ def test_piece_targets_are_the_targets_own_embeddings(tiny_source, tiny_target):
         assert tiny_target.tok.decode([j]) == tiny_source.tok.decode([int(ids[i])])
     assert set(tids[one].tolist()) <= set(candidate_vocab(tiny_source, tiny_target).tolist())
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024**2,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
-        started = True
-    yield
-    if started:
-        ray.shutdown()
 
 
 def test_fit_job_recovers_from_a_worker_failure_and_resumes_to_the_same_bridge(ray_cluster, tmp_path):

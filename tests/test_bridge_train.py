@@ -10,7 +10,6 @@ import torch
 
 from bridge.objective import answer_ids, answer_logits, build_batch
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -110,19 +109,6 @@ def test_batch_order_is_a_function_of_the_step():
     epoch0 = sum(a[:10], [])  # 5 steps x 2 ranks x 4 = one epoch of 40 items, no repeats
     assert sorted(epoch0) == list(range(40))
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
-        started = True
-    yield
-    if started:
-        ray.shutdown()
 
 
 def test_ray_train_job_checkpoints_recovers_and_resumes(ray_cluster, tmp_path):

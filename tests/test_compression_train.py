@@ -12,17 +12,6 @@ hf_logging.disable_progress_bar()
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-
 
 def test_two_worker_job_checkpoints_and_resumes(tmp_path, ray_cluster):
     model, tok = profiles.load("tiny-llama")
