@@ -43,3 +43,10 @@ def test_latent_mode_runs_end_to_end_with_the_packaged_bridge(client):
     # the context tokens' hidden states (T x 576) in bf16, then one soft token each (T x 640) in bf16
     assert 0 < reply.message_tokens < reply.source_tokens
     assert reply.packet_bytes >= reply.message_tokens * (576 + 640) * 2
+
+
+def test_latent_packets_carry_the_facts_of_the_demo_items(client):
+    """The packaged bridge passes each demo item's fact on; the previous Perceiver bridge got none."""
+    for context, question, expected in DEMO_ITEMS:
+        reply = client.ask(context, question, "latent", max_new_tokens=8)
+        assert expected.lower() in reply.answer.lower(), (question, reply.answer)
