@@ -90,16 +90,6 @@ def piece_targets(source, target, text: str, char_span: tuple[int, int] | None =
     return ids, torch.tensor(pos, dtype=torch.long), torch.tensor(tids, dtype=torch.long), y
 
 
-def item_text(source, item: dict) -> tuple[str, tuple[int, int]]:
-    """The source prompt of a fact item as text and the character span of its context."""
-    from latentwire.runtime import SOURCE_INSTRUCTION
-
-    user = f"{item['context']}\n\nQuestion: {item['question']}"
-    text = source.render(user, SOURCE_INSTRUCTION)
-    c0 = text.rfind(user)
-    return text, (c0, c0 + len(item["context"]))
-
-
 @torch.no_grad()
 def unit_rows(source, target, unit: tuple, layer: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x (n, d_src), y (n, d_tgt)) rows of one work unit ("item", item) | ("text", str) | ("vocab", k)."""
@@ -116,7 +106,7 @@ def unit_rows(source, target, unit: tuple, layer: int, seed: int) -> tuple[torch
         if not xs:
             return h.new_zeros(0, h.shape[-1]), h.new_zeros(0, target.hidden_size)
         return torch.stack(xs), torch.stack(ys)
-    text, span = item_text(source, payload) if kind == "item" else (payload, None)
+    text, span = source.source_text(payload["context"], payload["question"]) if kind == "item" else (payload, None)
     ids, pos, _, y = piece_targets(source, target, text, span)
     h = source.hidden_states(ids, layer).float()
     return h[pos.to(h.device)], y
@@ -170,14 +160,12 @@ def candidate_vocab(source, target) -> torch.Tensor:
 
 
 def build_bridge(source, target, cfg: AlignConfig, layer: int, params: dict, vocab_ids: torch.Tensor):
-    from bridge.aligned import AlignedBridge, AlignedConfig, vocab_digest
+    from bridge.aligned import AlignedBridge, AlignedConfig
 
-    scale = float(getattr(target.embed, "embed_scale", 1.0))
-    rows = target.embed.weight.detach().float()[vocab_ids] * scale
     acfg = AlignedConfig(source.name, target.name, layer, source.hidden_size, target.hidden_size,
-                         temperature=cfg.temperature, embed_rms=target.embed_rms(), embed_scale=scale,
-                         vocab_digest=vocab_digest(rows))
-    bridge = AlignedBridge(acfg, vocab_ids, rows)
+                         temperature=cfg.temperature, embed_rms=target.embed_rms(),
+                         embed_scale=float(getattr(target.embed, "embed_scale", 1.0)))
+    bridge = AlignedBridge.from_embeddings(acfg, vocab_ids, target.embed.weight.detach())
     bridge.load_state_dict({**params, "vocab_ids": vocab_ids}, strict=True)
     return bridge.eval()
 
@@ -190,12 +178,11 @@ def evaluate(bridge, source, target, items: list[dict], answers: bool = True) ->
     hit = tot = 0
     em, peaks = [], []
     for it in items:
-        text, (c0, _) = item_text(source, it)
+        text, (c0, _) = source.source_text(it["context"], it["question"])
         a0 = c0 + it["context"].find(it["answer"])
         ids, pos, tids, _ = piece_targets(source, target, text, (a0, a0 + len(it["answer"])))
         x = bridge.mapped(source.hidden_states(ids, bridge.cfg.source_layer)[pos])
-        d2 = x.pow(2).sum(-1, keepdim=True) - 2 * x @ bridge.vocab.T + bridge.vocab_sq
-        nearest = bridge.vocab_ids[d2.argmin(-1)]
+        nearest = bridge.vocab_ids[bridge.nearest(x, 1)[1][:, 0]]
         known = tids >= 0
         hit += int((nearest[known] == tids[known]).sum())
         tot += int(known.sum())
@@ -299,7 +286,8 @@ def run(cfg: AlignConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from bridge.aligned import AlignedBridge
+    from bridge.aligned import AlignedConfig
+    from latentwire import weights
 
     t_start = time.time()
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
@@ -318,17 +306,17 @@ def run(cfg: AlignConfig) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    with result.checkpoint.as_directory() as d:
-        bridge = AlignedBridge.load(Path(d) / "bridge.safetensors")
-        man = json.loads((Path(d) / "bridge.json").read_text())
-    summary = {"name": name, "arch": "aligned", "layer": bridge.cfg.source_layer, "bridge_id": bridge.bridge_id,
+    with result.checkpoint.as_directory() as d:  # sha-checked; the export needs no embedding rows
+        tensors, man = weights.load(Path(d) / "bridge.safetensors", kind="bridge")
+    acfg = AlignedConfig(**man["config"])
+    summary = {"name": name, "arch": "aligned", "layer": acfg.source_layer, "bridge_id": acfg.bridge_id,
                "total_seconds": round(time.time() - t_start, 1), "checkpoint": result.checkpoint.path,
                "final_metrics": man["metrics"]}
     if cfg.out:
-        out = bridge.save(cfg.out, data={"train": "bridge.align work units", "items": cfg.train_items,
-                                         "corpus_chunks": cfg.corpus_chunks, "vocab_sequences": cfg.vocab_sequences,
-                                         "seed": cfg.seed, "job": name, "rows": man["data"].get("rows")},
-                          metrics={**man["metrics"], "train_seconds": summary["total_seconds"]})
+        data = {"train": "bridge.align work units", "items": cfg.train_items, "corpus_chunks": cfg.corpus_chunks,
+                "vocab_sequences": cfg.vocab_sequences, "seed": cfg.seed, "job": name, "rows": man["data"].get("rows")}
+        out = weights.save(cfg.out, tensors, kind="bridge", config=man["config"], data=data,
+                           metrics={**man["metrics"], "train_seconds": summary["total_seconds"]})
         summary["out"], summary["sha256"] = str(cfg.out), out["sha256"]
     if cfg.log_json:
         Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)

@@ -69,9 +69,31 @@ class AlignedBridge(nn.Module):
         self.register_buffer("vocab_sq", self.vocab.pow(2).sum(-1), persistent=False)
         self.sha256 = ""
 
+    @classmethod
+    def from_embeddings(cls, cfg: AlignedConfig, vocab_ids: torch.Tensor, embeddings: torch.Tensor) -> "AlignedBridge":
+        """A bridge over rows `vocab_ids` of the target's (unscaled) input embeddings. A config
+        that names a digest must match the rows; one without gets theirs (a new fit)."""
+        if int(vocab_ids.max()) >= embeddings.shape[0] or embeddings.shape[1] != cfg.d_tgt:
+            raise ValueError(f"bridge {cfg.bridge_id} does not fit the embeddings of {cfg.target_model} "
+                             f"({tuple(embeddings.shape)})")
+        rows = embeddings[vocab_ids.long()].float() * cfg.embed_scale
+        digest = vocab_digest(rows)
+        if cfg.vocab_digest and digest != cfg.vocab_digest:
+            raise ValueError(f"the embeddings of {cfg.target_model} are not the ones bridge {cfg.bridge_id} "
+                             f"was fitted to (vocabulary digest differs)")
+        cfg.vocab_digest = digest
+        return cls(cfg, vocab_ids, rows)
+
     @property
     def bridge_id(self) -> str:
         return self.cfg.bridge_id
+
+    def nearest(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's k nearest vocabulary rows: (||x - e||^2 (N, k), their indices into `vocab`)."""
+        # ||e||^2 - 2 x.e orders the rows like ||x - e||^2 (||x||^2 is the same for every row)
+        score = torch.addmm(self.vocab_sq, x, self.vocab.T, alpha=-2.0)
+        near, idx = score.topk(min(k, score.shape[-1]), dim=-1, largest=False)
+        return near + x.pow(2).sum(-1, keepdim=True), idx
 
     def mapped(self, hidden: torch.Tensor) -> torch.Tensor:
         """The ridge map's output, before the projection (what the regression fits)."""
@@ -86,10 +108,8 @@ class AlignedBridge(nn.Module):
         scale = self.cfg.temperature * self.cfg.d_tgt * self.cfg.embed_rms ** 2
         outs, peaks = [], []
         for part in x.split(ROW_CHUNK):
-            # ||e||^2 - 2 x.e orders the rows like ||x - e||^2 (||x||^2 is the same for every row)
-            score = torch.addmm(self.vocab_sq, part, self.vocab.T, alpha=-2.0)
-            near, idx = score.topk(min(self.cfg.top_k, score.shape[-1]), dim=-1, largest=False)
-            p = torch.softmax(-(near + part.pow(2).sum(-1, keepdim=True)) / scale, -1)
+            d2, idx = self.nearest(part, self.cfg.top_k)
+            p = torch.softmax(-d2 / scale, -1)
             outs.append(torch.einsum("nk,nkd->nd", p, self.vocab[idx]))
             peaks.append(p.max(-1).values)
         if not outs:
@@ -121,17 +141,9 @@ class AlignedBridge(nn.Module):
 
         tensors, manifest = weights.load(path, kind="bridge")
         cfg = AlignedConfig(**manifest["config"])
-        ids = tensors["vocab_ids"].long()
         if embeddings is None:
             embeddings = profiles.input_embeddings(cfg.target_model, local_path=target_path)
-        if int(ids.max()) >= embeddings.shape[0] or embeddings.shape[1] != cfg.d_tgt:
-            raise ValueError(f"bridge {cfg.bridge_id} does not fit the embeddings of {cfg.target_model} "
-                             f"({tuple(embeddings.shape)})")
-        rows = embeddings[ids].float() * cfg.embed_scale
-        if cfg.vocab_digest and vocab_digest(rows) != cfg.vocab_digest:
-            raise ValueError(f"the embeddings of {cfg.target_model} are not the ones bridge {cfg.bridge_id} "
-                             f"was fitted to (vocabulary digest differs)")
-        bridge = cls(cfg, ids, rows)
+        bridge = cls.from_embeddings(cfg, tensors["vocab_ids"].long(), embeddings)
         bridge.load_state_dict({k: v.float() if k != "vocab_ids" else v.long() for k, v in tensors.items()},
                                strict=True)
         bridge.sha256 = manifest["sha256"]

@@ -25,10 +25,19 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(cls, args: argparse.Namespace):
+    """A job config from the arguments given; the embedded pair's bridge goes to the packaged path."""
+    from bridge.model import default_weights_path
+
+    cfg = cls(**{k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None})
+    if cfg.out is None and cfg.source == "smollm2-135m" and cfg.target == "gemma3-270m":
+        cfg.out = str(default_weights_path())
+    return cfg
+
+
 def _train(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from bridge.model import default_weights_path
     from bridge.train import TrainConfig, run
 
     hf_logging.disable_progress_bar()
@@ -36,16 +45,10 @@ def _train(args: argparse.Namespace) -> int:
         from bridge.align import AlignConfig
         from bridge.align import run as run_aligned
 
-        acfg = AlignConfig(**{k: v for k, v in vars(args).items() if k in AlignConfig.__dataclass_fields__
-                              and v is not None})
-        if acfg.out is None and acfg.source == "smollm2-135m" and acfg.target == "gemma3-270m":
-            acfg.out = str(default_weights_path())
+        acfg = _config(AlignConfig, args)
         print(json.dumps(run_aligned(acfg), indent=1, default=str))
         return 0
-    fields = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    if cfg.out is None and cfg.source == "smollm2-135m" and cfg.target == "gemma3-270m":
-        cfg.out = str(default_weights_path())
+    cfg = _config(TrainConfig, args)
     if args.sweep_layers or args.sweep_k:
         from bridge.train import sweep
 

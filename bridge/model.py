@@ -101,6 +101,8 @@ class OutputScaling(nn.Module):
 
 
 class Bridge(nn.Module):
+    per_position = False  # K soft tokens whatever the packet's length
+
     def __init__(self, cfg: BridgeConfig):
         super().__init__()
         self.cfg = cfg

@@ -133,18 +133,23 @@ class AgentModel:
         if len(question) > self.limits.max_question_chars:
             raise InvalidArgument(f"{len(question)} characters exceed the limit of "
                                   f"{self.limits.max_question_chars}", "question")
-        user = f"{context}\n\nQuestion: {question}"
-        text = self.render(user, SOURCE_INSTRUCTION)
+        text, (c0, c1) = self.source_text(context, question)
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = torch.tensor(enc.input_ids, dtype=torch.long, device=self.device)
         if len(ids) > self.limits.max_context_tokens:
             raise ResourceExhausted(f"{len(ids)} tokens exceed the configured limit of "
                                     f"{self.limits.max_context_tokens} (max_context_tokens)", "context")
-        c0 = text.rfind(user)
-        c1 = c0 + len(context)
         inside = [i for i, (a, b) in enumerate(enc.offset_mapping) if b > a and a < c1 and b > c0]
         span = slice(inside[0], inside[-1] + 1) if c0 >= 0 and context and inside else slice(0, len(ids))
         return ids, span
+
+    def source_text(self, context: str, question: str) -> tuple[str, tuple[int, int]]:
+        """The source prompt as text and the character span of the context in it (-1 if the chat
+        template changed the context)."""
+        user = f"{context}\n\nQuestion: {question}"
+        text = self.render(user, SOURCE_INSTRUCTION)
+        c0 = text.rfind(user)
+        return text, (c0, c0 + len(context) if c0 >= 0 else -1)
 
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:

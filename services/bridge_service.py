@@ -69,6 +69,6 @@ class BridgeServicer:
         for i, h in enumerate(hiddens):
             x[i, :h.shape[0]], mask[i, :h.shape[0]] = h, 1
         soft = self.bridge(x.to(self.settings.device), mask.to(self.settings.device))
-        if getattr(self.bridge, "per_position", False):  # one soft token per packet row: drop the padding
+        if self.bridge.per_position:  # one soft token per packet row: drop the padding
             return [soft[i, :h.shape[0]] for i, h in enumerate(hiddens)]
         return list(soft)

@@ -83,6 +83,14 @@ def test_all_four_modes_answer_with_timings_and_bytes(client, mode, tiny_source)
         assert reply.packet_bytes == 0 and t.source_prefill_ms == 0
 
 
+def test_latent_with_an_empty_context_sends_the_whole_prompt(client, tiny_source):
+    """No context tokens to send: the packet carries the prompt's states rather than nothing."""
+    reply = client.ask("", QUESTION, "latent", max_new_tokens=3)
+    ids, span = tiny_source.source_prompt("", QUESTION)
+    assert (span.start, span.stop) == (0, len(ids)) and reply.source_tokens == len(ids)
+    assert reply.answer_tokens > 0 and reply.packet_bytes > len(ids) * 64 * 2
+
+
 def test_stream_yields_the_answer_token_by_token(client):
     chunks = list(client.ask_stream(CONTEXT, QUESTION, "latent", max_new_tokens=6))
     reply = chunks[-1].reply
