@@ -56,7 +56,7 @@ def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int):
     from transformers import DynamicCache
 
     from compression.cache import cache_factory
-    from compression.presses import nominal_budget
+    from compression.presses import LayerTypeExpectedAttentionPress, nominal_budget
 
     if name == "dense":
         return DynamicCache(config=model.config), None
@@ -71,7 +71,7 @@ def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int):
         "streamingllm": lambda: kvpress.StreamingLLMPress(compression_ratio=cr, n_sink=cfg.sink),
         "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=cr, window_size=min(64, cfg.recent)),
         "knorm": lambda: kvpress.KnormPress(compression_ratio=cr),
-        "expected_attention": lambda: kvpress.ExpectedAttentionPress(compression_ratio=cr, n_sink=cfg.sink),
+        "expected_attention": lambda: LayerTypeExpectedAttentionPress(compression_ratio=cr, n_sink=cfg.sink),
     }[name]()
     return DynamicCache(), press  # kvpress's pipeline default cache
 

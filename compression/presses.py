@@ -21,10 +21,12 @@ schedule inside the cache itself (no hooks), which is what `AgentModel(cache_fac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from kvpress import BasePress
+from kvpress import BasePress, ExpectedAttentionPress
 from kvpress.presses.base_press import is_prefilling
 from kvpress.utils import extract_keys_and_values
 from torch import nn
@@ -153,9 +155,30 @@ class FMKVCPress(WindowPress):
         return self._compressor
 
 
+@dataclass
+class LayerTypeExpectedAttentionPress(ExpectedAttentionPress):
+    """kvpress's ExpectedAttentionPress, averaging RoPE with each layer's own rotary parameters.
+
+    Gemma 3 (transformers 5.x) has one `Gemma3RotaryEmbedding` for all layers holding per-layer-type
+    inverse frequencies (`sliding_attention_inv_freq`: local base 10k, `full_attention_inv_freq`:
+    global base 1M, maybe scaled); its `forward(x, position_ids, layer_type)` needs the type. kvpress
+    0.5.5 calls `module.rotary_emb(mu, position_ids)` without it, so Gemma 3 failed with
+    "no attribute 'None_inv_freq'". Here the call gets `module.layer_type` (sliding or full) when the
+    rotary embedding keeps per-type frequencies; every other model (Llama, Mistral...) is unchanged.
+    """
+
+    def apply_avg_rope(self, module: nn.Module, mu: torch.Tensor, cov: torch.Tensor, q_len: int):
+        layer_type = getattr(module, "layer_type", None)
+        if layer_type is not None and hasattr(module.rotary_emb, f"{layer_type}_inv_freq"):
+            # kvpress's apply_avg_rope reads only `head_dim` and `rotary_emb` from the module
+            module = SimpleNamespace(head_dim=module.head_dim,
+                                     rotary_emb=partial(module.rotary_emb, layer_type=layer_type))
+        return super().apply_avg_rope(module, mu, cov, q_len)
+
+
 def nominal_budget(n_tokens: int, window: int, sink: int, recent: int) -> int:
     """Entries kept for n_tokens of context (what the pruning baselines get at the same memory)."""
     return Schedule(window, sink, recent).expected_length(n_tokens)
 
 
-__all__ = ["WindowPress", "MeanPoolPress", "FMKVCPress", "nominal_budget"]
+__all__ = ["WindowPress", "MeanPoolPress", "FMKVCPress", "LayerTypeExpectedAttentionPress", "nominal_budget"]
