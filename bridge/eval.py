@@ -202,7 +202,7 @@ def run(args) -> int:
     items = read_jsonl(args.data, args.limit)
     bridge = None
     if "latent" in modes:
-        bridge = load_bridge(args.bridge or default_weights_path())
+        bridge = load_bridge(args.bridge or default_weights_path(), search_dtype=args.search_dtype)
     source_name = bridge.cfg.source_model if bridge else args.source
     target_name = bridge.cfg.target_model if bridge else args.target
     target = AgentModel(target_name)
@@ -214,7 +214,8 @@ def run(args) -> int:
                         "bridge_id": bridge.bridge_id if bridge else None,
                         "bridge_sha256": bridge.sha256 if bridge else None,
                         "message_tokens": args.message_tokens, "max_new_tokens": args.max_new_tokens,
-                        "wire_dtype": args.wire_dtype}
+                        "wire_dtype": args.wire_dtype,
+                        "search_dtype": str(getattr(bridge, "search_dtype", "")).removeprefix("torch.") or None}
     print(table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -157,8 +157,10 @@ def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().float().numpy().tobytes()).hexdigest()[:16]
 
 
-def load_bridge(path: str | Path, device: str = "cpu", target_path: str | None = None):
-    """A Perceiver `Bridge` or a `bridge.aligned.AlignedBridge`, whichever the manifest names."""
+def load_bridge(path: str | Path, device: str = "cpu", target_path: str | None = None,
+                search_dtype: str = "float32"):
+    """A Perceiver `Bridge` or a `bridge.aligned.AlignedBridge`, whichever the manifest names
+    (`search_dtype`: the aligned bridge's nearest-row scoring, `AlignedBridge.use_search_dtype`)."""
     import json
 
     man = Path(path).with_suffix(".json")  # the arch only picks the class; weights.load verifies
@@ -166,5 +168,5 @@ def load_bridge(path: str | Path, device: str = "cpu", target_path: str | None =
     if arch == "aligned":
         from bridge.aligned import AlignedBridge
 
-        return AlignedBridge.load(path, device=device, target_path=target_path)
+        return AlignedBridge.load(path, device=device, target_path=target_path, search_dtype=search_dtype)
     return Bridge.load(path, device=device)

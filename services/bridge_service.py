@@ -21,7 +21,8 @@ class BridgeServicer:
         self.settings = s = BridgeSettings.model_validate(settings)
         if s.threads:
             torch.set_num_threads(s.threads)
-        self.bridge = load_bridge(s.weights or default_weights_path(), device=s.device, target_path=s.target_path)
+        self.bridge = load_bridge(s.weights or default_weights_path(), device=s.device, target_path=s.target_path,
+                                  search_dtype=s.search_dtype)
         self.cfg = self.bridge.cfg
         self.limits = s.limits
         self.auth = BearerAuth.of(s)  # checked by @rpc

@@ -175,3 +175,28 @@ def test_keeping_the_nearest_rows_changes_nothing_at_a_low_temperature():
     b, pb = kept.project(x)
     torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-3)  # the dropped rows' weight, below bf16's step
     torch.testing.assert_close(pa, pb, atol=2e-4, rtol=1e-3)
+
+
+def test_bfloat16_search_picks_the_rows_float32_does_and_mixes_them_in_float32():
+    """Serving may score the vocabulary in bfloat16 (search_dtype); only the choice of rows is made
+    there: distances, weights and the mix are float32, so the soft tokens match the float32 search."""
+    torch.manual_seed(0)
+    vocab = torch.randn(300, 16)
+    exact, fast = _bridge(d_tgt=16, vocab=vocab), _bridge(d_tgt=16, vocab=vocab).use_search_dtype("bfloat16")
+    exact.cfg.top_k = fast.cfg.top_k = 8
+    x = vocab[torch.randint(0, 300, (64,))] + 0.3 * torch.randn(64, 16)
+    d_exact, i_exact = exact.nearest(x, 8)
+    d_fast, i_fast = fast.nearest(x, 8)
+    assert torch.equal(i_fast[:, 0], i_exact[:, 0])  # the nearest row is found
+    assert (d_fast[:, 1:] >= d_fast[:, :-1]).all()  # nearest first
+    true = (x[:, None] - vocab[i_fast]).pow(2).sum(-1)
+    torch.testing.assert_close(d_fast, true, atol=1e-4, rtol=1e-5)  # float32 distances, not bf16's
+    assert fast.project(x)[0].dtype == torch.float32
+    torch.testing.assert_close(fast.project(x)[0], exact.project(x)[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="search dtype"):
+        exact.use_search_dtype("float16")
+    # auto is bfloat16 only where it is fast, and never changes the float32 default of a new bridge
+    auto = _bridge(d_tgt=16, vocab=vocab).use_search_dtype("auto")
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    assert auto.search_dtype == (torch.bfloat16 if amx else torch.float32)
+    assert _bridge().search_dtype == torch.float32
