@@ -40,13 +40,16 @@ class _StopForward(Exception):
     pass
 
 
-def length_groups(items: list[int], lengths: list[int], max_padding: float = 0.25) -> list[list[int]]:
-    """Split `items` into batches whose padding to their longest member adds at most `max_padding`."""
+def length_groups(items: list[int], lengths: list[int], max_padding: float = 0.25,
+                  max_tokens: int | None = None) -> list[list[int]]:
+    """Split `items` into batches whose padding to their longest member adds at most `max_padding`
+    and, with `max_tokens`, whose padded size (longest x members) stays within it."""
     order = sorted(range(len(items)), key=lambda k: lengths[k])
     groups: list[list[int]] = []
     for k in order:  # ascending lengths: the newest member is the longest
-        if groups and lengths[k] * (len(groups[-1]) + 1) <= (1 + max_padding) * (
-                sum(lengths[j] for j in groups[-1]) + lengths[k]):
+        padded = lengths[k] * (len(groups[-1]) + 1) if groups else 0
+        if groups and padded <= (1 + max_padding) * (sum(lengths[j] for j in groups[-1]) + lengths[k]) \
+                and (max_tokens is None or padded <= max_tokens):
             groups[-1].append(k)
         else:
             groups.append([k])
@@ -58,7 +61,7 @@ class AgentModel:
 
     def __init__(self, profile: str | profiles.ModelProfile, *, device: str = "cpu", dtype: str | None = None,
                  limits: Limits | None = None, model=None, tokenizer=None, cache_factory: Callable | None = None,
-                 local_path: str | None = None):
+                 local_path: str | None = None, batch_tokens: int | None = None):
         self.profile = profiles.get_profile(profile) if isinstance(profile, str) else profile
         if model is None:
             model, tokenizer = profiles.load(self.profile, device=device, dtype=dtype, local_path=local_path)
@@ -76,6 +79,10 @@ class AgentModel:
         # prompt leaves idle; on a CPU the forward is compute-bound and padded batches ran slower
         # than one prompt at a time (8 SmolLM2 prompts of ~1100 tokens: 8.4 s vs 6.1 s).
         self.batch_prefill = self.device.type != "cpu"
+        # Padded tokens one batched generation may prefill (None: no bound). On a CPU a padded
+        # prefill past a few thousand tokens costs more per prompt than smaller batches
+        # (results/bench/stage_scaling_1024.json: 1.53 s per 1024-token prompt at batch 4, 1.83 s at 8).
+        self.batch_tokens = batch_tokens
         self._embed_rms: float | None = None
 
     @property
@@ -214,7 +221,7 @@ class AgentModel:
             return [self.write_message(*job) for job in jobs]
         with torch.no_grad():
             embeds = [self.embed(ids.to(self.device)[None])[0] for ids, _ in jobs]
-        return self.generate_batch(embeds, [n for _, n in jobs])
+        return self._generate_grouped(embeds, [n for _, n in jobs])
 
     def write_message(self, input_ids: torch.Tensor, max_tokens: int) -> Generation:
         """Text relay: the source writes its message to the target, at most `max_tokens` tokens."""
@@ -267,11 +274,15 @@ class AgentModel:
             return [self.answer(*job) for job in jobs]
         with torch.no_grad():
             embeds = [self.target_inputs(payload, question)[0] for payload, question, _ in jobs]
-        out: list[Generation | None] = [None] * len(jobs)
-        # a few soft tokens padded to a long DIRECT context would cost a long prefill each
-        for g in length_groups(list(range(len(jobs))), [len(e) for e in embeds]):
-            gens = self.generate_batch([embeds[i] for i in g], [jobs[i][2] for i in g]) if len(g) > 1 \
-                else [self.generate(embeds[g[0]][None], jobs[g[0]][2])]
+        return self._generate_grouped(embeds, [n for _, _, n in jobs])
+
+    def _generate_grouped(self, embeds: list[torch.Tensor], max_new_tokens: list[int]) -> list[Generation]:
+        """`generate_batch` over groups of similar length (a few soft tokens padded to a long DIRECT
+        context would cost a long prefill each) within `batch_tokens`; a group of one runs unpadded."""
+        out: list[Generation | None] = [None] * len(embeds)
+        for g in length_groups(list(range(len(embeds))), [len(e) for e in embeds], max_tokens=self.batch_tokens):
+            gens = self.generate_batch([embeds[i] for i in g], [max_new_tokens[i] for i in g]) if len(g) > 1 \
+                else [self.generate(embeds[g[0]][None], max_new_tokens[g[0]])]
             for i, gen in zip(g, gens):
                 out[i] = gen
         return out  # type: ignore[return-value]

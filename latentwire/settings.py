@@ -78,6 +78,9 @@ class AgentSettings(_Strict):
     # itself, so the wait is kept short: it is latency every request pays at low load.
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0)
+    # padded prompt tokens one batched generation prefills; a larger batch runs as several (None: no
+    # bound, right for a GPU; the CPU configs set 4096, see AgentModel.batch_tokens)
+    max_batch_tokens: int | None = Field(None, gt=0)
     # target only: bridges whose packets are accepted (ids); empty: any bridge for this target
     accepted_bridges: list[str] = []
     auth: AuthSettings = AuthSettings()

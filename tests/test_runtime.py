@@ -125,6 +125,31 @@ def test_length_groups_bound_the_padding():
         assert max(by[x] for x in g) * len(g) <= 1.25 * sum(by[x] for x in g)
 
 
+def test_length_groups_keep_within_a_token_budget():
+    from latentwire.runtime import length_groups
+
+    lengths = [100, 100, 101, 102, 103, 300]
+    groups = length_groups(list(range(6)), lengths, max_tokens=250)
+    assert sorted(x for g in groups for x in g) == list(range(6))
+    assert all(max(lengths[i] for i in g) * len(g) <= 250 or len(g) == 1 for g in groups)
+    assert [len(g) for g in groups] == [2, 2, 1, 1]  # without the budget: [5, 1]
+    assert [len(g) for g in length_groups(list(range(6)), lengths)] == [5, 1]
+
+
+def test_a_token_budget_splits_a_batch_without_changing_its_answers(tiny_target):
+    """batch_tokens (max_batch_tokens in AgentSettings) runs one big batch as several smaller ones."""
+    m = tiny_target
+    jobs = [(torch.randn(6, m.hidden_size) * 0.05, "Who?", 4) for _ in range(4)]
+    whole = m.answer_batch(jobs)
+    calls = []
+    capped = AgentModel(m.profile, model=m.model, tokenizer=m.tok, batch_tokens=2 * len(m.target_inputs(*jobs[0][:2])[0]))
+    run = capped.generate_batch
+    capped.generate_batch = lambda embeds, n: calls.append(len(embeds)) or run(embeds, n)
+    split = capped.answer_batch(jobs)
+    assert calls == [2, 2]  # two padded batches of two instead of one of four
+    assert [s.token_ids for s in split] == [w.token_ids for w in whole]
+
+
 def test_a_compressed_cache_answers_a_batch_one_by_one(tiny_target):
     """FMKVC-style caches hold one sequence: a batch is answered in turn, each as it would be alone."""
     from compression.cache import factory
