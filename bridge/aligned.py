@@ -45,7 +45,7 @@ class AlignedConfig:
     embed_rms: float = 1.0  # RMS of the target's input embeddings of real text
     embed_scale: float = 1.0  # the target's embedding multiplier (Gemma: sqrt(d))
     vocab_digest: str = ""  # sha256 of the (scaled) vocabulary rows, checked on load
-    top_k: int = 64  # nearest vocabulary rows the softmax keeps per soft token (packaged: 32, results/bridge/search_speed.json)
+    top_k: int = 64  # nearest vocabulary rows the softmax keeps per soft token (packaged: 32, search_speed.json)
     arch: str = "aligned"
 
     @property
@@ -129,7 +129,7 @@ class AlignedBridge(nn.Module):
         near, idx = score.topk(min(max(k, SEARCH_MARGIN), n) if low else k, dim=-1, largest=False)
         rows = self.vocab[idx]
         if low:
-            near = torch.addcmul(self.vocab_sq[idx], torch.bmm(rows, x[:, :, None])[..., 0], torch.tensor(-2.0))
+            near = self.vocab_sq[idx] - 2 * torch.bmm(rows, x[:, :, None])[..., 0]
             if idx.shape[1] > k:
                 near, keep = near.topk(k, dim=-1, largest=False)
                 idx, rows = idx.gather(1, keep), rows.gather(1, keep[..., None].expand(-1, -1, rows.shape[-1]))
@@ -184,7 +184,8 @@ class AlignedBridge(nn.Module):
              embeddings: torch.Tensor | None = None, search_dtype: str = "float32") -> "AlignedBridge":
         """`embeddings`: the target's (unscaled) input embedding matrix, if the caller has it;
         otherwise it is read from the target model's weights (`target_path` or its profile).
-        `search_dtype`: see `use_search_dtype` (serving passes "auto"; fits and evals stay float32)."""
+        `search_dtype`: see `use_search_dtype` (the bridge service and `latentwire eval` pass "auto"; the
+        fit's own held-out check keeps float32)."""
         from latentwire import profiles
 
         tensors, manifest = weights.load(path, kind="bridge")

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny twins of the production pair, a calibrated tiny bridge, free ports."""
+"""Shared fixtures: tiny twins of the production pair (and a tiny Gemma 3), a calibrated tiny bridge, free ports."""
 
 from __future__ import annotations
 
@@ -24,6 +24,19 @@ def free_port() -> int:
             port = s.getsockname()[1]
         if port not in RAY_DEFAULT_PORTS and port not in RAY_WORKER_PORTS:
             return port
+
+
+def tiny_gemma3():
+    """A random Gemma 3 text model: sliding and full layers mixed (per-layer-type rotary frequencies), QK norm."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(3)
+    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=64,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                        "sliding_attention"], max_position_embeddings=1024)
+    return Gemma3ForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="session")

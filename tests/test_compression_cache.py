@@ -9,6 +9,7 @@ from transformers.utils import logging as hf_logging
 
 from compression.cache import FMKVCCache, Schedule, cache_factory, mean_pool_compressor
 from latentwire import profiles
+from tests.conftest import tiny_gemma3
 from latentwire.runtime import AgentModel
 
 hf_logging.disable_progress_bar()
@@ -18,14 +19,7 @@ torch.set_num_threads(1)  # 2 shared cores: oversubscription costs more than it 
 @pytest.fixture(scope="module", params=["tiny-llama", "tiny-mistral", "tiny-gemma3"])
 def model(request):
     if request.param == "tiny-gemma3":  # Gemma 3 code path: sliding and full layers mixed, QK norm
-        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-        torch.manual_seed(3)
-        cfg = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                               num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=64,
-                               layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                                            "sliding_attention"], max_position_embeddings=1024)
-        return Gemma3ForCausalLM(cfg).eval()
+        return tiny_gemma3()
     return profiles.load(request.param)[0]
 
 

@@ -10,6 +10,7 @@ from compression.evaluate import EvalConfig, make_method, prefill
 from compression.presses import FMKVCPress, MeanPoolPress, nominal_budget
 from compression.sidecar import Sidecar, SidecarConfig
 from latentwire import profiles
+from tests.conftest import tiny_gemma3
 
 hf_logging.disable_progress_bar()
 torch.set_num_threads(1)
@@ -74,23 +75,11 @@ def test_fmkvc_press_equals_cache_with_same_sidecar(tmp_path):
     torch.testing.assert_close(la2, lb2, atol=1e-5, rtol=1e-5)
 
 
-def _tiny_gemma3():
-    """Gemma 3 code path: sliding and full layers mixed (per-layer-type rotary frequencies), QK norm."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(3)
-    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=64,
-                           layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                                        "sliding_attention"], max_position_embeddings=1024)
-    return Gemma3ForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("family", ["tiny-gemma3", "tiny-llama", "tiny-mistral"])
 def test_expected_attention_baseline_compresses_every_layer(family):
     """eval-cache's expected_attention baseline (make_method + prefill, as the evaluator runs it): Gemma 3's
     rotary embedding needs each layer's type (kvpress called it without one: 'None_inv_freq')."""
-    model = _tiny_gemma3() if family == "tiny-gemma3" else profiles.load(family)[0]
+    model = tiny_gemma3() if family == "tiny-gemma3" else profiles.load(family)[0]
     cfg, ratio, n = EvalConfig(sink=4, recent=16), 4, 120
     ids = torch.randint(3, 290, (n,), generator=torch.Generator().manual_seed(5))
     rope_types = []  # the layer types the press asks the shared rotary embedding for

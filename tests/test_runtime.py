@@ -142,7 +142,8 @@ def test_a_token_budget_splits_a_batch_without_changing_its_answers(tiny_target)
     jobs = [(torch.randn(6, m.hidden_size) * 0.05, "Who?", 4) for _ in range(4)]
     whole = m.answer_batch(jobs)
     calls = []
-    capped = AgentModel(m.profile, model=m.model, tokenizer=m.tok, batch_tokens=2 * len(m.target_inputs(*jobs[0][:2])[0]))
+    prompt = len(m.target_inputs(*jobs[0][:2])[0])
+    capped = AgentModel(m.profile, model=m.model, tokenizer=m.tok, batch_tokens=2 * prompt)
     run = capped.generate_batch
     capped.generate_batch = lambda embeds, n: calls.append(len(embeds)) or run(embeds, n)
     split = capped.answer_batch(jobs)
