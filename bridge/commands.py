@@ -11,13 +11,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from bridge.calibrate import calibrate
-    from bridge.model import default_weights_path
     from latentwire.runtime import AgentModel
 
     hf_logging.disable_progress_bar()
     source, target = AgentModel(args.source), AgentModel(args.target)
     bridge = calibrate(source, target, layer=args.layer, num_queries=args.num_queries, n_texts=args.texts)
-    out = args.out or default_weights_path()
+    out = args.out
     stats = {"target_embed_rms": target.embed_rms()}
     manifest = bridge.save(out, data={"calibration": f"pydoc_data.topics, {args.texts} chunks"},
                            metrics=stats, dtype=getattr(torch, args.dtype))
@@ -91,7 +90,8 @@ def register(sub, group) -> None:
     p.add_argument("--num-queries", type=int, default=32, help="K soft tokens")
     p.add_argument("--texts", type=int, default=48, help="offline text chunks to calibrate on")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="stored weight dtype")
-    p.add_argument("--out", default=None, help="output .safetensors (default: the packaged bridge)")
+    # required: an untrained bridge written to the packaged path would replace the trained one
+    p.add_argument("--out", required=True, help="output .safetensors")
     p.set_defaults(func=_calibrate)
 
     tr = group("train", "Ray Train jobs")

@@ -106,3 +106,15 @@ def test_nll_of_an_item_matches_a_plain_forward(tiny_pair):
         n = prompt.shape[1]
         ref = torch.nn.functional.cross_entropy(logits[0, n - 1 : n - 1 + len(ans)], ans).item()
     assert ev.item_nll(target, ctx, q, a) == pytest.approx(ref, rel=1e-4)
+
+
+def test_calibrate_needs_an_output_path_and_leaves_the_packaged_bridge_alone(capsys):
+    """An untrained bridge must never land on the packaged (trained) path by default."""
+    from bridge.model import default_weights_path
+    from latentwire.cli import main
+
+    packaged = default_weights_path().read_bytes()
+    with pytest.raises(SystemExit) as err:
+        main(["bridge", "calibrate", "--source", "tiny-llama", "--target", "tiny-mistral"])
+    assert err.value.code == 2 and "--out" in capsys.readouterr().err
+    assert default_weights_path().read_bytes() == packaged
