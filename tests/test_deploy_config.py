@@ -33,6 +33,15 @@ def test_a_typo_in_app_args_is_an_error():
         local.validate(cfg)
 
 
+@pytest.mark.parametrize("app,key,value", [("bridge", "search_dtype", "float16"),
+                                            ("target", "max_batch_tokens", 0)])
+def test_a_bad_hot_path_setting_is_an_error(app, key, value):
+    cfg = local.load_config(local.DEFAULT_CONFIG)
+    next(a for a in cfg["applications"] if a["name"] == app)["args"][key] = value
+    with pytest.raises(ValidationError, match=key):
+        local.validate(cfg)
+
+
 @pytest.mark.parametrize("name", ["local.yaml", "local-fmkvc.yaml"])
 def test_local_source_reads_the_layer_the_packaged_bridge_was_trained_on(name):
     import json
