@@ -77,6 +77,8 @@ def _eval_arguments(p) -> None:
     p.add_argument("--wire-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--search-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="an aligned bridge's nearest-row scoring, as the bridge service's search_dtype")
+    p.add_argument("--prefill-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the models' prompt forward, as the agents' prefill_dtype (AgentModel.use_prefill_dtype)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--json", default=None, help="write the result JSON here")
 

@@ -205,8 +205,8 @@ def run(args) -> int:
         bridge = load_bridge(args.bridge or default_weights_path(), search_dtype=args.search_dtype)
     source_name = bridge.cfg.source_model if bridge else args.source
     target_name = bridge.cfg.target_model if bridge else args.target
-    target = AgentModel(target_name)
-    source = AgentModel(source_name) if {"latent", "text"} & set(modes) else None
+    target = AgentModel(target_name, prefill_dtype=args.prefill_dtype)
+    source = AgentModel(source_name, prefill_dtype=args.prefill_dtype) if {"latent", "text"} & set(modes) else None
     result = evaluate(items, modes, source, target, bridge, message_tokens=args.message_tokens,
                       max_new_tokens=args.max_new_tokens, wire_dtype=args.wire_dtype)
     result["config"] = {"data": str(args.data), "modes": modes, "source": source_name, "target": target_name,
@@ -215,7 +215,8 @@ def run(args) -> int:
                         "bridge_sha256": bridge.sha256 if bridge else None,
                         "message_tokens": args.message_tokens, "max_new_tokens": args.max_new_tokens,
                         "wire_dtype": args.wire_dtype,
-                        "search_dtype": str(getattr(bridge, "search_dtype", "")).removeprefix("torch.") or None}
+                        "search_dtype": str(getattr(bridge, "search_dtype", "")).removeprefix("torch.") or None,
+                        "prefill_dtype": str(target.prefill_dtype).removeprefix("torch.")}
     print(table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

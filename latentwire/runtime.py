@@ -6,6 +6,7 @@ prompt, primer or mask that differs between training and serving cannot happen b
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,13 @@ _SLOT = "\x00PAYLOAD\x00"  # where the packet goes inside the rendered target pr
 
 SOURCE_INSTRUCTION = ("Write a short message to another agent that passes on every fact it needs "
                       "to answer the question (names, numbers, places, dates). Reply with the message only.")
+
+
+def fast_bfloat16(device: torch.device | str = "cpu") -> bool:
+    """Whether bfloat16 matrix multiplies beat float32 here: a GPU, or a CPU with AMX tiles."""
+    if torch.device(device).type == "cuda":
+        return True
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def now_ms() -> float:
@@ -61,7 +69,7 @@ class AgentModel:
 
     def __init__(self, profile: str | profiles.ModelProfile, *, device: str = "cpu", dtype: str | None = None,
                  limits: Limits | None = None, model=None, tokenizer=None, cache_factory: Callable | None = None,
-                 local_path: str | None = None, batch_tokens: int | None = None):
+                 local_path: str | None = None, batch_tokens: int | None = None, prefill_dtype: str = "float32"):
         self.profile = profiles.get_profile(profile) if isinstance(profile, str) else profile
         if model is None:
             model, tokenizer = profiles.load(self.profile, device=device, dtype=dtype, local_path=local_path)
@@ -84,6 +92,60 @@ class AgentModel:
         # (results/bench/stage_scaling_1024.json: 1.53 s per 1024-token prompt at batch 4, 1.83 s at 8).
         self.batch_tokens = batch_tokens
         self._embed_rms: float | None = None
+        self._prefill_model = None
+        self.prefill_dtype = self.use_prefill_dtype(prefill_dtype)
+
+    def use_prefill_dtype(self, dtype: str = "auto") -> torch.dtype:
+        """Run the prompt forward of every generation in `dtype` ("float32", "bfloat16", or "auto":
+        bfloat16 for a float32 model on an AMX CPU, else the model's own dtype).
+
+        On an AMX CPU a prompt forward is compute-bound and bfloat16 multiplies are several times
+        faster, while one-token decode steps are bandwidth-bound and ran slower in bfloat16
+        (see README, "Hot path"). So a bfloat16 copy of the decoder (no embedding table) prefills
+        all prompt tokens but the last; the cache is cast back, and the last token and every decode
+        step run in the model's float32, so logits and sampling stay float32. Only with the dense
+        cache: FMKVC's sidecar compresses float32 keys.
+        """
+        own = next(self.model.parameters()).dtype
+        if dtype == "auto":
+            cpu_amx = self.device.type == "cpu" and fast_bfloat16("cpu")
+            want = torch.bfloat16 if cpu_amx and own == torch.float32 and self.cache_factory is None else own
+        elif dtype in ("float32", "bfloat16"):
+            want = getattr(torch, dtype)
+        else:
+            raise ValueError(f"prefill dtype must be float32, bfloat16 or auto, not {dtype!r}")
+        if want != own and self.cache_factory is not None:
+            raise ValueError(f"prefill dtype {dtype} needs the dense cache (a compressed cache's sidecar "
+                             f"works in the model's {str(own).removeprefix('torch.')})")
+        self._prefill_model = None if want == own else self._decoder_copy(want)
+        return want
+
+    def _decoder_copy(self, dtype: torch.dtype):
+        decoder = self.model.get_decoder()
+        table = decoder.get_input_embeddings()
+        decoder.set_input_embeddings(None)  # prompts arrive as embeddings: no second table
+        try:
+            fast = copy.deepcopy(decoder)
+        finally:
+            decoder.set_input_embeddings(table)
+        for p in fast.parameters():  # parameters only: buffers such as RoPE's inv_freq stay float32
+            p.data = p.data.to(dtype)
+            p.requires_grad_(False)
+        return fast.eval()
+
+    def _prefill(self, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache):
+        """The prompt forward into `cache`; returns the model output with the last position's logits."""
+        if self._prefill_model is not None and x.shape[1] > 1:
+            self._prefill_model(inputs_embeds=x[:, :-1].to(self.prefill_dtype), attention_mask=mask[:, :-1],
+                                position_ids=pos[:, :-1], past_key_values=cache, use_cache=True)
+            own = x.dtype
+            for layer in cache.layers:
+                if getattr(layer, "keys", None) is not None:
+                    layer.keys, layer.values = layer.keys.to(own), layer.values.to(own)
+            return self.model(inputs_embeds=x[:, -1:], attention_mask=mask, position_ids=pos[:, -1:],
+                              past_key_values=cache, use_cache=True)
+        return self.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                          use_cache=True, logits_to_keep=1)
 
     @property
     def name(self) -> str:
@@ -307,9 +369,8 @@ class AgentModel:
         n = inputs_embeds.shape[1]
         cache = self.new_cache()
         t0 = now_ms()
-        out = self.model(inputs_embeds=inputs_embeds, attention_mask=torch.ones(1, n, dtype=torch.long,
-                         device=self.device), position_ids=torch.arange(n, device=self.device)[None],
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self._prefill(inputs_embeds, torch.ones(1, n, dtype=torch.long, device=self.device),
+                            torch.arange(n, device=self.device)[None], cache)
         t1 = now_ms()
         ids: list[int] = []
         text_so_far = ""
@@ -358,8 +419,7 @@ class AgentModel:
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=self.model.config)
         t0 = now_ms()
-        out = self.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self._prefill(x, mask, pos, cache)
         t1 = now_ms()
         ids: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b

@@ -81,6 +81,9 @@ class AgentSettings(_Strict):
     # padded prompt tokens one batched generation prefills; a larger batch runs as several (None: no
     # bound, right for a GPU; the CPU configs set 4096, see AgentModel.batch_tokens)
     max_batch_tokens: int | None = Field(None, gt=0)
+    # dtype of each generation's prompt forward (decode steps stay in `dtype`); auto: bfloat16 for a
+    # float32 model with the dense cache on an AMX CPU (AgentModel.use_prefill_dtype)
+    prefill_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # target only: bridges whose packets are accepted (ids); empty: any bridge for this target
     accepted_bridges: list[str] = []
     auth: AuthSettings = AuthSettings()

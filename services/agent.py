@@ -38,7 +38,7 @@ class AgentServicer:
             cache_factory = factory(profile=s.profile, **s.kv_compression.model_dump())
         self.model = AgentModel(s.profile, device=s.device, dtype=s.dtype, limits=s.limits,
                                 local_path=s.local_path, cache_factory=cache_factory,
-                                batch_tokens=s.max_batch_tokens)
+                                batch_tokens=s.max_batch_tokens, prefill_dtype=s.prefill_dtype)
         self.limits = s.limits
         self.auth = BearerAuth.of(s)  # checked by @rpc; its token also goes on the calls below
         self.layer = s.source_layer or self.model.profile.source_layer

@@ -164,3 +164,58 @@ def test_a_compressed_cache_answers_a_batch_one_by_one(tiny_target):
     assert [b.token_ids for b in batch] == [s.token_ids for s in single]
     dense = tiny_target.answer(*jobs[0])
     assert batch[0].cache_tokens < dense.cache_tokens  # the compressed cache was used
+
+
+@pytest.mark.parametrize("which", ["tiny-llama", "tiny-mistral", "tiny-gemma3"])
+def test_bfloat16_prefill_fills_a_float32_cache_and_keeps_float32_logits(which, tiny_source, tiny_target):
+    """prefill_dtype bfloat16: a bfloat16 copy of the decoder reads all prompt tokens but the last;
+    the cache it leaves is float32, the last token and decoding run in float32, and the logits stay
+    within bfloat16's rounding of the float32 prefill (Gemma 3: past its 64-token sliding window)."""
+    from transformers import DynamicCache
+
+    from tests.conftest import tiny_gemma3
+
+    base = {"tiny-llama": tiny_source, "tiny-mistral": tiny_target}.get(which)
+    model = base.model if base else tiny_gemma3()
+    tok = base.tok if base else tiny_target.tok
+    ref = AgentModel(which if base else "tiny-mistral", model=model, tokenizer=tok)
+    fast = AgentModel(ref.profile, model=model, tokenizer=tok, prefill_dtype="bfloat16")
+    assert ref.prefill_dtype == torch.float32 and ref._prefill_model is None
+    assert fast.prefill_dtype == torch.bfloat16
+    assert {p.dtype for p in fast._prefill_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the served model is untouched
+    assert model.get_input_embeddings() is not None  # and the copy has no second table:
+    assert not any(isinstance(mod, torch.nn.Embedding) for mod in fast._prefill_model.modules())
+
+    torch.manual_seed(0)
+    n = 90
+    table = model.get_input_embeddings()
+    x = table(torch.randint(table.num_embeddings, (1, n))).detach()  # token embeddings as inputs
+    mask, pos = torch.ones(1, n, dtype=torch.long), torch.arange(n)[None]
+    caches = [DynamicCache(config=model.config), DynamicCache(config=model.config)]
+    with torch.no_grad():
+        want = ref._prefill(x, mask, pos, caches[0]).logits[0, -1]
+        got = fast._prefill(x, mask, pos, caches[1]).logits[0, -1]
+    assert got.dtype == torch.float32
+    assert all(layer.keys.dtype == torch.float32 for layer in caches[1].layers)
+    assert caches[1].get_seq_length() == caches[0].get_seq_length() == n
+    err = (got - want).norm() / want.norm()
+    assert 0 < err < 0.05, err  # bfloat16 ran (not bit-identical) and stayed close
+    assert got.argmax() == want.argmax()
+
+
+def test_prefill_dtype_is_checked(tiny_target, monkeypatch):
+    from compression.cache import factory
+
+    m = tiny_target
+    with pytest.raises(ValueError, match="float32, bfloat16 or auto"):
+        AgentModel(m.profile, model=m.model, tokenizer=m.tok, prefill_dtype="float16")
+    compressed = factory(profile="tiny-mistral", method="mean_pool", window=4, sink=2, recent=8)
+    with pytest.raises(ValueError, match="dense cache"):
+        AgentModel(m.profile, model=m.model, tokenizer=m.tok, cache_factory=compressed, prefill_dtype="bfloat16")
+    for amx, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert AgentModel(m.profile, model=m.model, tokenizer=m.tok, prefill_dtype="auto").prefill_dtype == want
+        # a compressed cache keeps its model's dtype whatever the hardware
+        assert AgentModel(m.profile, model=m.model, tokenizer=m.tok, cache_factory=compressed,
+                          prefill_dtype="auto").prefill_dtype == torch.float32
