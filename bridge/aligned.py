@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from bridge.model import StatisticalNormalizer
 from latentwire import weights
+from latentwire.runtime import fast_bfloat16
 
 ROW_CHUNK = 512  # soft tokens projected at a time: bounds the (rows x vocab) distance matrix
 SEARCH_MARGIN = 16  # candidates a low-precision search rescores at least (results/bridge/search_speed.json)
@@ -101,8 +102,7 @@ class AlignedBridge(nn.Module):
         AMX; results/bridge/search_speed.json).
         """
         if dtype == "auto":
-            fast = self.vocab.is_cuda or bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-            dtype = "bfloat16" if fast else "float32"
+            dtype = "bfloat16" if fast_bfloat16(self.vocab.device) else "float32"
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"search dtype must be float32, bfloat16 or auto, not {dtype!r}")
         self.search_dtype = getattr(torch, dtype)

@@ -34,7 +34,8 @@ def test_a_typo_in_app_args_is_an_error():
 
 
 @pytest.mark.parametrize("app,key,value", [("bridge", "search_dtype", "float16"),
-                                            ("target", "max_batch_tokens", 0)])
+                                            ("target", "max_batch_tokens", 0),
+                                            ("target", "prefill_dtype", "float16")])
 def test_a_bad_hot_path_setting_is_an_error(app, key, value):
     cfg = local.load_config(local.DEFAULT_CONFIG)
     next(a for a in cfg["applications"] if a["name"] == app)["args"][key] = value
