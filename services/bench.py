@@ -63,7 +63,9 @@ def hardware() -> dict:
 
     info = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            # AMX decides the agents' and the bridge's "auto" dtypes (bfloat16 prefill and search)
+            "cpu_amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))

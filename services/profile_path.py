@@ -29,12 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     from bridge.model import default_weights_path, load_bridge
     from latentwire import codec
     from latentwire.runtime import AgentModel
-    from latentwire.settings import BridgeSettings
+    from latentwire.settings import AgentSettings, BridgeSettings
     from protos.latentwire.v1 import latentwire_pb2 as pb
     from services.bench import make_items
 
     hf_logging.disable_progress_bar()
-    src, tgt = AgentModel(args.source), AgentModel(args.target)
+    prefill = AgentSettings.model_fields["prefill_dtype"].default  # as served
+    src, tgt = AgentModel(args.source, prefill_dtype=prefill), AgentModel(args.target, prefill_dtype=prefill)
     bridge = load_bridge(default_weights_path(), search_dtype=BridgeSettings().search_dtype)  # as served
     items = make_items(args.requests + 1, 256)
     stages: dict[str, float] = {}
