@@ -97,7 +97,7 @@ class AgentModel:
 
     def use_prefill_dtype(self, dtype: str = "auto") -> torch.dtype:
         """Run the prompt forward of every generation in `dtype` ("float32", "bfloat16", or "auto":
-        bfloat16 for a float32 model on an AMX CPU, else the model's own dtype).
+        bfloat16 for a float32 model on an AMX CPU when the copy fits in memory, else the model's own dtype).
 
         On an AMX CPU a prompt forward is compute-bound and bfloat16 multiplies are several times
         faster, while one-token decode steps are bandwidth-bound and ran slower in bfloat16. So a
@@ -111,7 +111,8 @@ class AgentModel:
         own = next(self.model.parameters()).dtype
         if dtype == "auto":
             cpu_amx = self.device.type == "cpu" and fast_bfloat16("cpu")
-            want = torch.bfloat16 if cpu_amx and own == torch.float32 and self.cache_factory is None else own
+            want = torch.bfloat16 if (cpu_amx and own == torch.float32 and self.cache_factory is None
+                                      and self._copy_fits()) else own
         elif dtype in ("float32", "bfloat16"):
             want = getattr(torch, dtype)
         else:
@@ -121,6 +122,15 @@ class AgentModel:
                              f"works in the model's {str(own).removeprefix('torch.')})")
         self._prefill_model = None if want == own else self._decoder_copy(want)
         return want
+
+    def _copy_fits(self, share: float = 0.25) -> bool:
+        """Whether a bfloat16 decoder copy takes under `share` of the memory available now: "auto"
+        must not turn a float32 8B model on a CPU host into an out-of-memory replica."""
+        import psutil
+
+        table = self.model.get_input_embeddings().weight.numel()
+        copy_bytes = 2 * (sum(p.numel() for p in self.model.get_decoder().parameters()) - table)
+        return copy_bytes < share * psutil.virtual_memory().available
 
     def _decoder_copy(self, dtype: torch.dtype):
         decoder = self.model.get_decoder()

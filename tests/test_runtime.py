@@ -219,3 +219,9 @@ def test_prefill_dtype_is_checked(tiny_target, monkeypatch):
         # a compressed cache keeps its model's dtype whatever the hardware
         assert AgentModel(m.profile, model=m.model, tokenizer=m.tok, cache_factory=compressed,
                           prefill_dtype="auto").prefill_dtype == torch.float32
+    # auto never makes a copy that would crowd the host's memory
+    import psutil
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Mem", (), {"available": 1024})())
+    assert AgentModel(m.profile, model=m.model, tokenizer=m.tok, prefill_dtype="auto").prefill_dtype == torch.float32
