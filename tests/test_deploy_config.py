@@ -66,3 +66,18 @@ def test_agent_refuses_a_source_layer_its_model_lacks(args, field):
 
     with pytest.raises(ValueError, match=field):
         AgentServicer(dict(profile="tiny-llama", threads=1, **args))
+
+
+def test_agent_prefills_in_the_dtype_its_settings_name():
+    """prefill_dtype reaches the replica's model: bfloat16 makes the decoder copy, float32 none."""
+    import torch
+
+    from services.agent import AgentServicer
+
+    fast = AgentServicer(dict(profile="tiny-mistral", threads=1, prefill_dtype="bfloat16")).model
+    plain = AgentServicer(dict(profile="tiny-mistral", threads=1, prefill_dtype="float32")).model
+    assert fast.prefill_dtype == torch.bfloat16 and fast._prefill_model is not None
+    assert plain.prefill_dtype == torch.float32 and plain._prefill_model is None
+    with pytest.raises(ValueError, match="dense cache"):  # a compressed cache keeps float32 keys
+        AgentServicer(dict(profile="tiny-mistral", threads=1, prefill_dtype="bfloat16",
+                           kv_compression={"method": "mean_pool", "window": 4, "sink": 2, "recent": 8}))
