@@ -24,11 +24,14 @@ SOURCE_INSTRUCTION = ("Write a short message to another agent that passes on eve
                       "to answer the question (names, numbers, places, dates). Reply with the message only.")
 
 
+def cpu_amx() -> bool:
+    """Whether this CPU has AMX tiles (fast bfloat16 matrix multiplies)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def fast_bfloat16(device: torch.device | str = "cpu") -> bool:
     """Whether bfloat16 matrix multiplies beat float32 here: a GPU, or a CPU with AMX tiles."""
-    if torch.device(device).type == "cuda":
-        return True
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return torch.device(device).type == "cuda" or cpu_amx()
 
 
 def now_ms() -> float:
@@ -110,8 +113,8 @@ class AgentModel:
         """
         own = next(self.model.parameters()).dtype
         if dtype == "auto":
-            cpu_amx = self.device.type == "cpu" and fast_bfloat16("cpu")
-            want = torch.bfloat16 if (cpu_amx and own == torch.float32 and self.cache_factory is None
+            amx = self.device.type == "cpu" and cpu_amx()
+            want = torch.bfloat16 if (amx and own == torch.float32 and self.cache_factory is None
                                       and self._copy_fits()) else own
         elif dtype in ("float32", "bfloat16"):
             want = getattr(torch, dtype)

@@ -56,16 +56,29 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
+def median_ms(f, repeats: int = 5) -> float:
+    """Median wall time of `repeats` calls of f, in ms, after one warm-up call (the result scripts)."""
+    f()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
 def hardware() -> dict:
     import os
 
     import torch
 
+    from latentwire.runtime import cpu_amx
+
     info = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             # AMX decides the agents' and the bridge's "auto" dtypes (bfloat16 prefill and search)
-            "cpu_amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())}
+            "cpu_amx": cpu_amx()}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))

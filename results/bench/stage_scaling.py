@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -27,20 +25,10 @@ import torch
 HERE = Path(__file__).parent
 
 
-def timed(f, repeats: int) -> float:
-    f()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        out.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(out)
-
-
 def main() -> None:
     from bridge.eval import wire
     from latentwire.runtime import AgentModel
-    from services.bench import hardware, make_items
+    from services.bench import hardware, make_items, median_ms
     from services.bridge_service import BridgeServicer
 
     ap = argparse.ArgumentParser()
@@ -70,11 +58,11 @@ def main() -> None:
     rows = []
     for b in batches:
         stage = {
-            "source": timed(lambda: source.hidden_states_many([(ids, layer) for ids, _ in prompts[:b]]), args.repeats),
-            "bridge": timed(lambda: bridge.translate_many(hiddens[:b]), args.repeats),
+            "source": median_ms(lambda: source.hidden_states_many([(ids, layer) for ids, _ in prompts[:b]]), args.repeats),
+            "bridge": median_ms(lambda: bridge.translate_many(hiddens[:b]), args.repeats),
         }
         gens = []
-        stage["target"] = timed(lambda: gens.append(target.generate_batch(embeds[:b], [args.new_tokens] * b)),
+        stage["target"] = median_ms(lambda: gens.append(target.generate_batch(embeds[:b], [args.new_tokens] * b)),
                                 args.repeats)
         last = gens[-1]
         row = {"batch": b, "ms": stage, "ms_per_request": {k: v / b for k, v in stage.items()},

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -41,18 +39,10 @@ def packets(n_items: int) -> torch.Tensor:
     return torch.cat(xs)
 
 
-def timed(f, repeats: int = 5) -> float:
-    f()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
-
-
 def main() -> None:
     from bridge.model import default_weights_path, load_bridge
+    from latentwire.runtime import cpu_amx
+    from services.bench import median_ms
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -74,13 +64,13 @@ def main() -> None:
             err = (out - ref).norm(dim=-1) / ref.norm(dim=-1)
             top = bridge.nearest(x, 1)[1][:, 0]
             row = {"search_dtype": dtype, "top_k": k,
-                   "ms_256": timed(lambda: bridge.project(x[:256])),
-                   "ms_1024": timed(lambda: bridge.project(x[:1024])),
+                   "ms_256": median_ms(lambda: bridge.project(x[:256])),
+                   "ms_1024": median_ms(lambda: bridge.project(x[:1024])),
                    "rel_error_max": float(err.max()), "rel_error_mean": float(err.mean()),
                    "same_nearest_row": float((top == ref_top).float().mean())}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    amx = cpu_amx()
     report = {"command": f"results/bridge/search_speed.py --threads {args.threads} --items {args.items}",
               "tokens": int(x.shape[0]), "packaged_top_k": packaged_k, "vocab_rows": int(bridge.vocab.shape[0]),
               "hardware": {"processor": platform.processor() or platform.machine(), "threads": args.threads,
