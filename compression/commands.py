@@ -37,7 +37,8 @@ def _train(args: argparse.Namespace) -> int:
                       jac_weight=args.jac_weight, force_weight=args.force_weight, threads=args.threads, seed=args.seed,
                       proportional=args.attention == "proportional", value_norm=args.value_norm,
                       distill_steps=args.distill_steps, distill_lr=args.distill_lr, distill_window=args.distill_window,
-                      recent=args.recent, distill_context=args.distill_context, distill_tokens=args.distill_tokens)
+                      recent=args.recent, distill_context=args.distill_context, distill_tokens=args.distill_tokens,
+                      distill_docs=args.distill_docs, init_weights=args.init_weights)
     result = run(cfg, num_workers=args.workers, use_gpu=args.use_gpu, storage=args.storage, name=args.name,
                  out=args.out, max_failures=args.max_failures)
     print(json.dumps(result, indent=2))
@@ -96,7 +97,10 @@ def register(sub, group) -> None:
     tr = group("train", "training jobs (Ray Train)")
     p = tr.add_parser("sidecar", help="train the FMKVC sidecar on collected trajectories (Ray Train TorchTrainer)")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="trajectory directory from collect-trajectories")
+    p.add_argument("--data", default="", help="trajectory directory from collect-trajectories (force matching)")
+    p.add_argument("--init-weights", default="",
+                   help="start from this sidecar (e.g. compression/weights/MODEL.safetensors) instead of a "
+                        "random init; with --steps 0 the job only distills, without trajectories")
     p.add_argument("--window", default="4,8,16", help="window size W, or a comma list trained jointly")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -115,6 +119,7 @@ def register(sub, group) -> None:
     p.add_argument("--recent", type=int, default=64, help="dense recent tokens of that cache")
     p.add_argument("--distill-context", type=int, default=768, help="context tokens per distillation document")
     p.add_argument("--distill-tokens", type=int, default=64, help="scored tokens after the context")
+    p.add_argument("--distill-docs", type=int, default=48, help="distillation documents (2 more are held out)")
     p.add_argument("--attention", choices=["proportional", "plain"], default="proportional",
                    help="how the target reads super-tokens: with a log W mass bias (default) or as single tokens")
     p.add_argument("--eval-every", type=int, default=50)

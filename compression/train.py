@@ -53,6 +53,9 @@ class TrainConfig:
     distill_context: int = 768
     distill_tokens: int = 64
     distill_docs: int = 48  # training texts; 2 more are held out for its evaluation
+    # start from these sidecar weights (a packaged sidecar, to continue its training) instead of a
+    # random init; with steps=0 the job only distills and needs no trajectories
+    init_weights: str = ""
     eval_every: int = 50
     eval_samples: int = 4
     checkpoint_every: int = 100
@@ -174,19 +177,24 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(cfg.threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    info = read_manifest(cfg.data)
-    n_shards = len(info["shards"])
-    val_shards = [n_shards - 1] if n_shards > 1 else [0]
-    train_shards = [i for i in range(n_shards) if i not in val_shards or n_shards == 1]
-    mine = train_shards[rank::world] or train_shards
-    val = list(iter_samples(cfg.data, shard_ids=val_shards))[: cfg.eval_samples]
+    info, mine, val = None, [], []
+    if cfg.steps > 0:  # force matching reads trajectories; distillation alone reads only text
+        info = read_manifest(cfg.data)
+        n_shards = len(info["shards"])
+        val_shards = [n_shards - 1] if n_shards > 1 else [0]
+        train_shards = [i for i in range(n_shards) if i not in val_shards or n_shards == 1]
+        mine = train_shards[rank::world] or train_shards
+        val = list(iter_samples(cfg.data, shard_ids=val_shards))[: cfg.eval_samples]
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    sidecar = Sidecar(SidecarConfig(head_dim=info["head_dim"], n_layers=info["n_layers"],
-                                    n_kv_heads=info["n_kv_heads"], d_model=cfg.d_model,
-                                    n_blocks=cfg.n_blocks, n_heads=cfg.n_heads, windows=list(cfg.windows),
-                                    max_window=max(32, max(cfg.windows)), model=cfg.model,
-                                    proportional=cfg.proportional, value_norm=cfg.value_norm))
+    if cfg.init_weights:  # the same file on every rank: identical initial weights
+        sidecar = Sidecar.load(cfg.init_weights).train()  # sha-verified against its manifest
+    else:
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        sidecar = Sidecar(SidecarConfig(head_dim=info["head_dim"], n_layers=info["n_layers"],
+                                        n_kv_heads=info["n_kv_heads"], d_model=cfg.d_model,
+                                        n_blocks=cfg.n_blocks, n_heads=cfg.n_heads, windows=list(cfg.windows),
+                                        max_window=max(32, max(cfg.windows)), model=cfg.model,
+                                        proportional=cfg.proportional, value_norm=cfg.value_norm))
     opt = torch.optim.AdamW(sidecar.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = resumed_from = 0
     ckpt = ray.train.get_checkpoint()
@@ -324,9 +332,29 @@ def distill_loop(cfg: TrainConfig, sidecar, opt, step: int, total: int, report, 
         report(step, metrics, do_ckpt, dopt)
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse a job that cannot run before any worker starts: force matching without trajectories,
+    or initial weights that are not a sidecar of this model (read and sha-verified here)."""
+    from compression.sidecar import Sidecar
+
+    if cfg.steps < 0 or cfg.distill_steps < 0 or cfg.steps + cfg.distill_steps == 0:
+        raise ValueError(f"nothing to train: steps={cfg.steps}, distill_steps={cfg.distill_steps}")
+    if cfg.steps > 0 and not cfg.data:
+        raise ValueError("force matching (steps > 0) reads trajectories: give --data "
+                         "(from `latentwire collect-trajectories`), or --steps 0 to only distill")
+    if cfg.init_weights:
+        init = Sidecar.load(cfg.init_weights)
+        if init.cfg.model != cfg.model:
+            raise ValueError(f"{cfg.init_weights} is a sidecar of {init.cfg.model!r}, not of {cfg.model!r}")
+        if cfg.distill_steps and cfg.distill_window not in init.cfg.windows:
+            raise ValueError(f"{cfg.init_weights} was trained for windows {init.cfg.windows}, "
+                             f"not the distillation window {cfg.distill_window}")
+
+
 def run(cfg: TrainConfig, *, num_workers: int = 1, use_gpu: bool = False, storage: str | None = None,
         name: str | None = None, out: str | None = None, max_failures: int = 2) -> dict:
     """Start (or resume) the job on the local/attached Ray cluster; copy the final sidecar to `out`."""
+    check_config(cfg)
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -361,7 +389,9 @@ def run(cfg: TrainConfig, *, num_workers: int = 1, use_gpu: bool = False, storag
         ckpt_manifest = sidecar.manifest
     out_path = Path(out) if out else default_weights_path(cfg.model)
     man = weights.save(out_path, sidecar.state_dict(), kind="fmkvc-sidecar", config=ckpt_manifest["config"],
-                       data={**ckpt_manifest["data"], "trajectories": str(cfg.data), "train": asdict(cfg)},
+                       data={**ckpt_manifest["data"], "trajectories": str(cfg.data), "train": asdict(cfg),
+                             **({"init_sha256": Sidecar.load(cfg.init_weights).manifest["sha256"]}
+                                if cfg.init_weights else {})},
                        metrics=result.metrics)
     return {"weights": str(out_path), "sha256": man["sha256"], "checkpoint": result.checkpoint.path,
             "metrics": result.metrics}
