@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import statistics
 import time
@@ -225,7 +226,8 @@ def long_context_timing(model, tok, cfg: EvalConfig, log=print) -> dict:
             if step >= 2:
                 times.append((time.perf_counter() - t0) * 1000)
             state[name][1:3] = [int(logits[-1].argmax()), pos + 1]
-    out = {"context": cfg.timing_context, "ratio": cfg.timing_ratio, "interleaved": True}
+    out = {"context": cfg.timing_context, "ratio": cfg.timing_ratio, "interleaved": True,
+           "torch_threads": torch.get_num_threads()}
     for name in names:
         times = state[name][3]
         out[name] = {"decode_ms_per_token": statistics.median(times),
@@ -245,8 +247,8 @@ def run(cfg: EvalConfig, json_out: str, plot_out: str | None = None, log=print, 
     model, tok = profiles.load(cfg.model, dtype="float32")
     eos_ids = AgentModel(cfg.model, model=model, tokenizer=tok).eos_ids
     items = fact_items(tok, cfg.facts, cfg.context, cfg.ppl_tokens, cfg.seed)
-    results: dict = {"config": asdict(cfg), "device": "cpu (shared 2-core, 1 torch thread, fp32)",
-                     "nominal_budget": {}, "methods": {}}
+    results: dict = {"config": asdict(cfg), "nominal_budget": {}, "methods": {},
+                     "device": f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads, fp32)"}
     t_start = time.time()
     done = {}
     if resume and Path(json_out).exists():  # keep finished (method, ratio) cells of an interrupted run

@@ -18,7 +18,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -355,6 +355,9 @@ def run(cfg: TrainConfig, *, num_workers: int = 1, use_gpu: bool = False, storag
         name: str | None = None, out: str | None = None, max_failures: int = 2) -> dict:
     """Start (or resume) the job on the local/attached Ray cluster; copy the final sidecar to `out`."""
     check_config(cfg)
+    # workers run in their own directories: paths given relative to the caller's must not change meaning
+    cfg = replace(cfg, data=str(Path(cfg.data).resolve()) if cfg.data else "",
+                  init_weights=str(Path(cfg.init_weights).resolve()) if cfg.init_weights else "")
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
