@@ -90,3 +90,13 @@ def test_a_job_that_cannot_run_is_refused_before_it_starts(tmp_path, change, mes
     with pytest.raises(ValueError, match=message):
         run(cfg, storage=str(tmp_path / "ray"), out=str(tmp_path / "out"))
     assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "ray").exists()
+
+
+def test_the_command_line_names_what_is_wrong_in_one_line(tmp_path, capsys):
+    from latentwire.cli import main
+
+    rc = main(["train", "sidecar", "--model", "tiny-llama", "--steps", "0", "--distill-steps", "2",
+               "--init-weights", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error:" in err and "missing.safetensors" in err and "Traceback" not in err
+    assert not (tmp_path / "out.safetensors").exists()
