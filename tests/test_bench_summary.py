@@ -1,0 +1,34 @@
+"""The benchmark's summary arithmetic on known records: percentiles and the speedup agree."""
+
+import statistics
+
+from services import bench
+from services.report import STAGES
+
+
+def _record(item: int, mode: str, e2e: float, message_tokens: int) -> dict:
+    return {"item": item, "mode": mode, "target": "default", "ok": True, "start": float(item), "end": item + 1.0,
+            "e2e_ms": e2e, "bytes": 100, "source_tokens": 256, "message_tokens": message_tokens, "answer": "x",
+            **{f: 1.0 for f, _ in STAGES}, "ingress_hop_ms": 1.0, "source_batch": 1, "bridge_batch": 1,
+            "target_batch": 1}
+
+
+def test_p50_is_the_median_the_speedup_divides_even_for_a_two_mode_sample():
+    # TEXT as measured: half the messages stop early (~2.5 s), half use the full budget (~5.5 s)
+    text = [2561, 2594, 5845, 2176, 5390, 5744, 2639, 6042]
+    latent = [1397, 1692, 1565, 2039, 1370, 1748, 1591, 1546]
+    records = [_record(i, "text", t, 13 if t < 3000 else 64) for i, t in enumerate(text)]
+    records += [_record(i, "latent", t, 256) for i, t in enumerate(latent)]
+    s = bench.summarize(records, repeats=2)
+    t, lat = s["modes"]["text/default"], s["modes"]["latent/default"]
+    assert t["p50_ms"] == statistics.median(text) == (2639 + 5390) / 2
+    assert lat["p50_ms"] == statistics.median(latent)
+    assert s["speedup_latent_vs_text"]["default"]["p50_ratio"] == t["p50_ms"] / lat["p50_ms"]
+    assert t["p50_ms"] <= t["p95_ms"] <= t["p99_ms"] <= max(text)
+    assert len(s["speedup_latent_vs_text"]["default"]["per_repeat"]) == 2
+
+
+def test_percentiles_of_tiny_samples():
+    assert bench._pct([], 50) != bench._pct([], 50)  # nan
+    assert bench._pct([7.0], 99) == 7.0
+    assert bench._pct([1.0, 3.0], 50) == 2.0
