@@ -282,19 +282,17 @@ def fit_loop(config: dict) -> None:
 
 # ---- the job --------------------------------------------------------------------------------
 def run(cfg: AlignConfig) -> dict:
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from bridge.aligned import AlignedConfig
     from latentwire import weights
+    from latentwire.raycluster import init_for_training
 
     t_start = time.time()
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(cfg.threads), "TOKENIZERS_PARALLELISM": "false"}
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(2, cfg.num_workers), include_dashboard=False, runtime_env={"env_vars": env},
-                 object_store_memory=200 * 1024**2)
+    init_for_training(num_cpus=max(2, cfg.num_workers), env=env)
     name = cfg.name or f"bridge-aligned-{cfg.source}-{cfg.target}-{int(t_start)}"
     trainer = TorchTrainer(
         fit_loop, train_loop_config=asdict(cfg),

@@ -401,20 +401,18 @@ def train_loop(config: dict) -> None:
 # ---- the job --------------------------------------------------------------------------------
 def run(cfg: TrainConfig, progress: bool = True) -> dict:
     """Prepare data on the driver, run the TorchTrainer, export the final bridge to `cfg.out`."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from bridge.model import Bridge
+    from latentwire.raycluster import init_for_training
 
     t_start = time.time()
     paths = prepare(cfg, progress=progress)
     t_prep = time.time() - t_start
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": str(cfg.threads), "TOKENIZERS_PARALLELISM": "false"}
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(2, cfg.num_workers), include_dashboard=False, runtime_env={"env_vars": env},
-                 object_store_memory=200 * 1024**2)
+    init_for_training(num_cpus=max(2, cfg.num_workers), env=env)
     name = cfg.name or f"bridge-{cfg.source}-{cfg.target}-L{paths['layer']}-K{cfg.num_queries}-{int(t_start)}"
     trainer = TorchTrainer(
         train_loop,

@@ -358,20 +358,15 @@ def run(cfg: TrainConfig, *, num_workers: int = 1, use_gpu: bool = False, storag
     # workers run in their own directories: paths given relative to the caller's must not change meaning
     cfg = replace(cfg, data=str(Path(cfg.data).resolve()) if cfg.data else "",
                   init_weights=str(Path(cfg.init_weights).resolve()) if cfg.init_weights else "")
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from compression.sidecar import Sidecar, default_weights_path
     from latentwire import weights
+    from latentwire.raycluster import init_for_training
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):  # a cluster (RayJob, `ray start`): join it
-            ray.init()
-        else:  # otherwise our own local instance, even if someone else's runs on this machine
-            ray.init(address="local", num_cpus=max(2, num_workers), object_store_memory=200 * 1024**2,
-                     include_dashboard=False)
+    init_for_training(num_cpus=max(2, num_workers))
     storage = storage or str(Path.home() / ".cache" / "latentwire" / "ray_results")
     name = name or f"fmkvc-{cfg.model}"
     trainer = TorchTrainer(
