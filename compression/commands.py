@@ -30,8 +30,7 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from compression.train import TrainConfig, check_config, run
-    from latentwire.weights import WeightsError
+    from compression.train import JobConfigError, TrainConfig, run
 
     cfg = TrainConfig(model=args.model, data=args.data, windows=[int(w) for w in str(args.window).split(",")],
                       steps=args.steps, lr=args.lr, batch_windows=args.batch_windows, d_model=args.d_model,
@@ -42,12 +41,11 @@ def _train(args: argparse.Namespace) -> int:
                       recent=args.recent, distill_context=args.distill_context, distill_tokens=args.distill_tokens,
                       distill_docs=args.distill_docs, init_weights=args.init_weights)
     try:
-        check_config(cfg)
-    except (ValueError, WeightsError) as err:  # before Ray starts: a one-line reason, nothing written
+        result = run(cfg, num_workers=args.workers, use_gpu=args.use_gpu, storage=args.storage, name=args.name,
+                     out=args.out, max_failures=args.max_failures)
+    except JobConfigError as err:  # raised before Ray starts: a one-line reason, nothing written
         print(f"latentwire train sidecar: error: {err}", file=sys.stderr)
         return 2
-    result = run(cfg, num_workers=args.workers, use_gpu=args.use_gpu, storage=args.storage, name=args.name,
-                 out=args.out, max_failures=args.max_failures)
     print(json.dumps(result, indent=2))
     return 0
 

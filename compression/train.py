@@ -332,29 +332,40 @@ def distill_loop(cfg: TrainConfig, sidecar, opt, step: int, total: int, report, 
         report(step, metrics, do_ckpt, dopt)
 
 
-def check_config(cfg: TrainConfig) -> None:
+class JobConfigError(ValueError):
+    """A job that cannot run, found before Ray starts (the CLI reports it in one line)."""
+
+
+def check_config(cfg: TrainConfig) -> dict | None:
     """Refuse a job that cannot run before any worker starts: force matching without trajectories,
-    or initial weights that are not a sidecar of this model (read and sha-verified here)."""
+    or initial weights that are not a sidecar of this model (read and sha-verified here).
+    Returns the initial weights' manifest, if any."""
     from compression.sidecar import Sidecar
+    from latentwire.weights import WeightsError
 
     if cfg.steps < 0 or cfg.distill_steps < 0 or cfg.steps + cfg.distill_steps == 0:
-        raise ValueError(f"nothing to train: steps={cfg.steps}, distill_steps={cfg.distill_steps}")
+        raise JobConfigError(f"nothing to train: steps={cfg.steps}, distill_steps={cfg.distill_steps}")
     if cfg.steps > 0 and not cfg.data:
-        raise ValueError("force matching (steps > 0) reads trajectories: give --data "
-                         "(from `latentwire collect-trajectories`), or --steps 0 to only distill")
-    if cfg.init_weights:
+        raise JobConfigError("force matching (steps > 0) reads trajectories: give --data "
+                             "(from `latentwire collect-trajectories`), or --steps 0 to only distill")
+    if not cfg.init_weights:
+        return None
+    try:
         init = Sidecar.load(cfg.init_weights)
-        if init.cfg.model != cfg.model:
-            raise ValueError(f"{cfg.init_weights} is a sidecar of {init.cfg.model!r}, not of {cfg.model!r}")
-        if cfg.distill_steps and cfg.distill_window not in init.cfg.windows:
-            raise ValueError(f"{cfg.init_weights} was trained for windows {init.cfg.windows}, "
+    except WeightsError as err:  # missing, or its sha differs from its manifest
+        raise JobConfigError(str(err)) from err
+    if init.cfg.model != cfg.model:
+        raise JobConfigError(f"{cfg.init_weights} is a sidecar of {init.cfg.model!r}, not of {cfg.model!r}")
+    if cfg.distill_steps and cfg.distill_window not in init.cfg.windows:
+        raise JobConfigError(f"{cfg.init_weights} was trained for windows {init.cfg.windows}, "
                              f"not the distillation window {cfg.distill_window}")
+    return init.manifest
 
 
 def run(cfg: TrainConfig, *, num_workers: int = 1, use_gpu: bool = False, storage: str | None = None,
         name: str | None = None, out: str | None = None, max_failures: int = 2) -> dict:
     """Start (or resume) the job on the local/attached Ray cluster; copy the final sidecar to `out`."""
-    check_config(cfg)
+    init = check_config(cfg)
     # workers run in their own directories: paths given relative to the caller's must not change meaning
     cfg = replace(cfg, data=str(Path(cfg.data).resolve()) if cfg.data else "",
                   init_weights=str(Path(cfg.init_weights).resolve()) if cfg.init_weights else "")
@@ -388,8 +399,7 @@ def run(cfg: TrainConfig, *, num_workers: int = 1, use_gpu: bool = False, storag
     out_path = Path(out) if out else default_weights_path(cfg.model)
     man = weights.save(out_path, sidecar.state_dict(), kind="fmkvc-sidecar", config=ckpt_manifest["config"],
                        data={**ckpt_manifest["data"], "trajectories": str(cfg.data), "train": asdict(cfg),
-                             **({"init_sha256": Sidecar.load(cfg.init_weights).manifest["sha256"]}
-                                if cfg.init_weights else {})},
+                             **({"init_sha256": init["sha256"]} if init else {})},
                        metrics=result.metrics)
     return {"weights": str(out_path), "sha256": man["sha256"], "checkpoint": result.checkpoint.path,
             "metrics": result.metrics}
