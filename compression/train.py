@@ -188,6 +188,8 @@ def train_loop(config: dict) -> None:
 
     if cfg.init_weights:  # the same file on every rank: identical initial weights
         sidecar = Sidecar.load(cfg.init_weights).train()  # sha-verified against its manifest
+        if cfg.distill_steps and cfg.distill_window not in sidecar.cfg.windows:  # distillation teaches a new W
+            sidecar.cfg.windows = sorted({*sidecar.cfg.windows, cfg.distill_window})
     else:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         sidecar = Sidecar(SidecarConfig(head_dim=info["head_dim"], n_layers=info["n_layers"],
@@ -356,8 +358,9 @@ def check_config(cfg: TrainConfig) -> dict | None:
         raise JobConfigError(str(err)) from err
     if init.cfg.model != cfg.model:
         raise JobConfigError(f"{cfg.init_weights} is a sidecar of {init.cfg.model!r}, not of {cfg.model!r}")
-    if cfg.distill_steps and cfg.distill_window not in init.cfg.windows:
-        raise JobConfigError(f"{cfg.init_weights} was trained for windows {init.cfg.windows}, "
+    if cfg.distill_steps and not 1 < cfg.distill_window <= init.cfg.max_window:
+        # a window it was not trained for is learnt by the distillation; past max_window it has no positions
+        raise JobConfigError(f"{cfg.init_weights} embeds windows of 2..{init.cfg.max_window} tokens, "
                              f"not the distillation window {cfg.distill_window}")
     return init.manifest
 

@@ -48,15 +48,17 @@ def test_two_worker_job_checkpoints_and_resumes(tmp_path, ray_cluster):
     assert man["data"]["step"] == 7
     assert any(not torch.equal(distilled[k], after[k]) for k in after)
 
-    # distillation alone, continuing a trained sidecar: no trajectories, starts from its weights
+    # distillation alone, continuing a trained sidecar: no trajectories, starts from its weights,
+    # and teaches it a window force matching did not train (16; it was trained for 4 and 8)
     init = tmp_path / "sc.safetensors"
     cont = TrainConfig(model="tiny-llama", steps=0, distill_steps=2, init_weights=str(init), distill_context=48,
-                       distill_tokens=8, distill_window=4, recent=8, distill_docs=4, distill_lr=1e-3,
+                       distill_tokens=8, distill_window=16, recent=8, distill_docs=4, distill_lr=1e-3,
                        eval_every=2, checkpoint_every=2)
     fourth = run(cont, **{**kw, "name": "sidecar-continue", "out": str(tmp_path / "cont")})
     assert fourth["metrics"]["step"] == 2 and fourth["metrics"]["resumed_from"] == 0
     cont_tensors, cont_man = weights.load(tmp_path / "cont.safetensors", kind="fmkvc-sidecar")
     assert cont_man["data"]["init_sha256"] == man["sha256"]
+    assert cont_man["config"]["windows"] == [4, 8, 16]  # the distilled window joins the ones it serves
     assert any(not torch.equal(cont_tensors[k], distilled[k]) for k in distilled)
     # its held-out KL at the start is the one of the initial weights, not of a random init
     from compression import attention
@@ -69,7 +71,7 @@ def test_two_worker_job_checkpoints_and_resumes(tmp_path, ray_cluster):
     attention.enable(host)
     val_docs = documents(tok, cont.distill_docs + 2, 56)[-2:]
     with torch.no_grad():
-        start = sum(float(distill_loss(host, Sidecar.load(init), d, 48, Schedule(4, 4, 8))) for d in val_docs) / 2
+        start = sum(float(distill_loss(host, Sidecar.load(init), d, 48, Schedule(16, 4, 8))) for d in val_docs) / 2
     assert fourth["metrics"]["distill/val_kl_at_start"] == pytest.approx(start, rel=1e-4)
 
 
@@ -77,7 +79,7 @@ def test_two_worker_job_checkpoints_and_resumes(tmp_path, ray_cluster):
     ({"steps": 2, "data": ""}, "give --data"),
     ({"steps": 0, "distill_steps": 0}, "nothing to train"),
     ({"steps": 0, "distill_steps": 2, "init_weights": "WRONG_MODEL"}, "not of 'tiny-llama'"),
-    ({"steps": 0, "distill_steps": 2, "distill_window": 16, "init_weights": "SC"}, "distillation window 16"),
+    ({"steps": 0, "distill_steps": 2, "distill_window": 64, "init_weights": "SC"}, "distillation window 64"),
 ])
 def test_a_job_that_cannot_run_is_refused_before_it_starts(tmp_path, change, message):
     from compression.sidecar import Sidecar, SidecarConfig
