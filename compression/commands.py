@@ -57,7 +57,7 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(model=args.model, ratios=[int(r) for r in args.ratios.split(",")], context=args.context,
                      ppl_tokens=args.ppl_tokens, facts=args.facts, sink=args.sink,
                      recent=args.recent, decode_tokens=args.decode_tokens, methods=args.methods.split(","),
-                     weights=args.weights, timing_context=args.timing_context)
+                     weights=args.weights, timing_context=args.timing_context, window=args.window)
     if args.timing_only:  # add/refresh the long-context decode timing of an existing result file
         from pathlib import Path
 
@@ -147,6 +147,9 @@ def register(sub, group) -> None:
     p.add_argument("--facts", type=int, default=10, help="items (fact recall + continuation perplexity each)")
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--recent", type=int, default=64)
+    p.add_argument("--window", type=int, default=0,
+                   help="window methods (fmkvc, mean_pool) use this W at every ratio and the longest recent window "
+                        "within the ratio's budget (default: W = ratio, --recent)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--methods", default="dense,fmkvc,streamingllm,snapkv,knorm,expected_attention,mean_pool")
     p.add_argument("--weights", default=None, help="sidecar weights (default: the packaged one)")

@@ -2,7 +2,9 @@
 
 For each nominal ratio r the window presses use W = r (plus `sink` and `recent` dense tokens) and the
 pruning baselines from kvpress get the same number of cache entries after prefill
-(compression_ratio = 1 - budget / context). Protocol, identical for every method (it mirrors
+(compression_ratio = 1 - budget / context). With `window` set, the window presses instead use that W
+at every ratio and spend the rest of the same budget on the longest recent window that fits
+(`window_layout`): fewer, coarser super-tokens for the old text, more dense tokens for the new. Protocol, identical for every method (it mirrors
 kvpress's pipeline: compress the context at prefill, then read the rest without pruning):
 
 - each item: `context` held-out tokens with a fact ("The access code of the X vault is NNNN.") placed
@@ -49,9 +51,25 @@ class EvalConfig:
     timing_context: int = 0  # >0: also time decoding after a context this long (dense vs timing_methods)
     timing_methods: list[str] = field(default_factory=lambda: ["fmkvc"])
     timing_ratio: int = 8
+    window: int = 0  # >0: window presses use this W at every ratio, recent filled up to the budget
 
 
 # ---- methods ---------------------------------------------------------------------------------
+def window_layout(cfg: EvalConfig, ratio: int, n_context: int) -> tuple[int, int]:
+    """(W, recent) of the window presses at `ratio`: W = ratio and cfg.recent, or with cfg.window set,
+    that W and the longest recent window whose entries after n_context tokens stay within the budget
+    of (W = ratio, cfg.recent), the budget every method gets."""
+    from compression.presses import nominal_budget
+
+    if not cfg.window or ratio == 1:
+        return ratio, cfg.recent
+    budget = nominal_budget(n_context, ratio, cfg.sink, cfg.recent)
+    fits = [r for r in range(1, n_context) if nominal_budget(n_context, cfg.window, cfg.sink, r) <= budget]
+    if not fits:
+        raise ValueError(f"W={cfg.window} does not fit the {ratio}x budget of {budget} entries")
+    return cfg.window, max(fits)
+
+
 def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int):
     """-> (fresh cache, press context manager factory or None)."""
     from transformers import DynamicCache
@@ -62,8 +80,9 @@ def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int):
     if name == "dense":
         return DynamicCache(config=model.config), None
     if name in WINDOW_METHODS:  # the serving cache (switches the model to proportional attention if needed)
-        return cache_factory(model, method=name, profile=cfg.model, weights=cfg.weights, window=ratio,
-                             sink=cfg.sink, recent=cfg.recent), None
+        window, recent = window_layout(cfg, ratio, n_context)
+        return cache_factory(model, method=name, profile=cfg.model, weights=cfg.weights, window=window,
+                             sink=cfg.sink, recent=recent), None
     import kvpress
 
     budget = nominal_budget(n_context, ratio, cfg.sink, cfg.recent)
@@ -253,8 +272,9 @@ def run(cfg: EvalConfig, json_out: str, plot_out: str | None = None, log=print, 
     done = {}
     if resume and Path(json_out).exists():  # keep finished (method, ratio) cells of an interrupted run
         old = json.loads(Path(json_out).read_text())
-        if old.get("config") == results["config"] or all(old["config"].get(k) == v for k, v in asdict(cfg).items()
-                                                          if k not in ("ratios", "methods")):
+        defaults = asdict(EvalConfig())  # a field added since the file was written has its default there
+        if old.get("config") == results["config"] or all(old["config"].get(k, defaults[k]) == v
+                                                          for k, v in asdict(cfg).items() if k not in ("ratios", "methods")):
             results["methods"], done = old["methods"], old["methods"]
     dense_res, dense_attn = eval_method(model, tok, items, "dense", cfg, 1, eos_ids)
     dense_res["attention_cosine"] = 1.0
@@ -274,6 +294,8 @@ def run(cfg: EvalConfig, json_out: str, plot_out: str | None = None, log=print, 
                 results["methods"].setdefault(name, {})[str(ratio)] = {"error": f"{type(exc).__name__}: {exc}"}
                 log(f"{name} x{ratio}: FAILED {type(exc).__name__}: {exc}")
                 continue
+            if name in WINDOW_METHODS:
+                res["window"], res["recent"] = window_layout(cfg, ratio, cfg.context)
             res["kv_reduction"] = dense_res["kv_bytes"] / res["kv_bytes"]
             res["perplexity_vs_dense"] = res["perplexity"] / dense_res["perplexity"]
             res["fact_recall_vs_dense"] = res["fact_recall"] / max(dense_res["fact_recall"], 1e-9)

@@ -98,3 +98,24 @@ def test_expected_attention_baseline_compresses_every_layer(family):
     assert torch.isfinite(logits).all()
     if family == "tiny-gemma3":  # each layer's own type: sliding (local base) or full (global base)
         assert rope_types == list(model.config.layer_types)
+
+
+def test_a_wider_window_layout_keeps_the_budget_and_spends_the_rest_on_recent_tokens():
+    """eval-cache --window W: mean pooling (a window method) at W=32 holds no more entries after prefill
+    than the 4x budget of W=4 every method gets, and keeps a longer recent window than --recent."""
+    from compression.evaluate import window_layout
+
+    model, _ = profiles.load("tiny-llama")
+    cfg, ratio, n = EvalConfig(sink=4, recent=16, window=32), 4, 300
+    assert window_layout(EvalConfig(sink=4, recent=16), ratio, n) == (4, 16)  # the default: W = ratio
+    window, recent = window_layout(cfg, ratio, n)
+    budget = nominal_budget(n, ratio, cfg.sink, cfg.recent)
+    assert window == 32 and recent > cfg.recent
+    assert nominal_budget(n, 32, cfg.sink, recent) <= budget < nominal_budget(n, 32, cfg.sink, recent + 32)
+    cache, press = make_method("mean_pool", model, cfg, ratio, n)
+    with torch.no_grad():
+        prefill(model, _ids(n)[0], cache, press)
+    entries = [layer.keys.shape[-2] for layer in cache.layers]
+    assert entries == [nominal_budget(n, 32, cfg.sink, recent)] * model.config.num_hidden_layers
+    with pytest.raises(ValueError, match="does not fit"):
+        window_layout(EvalConfig(sink=4, recent=16, window=512), ratio, n)
