@@ -77,6 +77,7 @@ def sidecar_compressor(sidecar, trainable: bool = False) -> Compressor:
         return kt.reshape(b, h, m, d), vt.reshape(b, h, m, d)
 
     compress.proportional = sidecar.cfg.proportional  # trained with the log-count bias or not
+    compress.max_window = sidecar.cfg.max_window  # it has position embeddings for this many tokens
     return compress
 
 
@@ -252,6 +253,9 @@ def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, w
     as `AgentModel(cache_factory=...)`."""
     device = next(model.parameters()).device
     compressor = make_compressor(method, profile=profile, weights=weights, device=str(device))
+    if window > getattr(compressor, "max_window", window):  # else it fails at the first full window
+        raise ValueError(f"the {method} sidecar compresses windows of up to {compressor.max_window} tokens, "
+                         f"not {window}")
     if proportional(compressor):
         attention.enable(model)
     return FMKVCCache(model.config, Schedule(window, sink, recent), compressor)

@@ -39,6 +39,8 @@ class AgentServicer:
         self.model = AgentModel(s.profile, device=s.device, dtype=s.dtype, limits=s.limits,
                                 local_path=s.local_path, cache_factory=cache_factory,
                                 batch_tokens=s.max_batch_tokens, prefill_dtype=s.prefill_dtype)
+        if cache_factory is not None:  # a window the sidecar cannot compress: refuse the deployment, not each request
+            cache_factory(self.model.model)
         self.limits = s.limits
         self.auth = BearerAuth.of(s)  # checked by @rpc; its token also goes on the calls below
         self.layer = s.source_layer or self.model.profile.source_layer

@@ -81,3 +81,18 @@ def test_agent_prefills_in_the_dtype_its_settings_name():
     with pytest.raises(ValueError, match="dense cache"):  # a compressed cache keeps float32 keys
         AgentServicer(dict(profile="tiny-mistral", threads=1, prefill_dtype="bfloat16",
                            kv_compression={"method": "mean_pool", "window": 4, "sink": 2, "recent": 8}))
+
+
+def test_an_agent_refuses_a_window_its_sidecar_cannot_compress(tmp_path):
+    """A sidecar has position embeddings for max_window tokens: a larger window would fail at the
+    first full window of a request; the replica refuses its settings at start instead."""
+    from compression.sidecar import Sidecar, SidecarConfig
+    from services.agent import AgentServicer
+
+    path = tmp_path / "sc.safetensors"
+    Sidecar(SidecarConfig(model="tiny-mistral", head_dim=16, n_layers=2, n_kv_heads=2, d_model=16, n_heads=2,
+                          windows=[4], max_window=8)).save(path)
+    compress = {"method": "fmkvc", "weights": str(path), "sink": 2, "recent": 8}
+    assert AgentServicer(dict(profile="tiny-mistral", threads=1, kv_compression={**compress, "window": 8})).model
+    with pytest.raises(ValueError, match="up to 8 tokens, not 16"):
+        AgentServicer(dict(profile="tiny-mistral", threads=1, kv_compression={**compress, "window": 16}))
