@@ -70,6 +70,7 @@ class AlignedBridge(nn.Module):
         self.register_buffer("vocab", vocab.float(), persistent=False)  # scaled target embedding rows
         self.register_buffer("vocab_sq", self.vocab.pow(2).sum(-1), persistent=False)
         self.sha256 = ""
+        self.token_index = None
         self.use_search_dtype("float32")
 
     @classmethod
@@ -135,6 +136,54 @@ class AlignedBridge(nn.Module):
                 idx, rows = idx.gather(1, keep), rows.gather(1, keep[..., None].expand(-1, -1, rows.shape[-1]))
         return near + x.pow(2).sum(-1, keepdim=True), idx, rows
 
+    def use_token_index(self, offsets: torch.Tensor | None, rows: torch.Tensor | None) -> "AlignedBridge":
+        """Search only the vocabulary rows listed for each row's source token (bridge/token_index.py):
+        rows `rows[offsets[t]:offsets[t + 1]]` of `vocab` for source token t; a token with none
+        listed is searched in the whole vocabulary. None: every row searches the whole vocabulary."""
+        self.token_index = None if offsets is None else (offsets.long().to(self.vocab.device),
+                                                          rows.long().to(self.vocab.device))
+        return self
+
+    def _near_listed(self, x: torch.Tensor, token_ids: torch.Tensor, k: int):
+        """`_near` over each row's listed candidates (every listed token has at least one), exactly in
+        float32; rows with fewer than k candidates are padded with infinite distances and zero rows."""
+        offsets, listed = self.token_index
+        start, count = offsets[token_ids], offsets[token_ids + 1] - offsets[token_ids]
+        span = torch.arange(int(count.max()), device=x.device)
+        valid = span[None] < count[:, None]
+        idx = listed[(start[:, None] + span[None]).clamp(max=len(listed) - 1)].masked_fill(~valid, 0)
+        rows = self.vocab[idx]
+        d2 = (self.vocab_sq[idx] - 2 * torch.bmm(rows, x[:, :, None])[..., 0] + x.pow(2).sum(-1, keepdim=True))
+        d2 = d2.masked_fill(~valid, float("inf"))
+        if d2.shape[1] > k:
+            d2, keep = d2.topk(k, dim=-1, largest=False)
+            idx, rows = idx.gather(1, keep), rows.gather(1, keep[..., None].expand(-1, -1, rows.shape[-1]))
+        pad = k - d2.shape[1]
+        if pad > 0:
+            d2 = torch.nn.functional.pad(d2, (0, pad), value=float("inf"))
+            idx = torch.nn.functional.pad(idx, (0, pad))
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, pad))
+        return d2, idx, rows
+
+    def _near_rows(self, x: torch.Tensor, k: int, token_ids: torch.Tensor | None):
+        """`_near`, through the token index for rows whose source token it lists."""
+        k = min(k, self.vocab.shape[0])
+        if token_ids is None or getattr(self, "token_index", None) is None:
+            return self._near(x, k)
+        offsets = self.token_index[0]
+        ok = token_ids.ge(0) & token_ids.lt(len(offsets) - 1)
+        tid = token_ids.clamp(0, len(offsets) - 2)
+        hit = ok & (offsets[tid + 1] > offsets[tid])
+        if bool(hit.all()):
+            return self._near_listed(x, tid, k)
+        d2 = x.new_full((x.shape[0], k), float("inf"))
+        idx = torch.zeros(x.shape[0], k, dtype=torch.long, device=x.device)
+        rows = x.new_zeros(x.shape[0], k, x.shape[1])
+        for sel, fn in ((hit, lambda part: self._near_listed(part, tid[hit], k)), (~hit, lambda part: self._near(part, k))):
+            if bool(sel.any()):
+                d2[sel], idx[sel], rows[sel] = fn(x[sel])
+        return d2, idx, rows
+
     def nearest(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's k nearest vocabulary rows, nearest first: (||x - e||^2 (N, k), their indices
         into `vocab`)."""
@@ -146,7 +195,7 @@ class AlignedBridge(nn.Module):
         """The ridge map's output, before the projection (what the regression fits)."""
         return self.proj(self.normalizer(hidden.float()))
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, d) -> soft tokens (N, d) and each row's largest vocabulary weight (N,).
 
         The softmax keeps each row's `top_k` nearest rows: at the fitted temperature the rest
@@ -154,8 +203,9 @@ class AlignedBridge(nn.Module):
         weighted sum over the whole vocabulary cost as much again as the distances."""
         scale = self.cfg.temperature * self.cfg.d_tgt * self.cfg.embed_rms ** 2
         outs, peaks = [], []
-        for part in x.split(ROW_CHUNK):
-            d2, _, rows = self._near(part, self.cfg.top_k)
+        ids = [None] * len(x.split(ROW_CHUNK)) if token_ids is None else token_ids.split(ROW_CHUNK)
+        for part, tid in zip(x.split(ROW_CHUNK), ids):
+            d2, _, rows = self._near_rows(part, self.cfg.top_k, tid)
             p = torch.softmax(-d2 / scale, -1)
             outs.append(torch.einsum("nk,nkd->nd", p, rows))
             peaks.append(p.max(-1).values)
@@ -163,12 +213,14 @@ class AlignedBridge(nn.Module):
             return x.new_zeros(0, self.cfg.d_tgt), x.new_zeros(0)
         return torch.cat(outs), torch.cat(peaks)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden (B, T, d_src) [+ mask (B, T)] -> soft tokens (B, T, d_tgt); padded rows are zero."""
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None,
+                token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (B, T, d_src) [+ mask (B, T)] [+ the rows' source token ids (B, T), for the token
+        index] -> soft tokens (B, T, d_tgt); padded rows are zero."""
         x = self.mapped(hidden)
         keep = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.bool()
         out = x.new_zeros(x.shape)
-        out[keep] = self.project(x[keep])[0]
+        out[keep] = self.project(x[keep], None if token_ids is None else token_ids.to(x.device)[keep])[0]
         return out
 
     def save(self, path: str | Path, *, data: dict | None = None, metrics: dict | None = None,

@@ -24,6 +24,36 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from bridge import token_index as ti
+    from bridge.data import generate
+    from bridge.model import default_weights_path, load_bridge
+    from latentwire.runtime import AgentModel
+    from latentwire.textdata import text_chunks
+
+    hf_logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = args.bridge or default_weights_path()
+    bridge = load_bridge(path, search_dtype="auto")
+    if not hasattr(bridge, "use_token_index"):
+        raise SystemExit(f"latentwire bridge index: error: {path} is not an aligned bridge")
+    source = AgentModel(bridge.cfg.source_model, prefill_dtype="auto")
+    # offline prose, and training-split fact contexts (names, numbers): never the held-out split
+    texts = text_chunks(args.texts, min_chars=1500) + [
+        " ".join(it["context"] for it in generate(8, "train", seed=s, wide=1.0)) for s in range(args.fact_texts)]
+    offsets, rows, stats = ti.build(bridge, source, texts, per_row=args.per_row)
+    out = args.out or ti.default_path(path)
+    command = (f"latentwire bridge index --texts {args.texts} --fact-texts {args.fact_texts} --per-row {args.per_row}"
+               + (f" --bridge {args.bridge}" if args.bridge else ""))
+    man = ti.save(out, offsets, rows, bridge, data={"command": command, **stats})
+    print(json.dumps({"index": str(out), "sha256": man["sha256"], **stats}))
+    return 0
+
+
 def _config(cls, args: argparse.Namespace):
     """A job config from the arguments given; the embedded pair's bridge goes to the packaged path."""
     from bridge.model import default_weights_path
@@ -77,6 +107,8 @@ def _eval_arguments(p) -> None:
     p.add_argument("--wire-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--search-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="an aligned bridge's nearest-row scoring, as the bridge service's search_dtype")
+    p.add_argument("--token-index", default="auto",
+                   help="an aligned bridge's token index, as the bridge service's token_index: auto, none or a path")
     p.add_argument("--prefill-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the models' prompt forward, as the agents' prefill_dtype (AgentModel.use_prefill_dtype)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -95,6 +127,15 @@ def register(sub, group) -> None:
     # required: an untrained bridge written to the packaged path would replace the trained one
     p.add_argument("--out", required=True, help="output .safetensors")
     p.set_defaults(func=_calibrate)
+
+    p = br.add_parser("index", help="build an aligned bridge's token index (bridge/token_index.py)")
+    p.add_argument("--bridge", default=None, help="aligned bridge .safetensors (default: the packaged one)")
+    p.add_argument("--texts", type=int, default=400, help="offline text chunks (1500+ characters) to run")
+    p.add_argument("--fact-texts", type=int, default=300, help="texts of 8 training-split fact contexts each")
+    p.add_argument("--per-row", type=int, default=8, help="nearest vocabulary rows recorded per occurrence")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="default: X.index.safetensors beside the bridge X.safetensors")
+    p.set_defaults(func=_index)
 
     tr = group("train", "Ray Train jobs")
     p = tr.add_parser("bridge", help="train a bridge as a Ray Train TorchTrainer job")

@@ -104,7 +104,8 @@ def soft_tokens(source: AgentModel, bridge: Bridge, context: str, question: str,
     """The LATENT packet for one item, exactly as serving computes it: (K, d_tgt)."""
     ids, span = source.source_prompt(context, question)
     h = wire(source.hidden_states(ids, bridge.cfg.source_layer)[span].float(), wire_dtype)
-    return wire(bridge(h[None])[0], wire_dtype)
+    kw = {"token_ids": ids[span][None]} if getattr(bridge, "token_index", None) is not None else {}
+    return wire(bridge(h[None], **kw)[0], wire_dtype)
 
 
 @torch.no_grad()
@@ -202,7 +203,8 @@ def run(args) -> int:
     items = read_jsonl(args.data, args.limit)
     bridge = None
     if "latent" in modes:
-        bridge = load_bridge(args.bridge or default_weights_path(), search_dtype=args.search_dtype)
+        bridge = load_bridge(args.bridge or default_weights_path(), search_dtype=args.search_dtype,
+                             token_index=getattr(args, "token_index", "none"))
     source_name = bridge.cfg.source_model if bridge else args.source
     target_name = bridge.cfg.target_model if bridge else args.target
     target = AgentModel(target_name, prefill_dtype=args.prefill_dtype)
@@ -216,6 +218,7 @@ def run(args) -> int:
                         "message_tokens": args.message_tokens, "max_new_tokens": args.max_new_tokens,
                         "wire_dtype": args.wire_dtype,
                         "search_dtype": str(getattr(bridge, "search_dtype", "")).removeprefix("torch.") or None,
+                        "token_index": getattr(bridge, "token_index", None) is not None,
                         "prefill_dtype": str(target.prefill_dtype).removeprefix("torch.")}
     print(table(result))
     if args.json:

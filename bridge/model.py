@@ -158,15 +158,22 @@ def digest(t: torch.Tensor) -> str:
 
 
 def load_bridge(path: str | Path, device: str = "cpu", target_path: str | None = None,
-                search_dtype: str = "float32"):
+                search_dtype: str = "float32", token_index: str = "none"):
     """A Perceiver `Bridge` or a `bridge.aligned.AlignedBridge`, whichever the manifest names
-    (`search_dtype`: the aligned bridge's nearest-row scoring, `AlignedBridge.use_search_dtype`)."""
+    (`search_dtype`: the aligned bridge's nearest-row scoring, `AlignedBridge.use_search_dtype`;
+    `token_index`: "auto" = the index beside the weights if there is one, a path, or "none";
+    see bridge/token_index.py)."""
     import json
 
     man = Path(path).with_suffix(".json")  # the arch only picks the class; weights.load verifies
     arch = json.loads(man.read_text()).get("config", {}).get("arch") if man.exists() else None
     if arch == "aligned":
+        from bridge import token_index as ti
         from bridge.aligned import AlignedBridge
 
-        return AlignedBridge.load(path, device=device, target_path=target_path, search_dtype=search_dtype)
+        bridge = AlignedBridge.load(path, device=device, target_path=target_path, search_dtype=search_dtype)
+        index = ti.default_path(path) if token_index == "auto" else None if token_index == "none" else Path(token_index)
+        if index is not None and (index.exists() or token_index != "auto"):
+            bridge.use_token_index(*ti.load(index, bridge))
+        return bridge
     return Bridge.load(path, device=device)

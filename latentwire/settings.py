@@ -100,6 +100,9 @@ class BridgeSettings(_Strict):
     # dtype an aligned bridge scores its vocabulary in to pick each soft token's nearest rows (their
     # mix stays float32); auto: bfloat16 on a GPU or an AMX CPU, float32 elsewhere
     search_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # an aligned bridge's token index (bridge/token_index.py): "auto" uses the one beside the weights
+    # if there is one (X.index.safetensors), a path names one, "none" always searches the whole vocabulary
+    token_index: str = "auto"
     # concurrent Translate calls share one padded forward (services.batching); the burst a source batch
     # sends then reaches the target together, where it can be batched again
     max_batch_size: int = Field(16, ge=1)

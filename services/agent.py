@@ -190,7 +190,8 @@ class AgentServicer:
             hidden = hidden[span]  # the packet carries the context tokens (AgentModel.source_prompt)
             t1 = now_ms()
             prov.source_layer, prov.source_hidden_size = layer, self.model.hidden_size
-            packet = pb.HiddenStatePacket(hidden=codec.encode(hidden, self.settings.wire_dtype), provenance=prov)
+            packet = pb.HiddenStatePacket(hidden=codec.encode(hidden, self.settings.wire_dtype), provenance=prov,
+                                          source_token_ids=ids[span].tolist())  # the bridge's token index
             t2 = now_ms()
             try:
                 tr = await bridge_stub.Translate(packet, metadata=(("application", route.bridge_app),)

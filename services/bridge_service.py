@@ -6,7 +6,7 @@ import torch
 
 from bridge.model import default_weights_path, load_bridge
 from latentwire import codec
-from latentwire.errors import ResourceExhausted
+from latentwire.errors import InvalidArgument, ResourceExhausted
 from latentwire.runtime import now_ms
 from latentwire.settings import BridgeSettings
 from protos.latentwire.v1 import latentwire_pb2 as pb
@@ -22,12 +22,13 @@ class BridgeServicer:
         if s.threads:
             torch.set_num_threads(s.threads)
         self.bridge = load_bridge(s.weights or default_weights_path(), device=s.device, target_path=s.target_path,
-                                  search_dtype=s.search_dtype)
+                                  search_dtype=s.search_dtype, token_index=s.token_index)
         self.cfg = self.bridge.cfg
         self.limits = s.limits
         self.auth = BearerAuth.of(s)  # checked by @rpc
         # concurrent Translate calls share one padded forward
-        self.batcher = Batcher(self.translate_many, s.max_batch_size, s.batch_wait_timeout_s)
+        self.batcher = Batcher(lambda jobs: self.translate_many(*zip(*jobs)), s.max_batch_size,
+                               s.batch_wait_timeout_s)
 
     def Check(self, request, grpc_context=None):
         from grpc_health.v1 import health_pb2
@@ -48,8 +49,16 @@ class BridgeServicer:
         if hidden.shape[0] > self.limits.max_packet_tokens:
             raise ResourceExhausted(f"{hidden.shape[0]} source tokens exceed the limit of "
                                     f"{self.limits.max_packet_tokens}", "hidden.shape")
+        ids = None
+        if packet.source_token_ids:  # a search hint for the token index; wrong ones are refused, not guessed
+            ids = torch.tensor(packet.source_token_ids, dtype=torch.long)
+            if len(ids) != hidden.shape[0]:
+                raise InvalidArgument(f"{len(ids)} source token ids for {hidden.shape[0]} rows of hidden",
+                                      "source_token_ids")
+            if int(ids.min()) < 0:
+                raise InvalidArgument(f"source token id {int(ids.min())} is negative", "source_token_ids")
         t1 = now_ms()
-        soft, batch_size = await self.batcher.submit(hidden)
+        soft, batch_size = await self.batcher.submit((hidden, ids))
         t2 = now_ms()
         prov = pb.Provenance()
         prov.CopyFrom(p)
@@ -61,15 +70,21 @@ class BridgeServicer:
                                  packet_encode_ms=t3 - t2, total_ms=now_ms() - t0, batch_size=batch_size)
 
     @torch.no_grad()
-    def translate_many(self, hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
+    def translate_many(self, hiddens: list[torch.Tensor], token_ids: list[torch.Tensor | None] | None = None
+                       ) -> list[torch.Tensor]:
         """Soft tokens (K x d_tgt, or T_i x d_tgt for an aligned bridge) of several (T_i x d_src)
-        packets: right-padded, masked, one forward."""
+        packets [and their rows' source token ids, for an aligned bridge's token index; -1 where a
+        packet has none]: right-padded, masked, one forward."""
         n = max(h.shape[0] for h in hiddens)
         x = hiddens[0].new_zeros(len(hiddens), n, hiddens[0].shape[-1], dtype=torch.float32)
         mask = torch.zeros(len(hiddens), n, dtype=torch.long)
+        ids = torch.full((len(hiddens), n), -1, dtype=torch.long)
         for i, h in enumerate(hiddens):
             x[i, :h.shape[0]], mask[i, :h.shape[0]] = h, 1
-        soft = self.bridge(x.to(self.settings.device), mask.to(self.settings.device))
+            if token_ids is not None and token_ids[i] is not None:
+                ids[i, :h.shape[0]] = token_ids[i]
+        kw = {"token_ids": ids.to(self.settings.device)} if getattr(self.bridge, "token_index", None) is not None else {}
+        soft = self.bridge(x.to(self.settings.device), mask.to(self.settings.device), **kw)
         if self.bridge.per_position:  # one soft token per packet row: drop the padding
             return [soft[i, :h.shape[0]] for i, h in enumerate(hiddens)]
         return list(soft)

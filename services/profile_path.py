@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     prefill = AgentSettings.model_fields["prefill_dtype"].default  # as served
     src, tgt = AgentModel(args.source, prefill_dtype=prefill), AgentModel(args.target, prefill_dtype=prefill)
-    bridge = load_bridge(default_weights_path(), search_dtype=BridgeSettings().search_dtype)  # as served
+    bridge = load_bridge(default_weights_path(), search_dtype=BridgeSettings().search_dtype,
+                         token_index=BridgeSettings().token_index)  # as served
     items = make_items(args.requests + 1, 256)
     stages: dict[str, float] = {}
 
@@ -49,10 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     def one(context, question):
         ids, span = timed("tokenize_source", src.source_prompt, context, question)
         h = timed("source_forward", src.hidden_states, ids, bridge.cfg.source_layer)[span]
-        wire = timed("codec", lambda: pb.HiddenStatePacket(hidden=codec.encode(h)).SerializeToString())
-        hidden = timed("codec", lambda: codec.decode(pb.HiddenStatePacket.FromString(wire).hidden, ndim=2))
+        wire = timed("codec", lambda: pb.HiddenStatePacket(hidden=codec.encode(h), source_token_ids=ids[span].tolist())
+                     .SerializeToString())
+        packet = timed("codec", lambda: pb.HiddenStatePacket.FromString(wire))
+        hidden = timed("codec", lambda: codec.decode(packet.hidden, ndim=2))
+        tok = torch.tensor(packet.source_token_ids)[None]
         with torch.no_grad():
-            soft = timed("bridge", lambda: bridge(hidden[None])[0])
+            soft = timed("bridge", lambda: bridge(hidden[None], token_ids=tok)[0])
         wire = timed("codec", lambda: pb.LatentPacket(soft_tokens=codec.encode(soft)).SerializeToString())
         soft = timed("codec", lambda: codec.decode(pb.LatentPacket.FromString(wire).soft_tokens, ndim=2))
         embeds = timed("target_inputs", lambda: tgt.target_inputs(soft, question))

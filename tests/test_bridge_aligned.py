@@ -200,3 +200,44 @@ def test_bfloat16_search_picks_the_rows_float32_does_and_mixes_them_in_float32()
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     assert auto.search_dtype == (torch.bfloat16 if amx else torch.float32)
     assert _bridge().search_dtype == torch.float32
+
+
+def test_a_token_index_searches_few_rows_and_gives_the_full_search_soft_tokens(tmp_path, tiny_source, tiny_target):
+    """bridge/token_index.py: the rows each source token picked on calibration text; with as many
+    recorded per occurrence as the softmax keeps (top_k), the same texts get the same soft tokens
+    from the short lists; a token the index does not list is searched in the whole vocabulary;
+    an index is refused by any other bridge."""
+    from bridge import token_index as ti
+    from bridge.align import build_bridge
+    from bridge.model import load_bridge
+    from services.bridge_service import BridgeServicer
+
+    torch.manual_seed(0)
+    d = tiny_source.hidden_size + 1
+    S, B = moments(torch.randn(50, d - 1), torch.randn(50, tiny_target.hidden_size))
+    bridge = build_bridge(tiny_source, tiny_target, AlignConfig(), 2, solve(S, B, 1.0),
+                          candidate_vocab(tiny_source, tiny_target))
+    bridge.cfg.top_k = 4
+    bridge.save(tmp_path / "aligned.safetensors")
+    bridge = load_bridge(tmp_path / "aligned.safetensors")  # with its sha
+    texts = ["the cat sat on the mat", "a dog ran to the park and sat"]
+    offsets, rows, stats = ti.build(bridge, tiny_source, texts, per_row=4, progress=False)
+    assert stats["mean_candidates"] < bridge.vocab.shape[0] / 4  # short lists, not the vocabulary
+    ti.save(ti.default_path(tmp_path / "aligned.safetensors"), offsets, rows, bridge, data=stats)
+
+    svc = BridgeServicer(dict(weights=str(tmp_path / "aligned.safetensors"), threads=1))  # token_index: auto
+    assert svc.bridge.token_index is not None
+    from bridge.eval import wire
+    with torch.no_grad():
+        for text in texts + ["an unseen zebra"]:  # the last: tokens the index does not list
+            ids = tiny_source.tokenize(text)
+            h = wire(tiny_source.hidden_states(ids, 2).float(), "bfloat16")
+            listed = svc.translate_many([h], [ids])[0]
+            full = svc.translate_many([h])[0]  # no ids: the whole vocabulary
+            torch.testing.assert_close(listed, full, atol=1e-5, rtol=1e-4)
+    assert bool((offsets[tiny_source.tokenize("zebra") + 1] == offsets[tiny_source.tokenize("zebra")]).any())
+
+    other = load_bridge(tmp_path / "aligned.safetensors")
+    other.sha256 = "0" * 64
+    with pytest.raises(ValueError, match="built for bridge"):
+        ti.load(ti.default_path(tmp_path / "aligned.safetensors"), other)

@@ -161,6 +161,9 @@ BAD = {
     "hidden wrong ndim": (lambda c: c.translate(with_hidden(codec.encode(torch.randn(1, 6, 64)))),
                           "INVALID_ARGUMENT", "hidden.shape"),
     "hidden wrong width": (lambda c: c.translate(hidden_packet(dim=65)), "INVALID_ARGUMENT", "hidden.shape"),
+    "source token ids not one per row": (lambda c: c.translate(pb.HiddenStatePacket(
+        hidden=hidden_packet().hidden, provenance=hidden_packet().provenance, source_token_ids=[1, 2, 3])),
+        "INVALID_ARGUMENT", "source_token_ids"),
     "hidden wrong dtype": (lambda c: c.translate(with_hidden(pb.Tensor(shape=[6, 64], dtype=0, data=b"\0" * 768))),
                            "INVALID_ARGUMENT", "hidden.dtype"),
     "hidden wrong byte length": (lambda c: c.translate(with_hidden(pb.Tensor(shape=[6, 64], dtype=pb.BFLOAT16,
