@@ -58,7 +58,7 @@ def main() -> None:
                     ids, span = source.source_prompt(context, question)
                     hidden = wire(source.hidden_states(ids, layer)[span].float(), "bfloat16")
                     t0 = time.perf_counter()
-                    soft = wire(bridge.translate_many([hidden])[0], "bfloat16")
+                    soft = wire(bridge.translate_many([hidden], [ids[span]])[0], "bfloat16")  # as served: with the token ids
                     bridge_ms = (time.perf_counter() - t0) * 1000
                     gen = target.generate_batch([target.target_inputs(soft, question)[0]], [1])[0]
                     t = reply.timings
