@@ -168,7 +168,7 @@ class AlignedBridge(nn.Module):
     def _near_rows(self, x: torch.Tensor, k: int, token_ids: torch.Tensor | None):
         """`_near`, through the token index for rows whose source token it lists."""
         k = min(k, self.vocab.shape[0])
-        if token_ids is None or getattr(self, "token_index", None) is None:
+        if token_ids is None or self.token_index is None:
             return self._near(x, k)
         offsets = self.token_index[0]
         ok = token_ids.ge(0) & token_ids.lt(len(offsets) - 1)
@@ -176,12 +176,13 @@ class AlignedBridge(nn.Module):
         hit = ok & (offsets[tid + 1] > offsets[tid])
         if bool(hit.all()):
             return self._near_listed(x, tid, k)
-        d2 = x.new_full((x.shape[0], k), float("inf"))
-        idx = torch.zeros(x.shape[0], k, dtype=torch.long, device=x.device)
-        rows = x.new_zeros(x.shape[0], k, x.shape[1])
-        for sel, fn in ((hit, lambda part: self._near_listed(part, tid[hit], k)), (~hit, lambda part: self._near(part, k))):
-            if bool(sel.any()):
-                d2[sel], idx[sel], rows[sel] = fn(x[sel])
+        if not bool(hit.any()):
+            return self._near(x, k)
+        d2 = x.new_empty(x.shape[0], k)
+        idx = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
+        rows = x.new_empty(x.shape[0], k, x.shape[1])
+        d2[hit], idx[hit], rows[hit] = self._near_listed(x[hit], tid[hit], k)
+        d2[~hit], idx[~hit], rows[~hit] = self._near(x[~hit], k)
         return d2, idx, rows
 
     def nearest(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -104,8 +104,7 @@ def soft_tokens(source: AgentModel, bridge: Bridge, context: str, question: str,
     """The LATENT packet for one item, exactly as serving computes it: (K, d_tgt)."""
     ids, span = source.source_prompt(context, question)
     h = wire(source.hidden_states(ids, bridge.cfg.source_layer)[span].float(), wire_dtype)
-    kw = {"token_ids": ids[span][None]} if getattr(bridge, "token_index", None) is not None else {}
-    return wire(bridge(h[None], **kw)[0], wire_dtype)
+    return wire(bridge(h[None], token_ids=ids[span][None])[0], wire_dtype)
 
 
 @torch.no_grad()

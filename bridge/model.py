@@ -111,8 +111,10 @@ class Bridge(nn.Module):
         self.scaling = OutputScaling(cfg.d_tgt)
         self.sha256 = ""  # of the weights file this bridge was loaded from
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden (B, T, d_src) [+ mask (B, T), 1 = real token] -> soft tokens (B, K, d_tgt)."""
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None,
+                token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (B, T, d_src) [+ mask (B, T), 1 = real token] -> soft tokens (B, K, d_tgt).
+        `token_ids`: the search hint an aligned bridge's token index reads; the resampler has no use for it."""
         return self.scaling(self.resampler(self.normalizer(hidden.float()), mask))
 
     @property

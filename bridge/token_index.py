@@ -73,7 +73,7 @@ def load(path: str | Path, bridge) -> tuple[torch.Tensor, torch.Tensor]:
     want = man["config"]["bridge_sha256"]
     if want != bridge.sha256:
         raise ValueError(f"token index {path} was built for bridge sha256 {want[:12]}..., not "
-                         f"{bridge.sha256[:12]}...: rebuild it (latentwire train bridge-index)")
+                         f"{bridge.sha256[:12]}...: rebuild it (latentwire bridge index)")
     offsets, rows = tensors["offsets"].long(), tensors["rows"].long()
     if len(rows) and int(rows.max()) >= bridge.vocab.shape[0]:
         raise ValueError(f"token index {path} lists rows past the bridge's {bridge.vocab.shape[0]}")

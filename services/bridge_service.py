@@ -83,8 +83,8 @@ class BridgeServicer:
             x[i, :h.shape[0]], mask[i, :h.shape[0]] = h, 1
             if token_ids is not None and token_ids[i] is not None:
                 ids[i, :h.shape[0]] = token_ids[i]
-        kw = {"token_ids": ids.to(self.settings.device)} if getattr(self.bridge, "token_index", None) is not None else {}
-        soft = self.bridge(x.to(self.settings.device), mask.to(self.settings.device), **kw)
+        dev = self.settings.device
+        soft = self.bridge(x.to(dev), mask.to(dev), token_ids=ids.to(dev))
         if self.bridge.per_position:  # one soft token per packet row: drop the padding
             return [soft[i, :h.shape[0]] for i, h in enumerate(hiddens)]
         return list(soft)
