@@ -164,6 +164,9 @@ BAD = {
     "source token ids not one per row": (lambda c: c.translate(pb.HiddenStatePacket(
         hidden=hidden_packet().hidden, provenance=hidden_packet().provenance, source_token_ids=[1, 2, 3])),
         "INVALID_ARGUMENT", "source_token_ids"),
+    "source token id negative": (lambda c: c.translate(pb.HiddenStatePacket(
+        hidden=hidden_packet().hidden, provenance=hidden_packet().provenance, source_token_ids=[3, 1, -1, 4, 1, 5])),
+        "INVALID_ARGUMENT", "source_token_ids"),
     "hidden wrong dtype": (lambda c: c.translate(with_hidden(pb.Tensor(shape=[6, 64], dtype=0, data=b"\0" * 768))),
                            "INVALID_ARGUMENT", "hidden.dtype"),
     "hidden wrong byte length": (lambda c: c.translate(with_hidden(pb.Tensor(shape=[6, 64], dtype=pb.BFLOAT16,
