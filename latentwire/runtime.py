@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from latentwire import profiles
+from latentwire import attention, profiles
 from latentwire.errors import InvalidArgument, ResourceExhausted
 from latentwire.settings import Limits
 
@@ -76,6 +76,7 @@ class AgentModel:
         self.profile = profiles.get_profile(profile) if isinstance(profile, str) else profile
         if model is None:
             model, tokenizer = profiles.load(self.profile, device=device, dtype=dtype, local_path=local_path)
+            attention.enable(model)  # a model of our own: long prompts skip the pairs their masks drop
         self.model, self.tok = model, tokenizer
         self.device = next(model.parameters()).device
         self.limits = limits or Limits()
