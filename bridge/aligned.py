@@ -58,6 +58,14 @@ def vocab_digest(rows: torch.Tensor) -> str:
     return hashlib.sha256(rows.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()).hexdigest()
 
 
+def _keep_nearest(d2: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, k: int):
+    """The k smallest distances of each row (of more candidates than k), with their indices and rows."""
+    if d2.shape[1] <= k:
+        return d2, idx, rows
+    d2, keep = d2.topk(k, dim=-1, largest=False)
+    return d2, idx.gather(1, keep), rows.gather(1, keep[..., None].expand(-1, -1, rows.shape[-1]))
+
+
 class AlignedBridge(nn.Module):
     per_position = True  # soft tokens = packet rows (the service trims padded rows)
 
@@ -131,9 +139,7 @@ class AlignedBridge(nn.Module):
         rows = self.vocab[idx]
         if low:
             near = self.vocab_sq[idx] - 2 * torch.bmm(rows, x[:, :, None])[..., 0]
-            if idx.shape[1] > k:
-                near, keep = near.topk(k, dim=-1, largest=False)
-                idx, rows = idx.gather(1, keep), rows.gather(1, keep[..., None].expand(-1, -1, rows.shape[-1]))
+            near, idx, rows = _keep_nearest(near, idx, rows, k)
         return near + x.pow(2).sum(-1, keepdim=True), idx, rows
 
     def use_token_index(self, offsets: torch.Tensor | None, rows: torch.Tensor | None) -> "AlignedBridge":
@@ -154,10 +160,7 @@ class AlignedBridge(nn.Module):
         idx = listed[(start[:, None] + span[None]).clamp(max=len(listed) - 1)].masked_fill(~valid, 0)
         rows = self.vocab[idx]
         d2 = (self.vocab_sq[idx] - 2 * torch.bmm(rows, x[:, :, None])[..., 0] + x.pow(2).sum(-1, keepdim=True))
-        d2 = d2.masked_fill(~valid, float("inf"))
-        if d2.shape[1] > k:
-            d2, keep = d2.topk(k, dim=-1, largest=False)
-            idx, rows = idx.gather(1, keep), rows.gather(1, keep[..., None].expand(-1, -1, rows.shape[-1]))
+        d2, idx, rows = _keep_nearest(d2.masked_fill(~valid, float("inf")), idx, rows, k)
         pad = k - d2.shape[1]
         if pad > 0:
             d2 = torch.nn.functional.pad(d2, (0, pad), value=float("inf"))
