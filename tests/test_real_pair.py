@@ -50,3 +50,21 @@ def test_latent_packets_carry_the_facts_of_the_demo_items(client):
     for context, question, expected in DEMO_ITEMS:
         reply = client.ask(context, question, "latent", max_new_tokens=8)
         assert expected.lower() in reply.answer.lower(), (question, reply.answer)
+
+
+def test_the_packaged_bridge_searches_token_ids_it_does_not_list_in_the_whole_vocabulary(client):
+    """Over gRPC, with the packaged bridge and its token index: ids past the source vocabulary are a
+    hint the index cannot use, so those rows get the soft tokens of a packet without ids."""
+    import torch
+
+    from latentwire import codec
+    from protos.latentwire.v1 import latentwire_pb2 as pb
+
+    torch.manual_seed(0)
+    prov = pb.Provenance(source_model="smollm2-135m", source_layer=1, source_hidden_size=576, request_id="ids")
+    hidden = codec.encode(torch.randn(5, 576))
+    plain = client.translate(pb.HiddenStatePacket(hidden=hidden, provenance=prov))
+    unlisted = client.translate(pb.HiddenStatePacket(hidden=hidden, provenance=prov, source_token_ids=[10**9] * 5))
+    want, got = (codec.decode(r.latent.soft_tokens, ndim=2) for r in (plain, unlisted))
+    assert want.shape == (5, 640)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
