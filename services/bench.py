@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 
@@ -32,8 +33,15 @@ NAMES = ["Helena Varga", "Tomas Lindqvist", "Amara Okafor", "Ravi Menon", "Lucia
 PLACES = ["Lisbon", "Oslo", "Nairobi", "Quito", "Kyoto", "Tallinn"]
 
 
-def make_items(n: int, context_tokens: int, seed: int = 0) -> list[tuple[str, str]]:
-    """n (context, question) pairs whose context is about `context_tokens` tokens (~4 chars each)."""
+class BenchItem(NamedTuple):
+    context: str
+    question: str
+    answer: str  # the planted fact's name, place or number
+
+
+def bench_items(n: int, context_tokens: int, seed: int = 0) -> list[BenchItem]:
+    """n items whose context is about `context_tokens` tokens (~4 chars each) of offline text with
+    one fact planted at a random point, and a question only that fact answers."""
     from latentwire.textdata import offline_corpus
 
     rng = random.Random(seed)
@@ -41,14 +49,26 @@ def make_items(n: int, context_tokens: int, seed: int = 0) -> list[tuple[str, st
     items = []
     for i in range(n):
         tmpl, question = FACTS[i % len(FACTS)]
-        fact = tmpl.format(name=rng.choice(NAMES), place=rng.choice(PLACES), num=rng.randint(1000, 9999))
+        values = {"name": rng.choice(NAMES), "place": rng.choice(PLACES), "num": str(rng.randint(1000, 9999))}
+        fact = tmpl.format(**values)
+        answer = next(v for k, v in values.items() if "{" + k + "}" in tmpl)
         words, text = max(0, context_tokens * 4 - len(fact)), []
         while sum(len(t) + 1 for t in text) < words:
             text.append(filler[rng.randrange(len(filler))])
         body = " ".join(text)[:words]
         cut = rng.randint(0, len(body)) if body else 0
-        items.append(((body[:cut] + " " + fact + " " + body[cut:]).strip(), question))
+        items.append(BenchItem((body[:cut] + " " + fact + " " + body[cut:]).strip(), question, answer))
     return items
+
+
+def make_items(n: int, context_tokens: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(context, question) pairs of `bench_items`."""
+    return [(it.context, it.question) for it in bench_items(n, context_tokens, seed)]
+
+
+def is_correct(reply: str, answer: str) -> bool:
+    """Whether a reply names the planted answer (case-insensitive containment, as for the demo)."""
+    return answer.lower() in reply.lower()
 
 
 def _pct(xs: list[float], q: int) -> float:
@@ -100,7 +120,7 @@ def run_setting(client, items, modes, concurrency: int, max_new_tokens: int, tar
 
     def one(task):
         i, mode, target = task
-        ctx, q = items[i]
+        ctx, q, gold = items[i]
         t0 = time.perf_counter()
         rec = {"item": i, "mode": mode, "target": target or "default", "start": t0}
         try:
@@ -111,6 +131,7 @@ def run_setting(client, items, modes, concurrency: int, max_new_tokens: int, tar
                        **{f: getattr(r.timings, f) for f, _ in STAGES}, source_total_ms=r.timings.source_total_ms,
                        **{f: getattr(r.timings, f) for f in BATCHES})
             rec["ingress_hop_ms"] = rec["e2e_ms"] - r.timings.source_total_ms
+            rec["correct"] = is_correct(r.answer, gold)
         except grpc.RpcError as err:
             rec.update(ok=False, code=err.code().name, details=err.details())
         rec["end"] = time.perf_counter()
@@ -145,7 +166,10 @@ def summarize(records: list[dict], repeats: int) -> dict:
             "requests_per_s": len(rs) / wall if wall else float("nan"),
             # 0 where a mode skips the stage (no bridge for TEXT, no source forward for DIRECT)
             "batch_mean": {f: statistics.mean(r.get(f, 0) for r in rs) for f in BATCHES},
-            "answers": [r["answer"] for r in rs[:3]]}
+            "answers": [r["answer"] for r in rs[:3]],
+            # share of replies that name the planted fact: a fast mode must still carry the fact
+            "exact_match": (statistics.mean(r["correct"] for r in rs) if all("correct" in r for r in rs)
+                            else float("nan"))}
     # LATENT vs TEXT speedup of p50, per repeat (items split into `repeats` rounds) -> spread
     for target in {r["target"] for r in ok}:
         lat = [r for r in ok if r["mode"] == "latent" and r["target"] == target]
@@ -178,7 +202,7 @@ def plot(report: dict, path: str | Path) -> None:
     labels, data = [], []
     for s in base:
         for key, m in s["summary"]["modes"].items():
-            labels.append(f"{key} ctx {s['context_tokens']}")
+            labels.append(f"{key} ctx {s['context_tokens']} EM {m['exact_match']:.2f}")
             data.append([r["e2e_ms"] for r in s["records"] if r["ok"] and f"{r['mode']}/{r['target']}" == key])
     axes[0].boxplot(data, showfliers=True)
     axes[0].set_xticks(range(1, len(labels) + 1), labels, fontsize=7, rotation=60, ha="right")
@@ -217,16 +241,16 @@ def plot(report: dict, path: str | Path) -> None:
 
 def table(report: dict) -> str:
     rows = [["ctx", "conc", "mode/target", "n", "p50", "p95", "p99", "req/s", "grpc+codec %", "bytes",
-             "batch src/brg/tgt"]]
+             "batch src/brg/tgt", "EM"]]
     for s in report["settings"]:
         for key, m in s["summary"]["modes"].items():
             rows.append([str(s["context_tokens"]), str(s["concurrency"]), key, str(m["n"]), f"{m['p50_ms']:.0f}",
                          f"{m['p95_ms']:.0f}", f"{m['p99_ms']:.0f}", f"{m['requests_per_s']:.2f}",
                          f"{100 * m['grpc_and_codec_share']:.1f}", f"{m['bytes_per_request']:.0f}",
-                         "/".join(f"{m['batch_mean'][f]:.1f}" for f in BATCHES)])
+                         "/".join(f"{m['batch_mean'][f]:.1f}" for f in BATCHES), f"{m['exact_match']:.2f}"])
         for target, sp in s["summary"].get("speedup_latent_vs_text", {}).items():
             rows.append([str(s["context_tokens"]), str(s["concurrency"]), f"LATENT vs TEXT ({target})", "",
-                         f"{sp['p50_ratio']:.2f}x", f"[{sp['min']:.2f}-{sp['max']:.2f}]", "", "", "", "", ""])
+                         f"{sp['p50_ratio']:.2f}x", f"[{sp['min']:.2f}-{sp['max']:.2f}]", "", "", "", "", "", ""])
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w[i]) if i != 2 else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
 
@@ -242,8 +266,8 @@ def run_bench(address: str, *, requests: int, concurrency: list[int], context_to
         "warmup": warmup, "repeats": repeats}, "settings": []}
     with LatentWireClient(address, timeout_s=600) as client:
         for ctx in context_tokens:
-            items = make_items(requests, ctx, seed=ctx)
-            run_setting(client, make_items(warmup, ctx, seed=ctx + 1), modes, 1, max_new_tokens, targets,
+            items = bench_items(requests, ctx, seed=ctx)
+            run_setting(client, bench_items(warmup, ctx, seed=ctx + 1), modes, 1, max_new_tokens, targets,
                         message_tokens)  # warm-up, discarded
             for conc in concurrency:
                 recs = run_setting(client, items, modes, conc, max_new_tokens, targets, message_tokens)

@@ -32,3 +32,23 @@ def test_percentiles_of_tiny_samples():
     assert bench._pct([], 50) != bench._pct([], 50)  # nan
     assert bench._pct([7.0], 99) == 7.0
     assert bench._pct([1.0, 3.0], 50) == 2.0
+
+
+def test_exact_match_is_the_share_of_replies_that_name_the_planted_fact():
+    records = [_record(i, "latent", 1000.0, 256) for i in range(4)]
+    for r, ok in zip(records, [True, False, True, True]):
+        r["correct"] = ok
+    assert bench.summarize(records, repeats=1)["modes"]["latent/default"]["exact_match"] == 0.75
+    # records without a verdict (an older report) give nan, not a made-up score
+    em = bench.summarize([_record(0, "text", 1.0, 8)], repeats=1)["modes"]["text/default"]["exact_match"]
+    assert em != em
+
+
+def test_bench_items_plant_their_answer_and_keep_the_old_items():
+    items = bench.bench_items(9, 256, seed=256)
+    for it in items:
+        assert it.context.count(it.answer) >= 1 and it.question.endswith("?")
+        assert bench.is_correct(f"It is {it.answer.upper()}.", it.answer)
+    assert {it.question for it in items} == {q for _, q in bench.FACTS}
+    assert bench.make_items(9, 256, seed=256) == [(it.context, it.question) for it in items]
+    assert not bench.is_correct("Nobody.", items[0].answer)

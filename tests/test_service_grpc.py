@@ -236,6 +236,10 @@ def test_bench_compares_modes_side_by_side_and_writes_json_and_plot(cluster, tmp
     assert "LATENT vs TEXT" in bench.table(report)
     assert first["modes"]["latent/default"]["batch_mean"]["target_batch"] >= 1
     assert first["modes"]["text/default"]["batch_mean"]["bridge_batch"] == 0  # TEXT skips the bridge
+    recs = s["settings"][0]["records"]
+    assert all(isinstance(r["correct"], bool) for r in recs)  # each reply checked against its planted fact
+    assert first["modes"]["latent/default"]["exact_match"] == sum(
+        r["correct"] for r in recs if r["mode"] == "latent") / 3
 
 
 def test_a_target_configured_with_kv_compression_keeps_a_smaller_cache(client):
