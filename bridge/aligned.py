@@ -79,7 +79,53 @@ class AlignedBridge(nn.Module):
         self.register_buffer("vocab_sq", self.vocab.pow(2).sum(-1), persistent=False)
         self.sha256 = ""
         self.token_index = None
+        self.set_lexicon(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0))
         self.use_search_dtype("float32")
+
+    def set_lexicon(self, tokens: torch.Tensor, rows: torch.Tensor, margin: torch.Tensor) -> "AlignedBridge":
+        """A per-token prior: a soft token whose source token is `tokens[i]` scores vocabulary row
+        `rows[i]` (its own piece of text) as `margin[i]` nearer than the map puts it.
+
+        The linear map is lexical but not exact: over the whole source vocabulary about a fifth of
+        the tokens land nearest another token's row (`ĠHelena` on `▁Amanda`), in every context, so
+        the target reads another name. `bridge.align.fit_lexicon` finds those tokens and the margin
+        that brings their own row first. Applied only where the packet names its source tokens."""
+        dev = self.vocab.device
+        n = int(tokens.max()) + 1 if len(tokens) else 0
+        row_of = torch.full((n,), -1, dtype=torch.long, device=dev)
+        row_of[tokens.long().to(dev)] = rows.long().to(dev)
+        margin_of = torch.zeros(n, device=dev)
+        margin_of[tokens.long().to(dev)] = margin.float().to(dev)
+        # dense by source token id; not in state_dict (`save` writes the lexicon when there is one)
+        self.register_buffer("lexicon_row_of", row_of, persistent=False)
+        self.register_buffer("lexicon_margin_of", margin_of, persistent=False)
+        return self
+
+    def lexicon(self) -> dict[str, torch.Tensor]:
+        """The lexicon as stored (empty when there is none): token ids, their rows, their margins."""
+        tokens = (self.lexicon_row_of >= 0).nonzero()[:, 0]
+        if not len(tokens):
+            return {}
+        return {"lexicon_tokens": tokens.cpu(), "lexicon_rows": self.lexicon_row_of[tokens].cpu(),
+                "lexicon_margin": self.lexicon_margin_of[tokens].float().cpu()}
+
+    def _with_lexicon(self, x, token_ids, d2, idx, rows):
+        """Candidates of `_near_rows` with each listed token's own row in them at its prior distance:
+        in the row's place if it is a candidate already, else in the farthest candidate's."""
+        row_of, margin_of = self.lexicon_row_of, self.lexicon_margin_of
+        if token_ids is None or not len(row_of):
+            return d2, idx, rows
+        own = row_of[token_ids.clamp(0, len(row_of) - 1)].masked_fill((token_ids < 0) | (token_ids >= len(row_of)), -1)
+        sel = (own >= 0).nonzero()[:, 0]
+        if not len(sel):
+            return d2, idx, rows
+        c, e = own[sel], self.vocab[own[sel]]
+        dc = (x[sel] - e).pow(2).sum(-1) - margin_of[token_ids[sel]]
+        there = idx[sel] == c[:, None]
+        col = torch.where(there.any(1), there.float().argmax(1), d2[sel].argmax(1))
+        d2, idx, rows = d2.clone(), idx.clone(), rows.clone()
+        d2[sel, col], idx[sel, col], rows[sel, col] = dc, c, e
+        return d2, idx, rows
 
     @classmethod
     def from_embeddings(cls, cfg: AlignedConfig, vocab_ids: torch.Tensor, embeddings: torch.Tensor) -> "AlignedBridge":
@@ -209,7 +255,8 @@ class AlignedBridge(nn.Module):
         outs, peaks = [], []
         ids = [None] * len(x.split(ROW_CHUNK)) if token_ids is None else token_ids.split(ROW_CHUNK)
         for part, tid in zip(x.split(ROW_CHUNK), ids):
-            d2, _, rows = self._near_rows(part, self.cfg.top_k, tid)
+            d2, idx, rows = self._near_rows(part, self.cfg.top_k, tid)
+            d2, idx, rows = self._with_lexicon(part, tid, d2, idx, rows)
             p = torch.softmax(-d2 / scale, -1)
             outs.append(torch.einsum("nk,nkd->nd", p, rows))
             peaks.append(p.max(-1).values)
@@ -230,6 +277,7 @@ class AlignedBridge(nn.Module):
     def save(self, path: str | Path, *, data: dict | None = None, metrics: dict | None = None,
              dtype: torch.dtype = torch.float32) -> dict:
         tensors = {k: (v if k == "vocab_ids" else v.to(dtype)) for k, v in self.state_dict().items()}
+        tensors.update(self.lexicon())
         man = weights.save(path, tensors, kind="bridge", config=asdict(self.cfg), data=data,
                            metrics={**(metrics or {}), "stored_dtype": str(dtype).removeprefix("torch.")})
         self.sha256 = man["sha256"]
@@ -249,6 +297,9 @@ class AlignedBridge(nn.Module):
         if embeddings is None:
             embeddings = profiles.input_embeddings(cfg.target_model, local_path=target_path)
         bridge = cls.from_embeddings(cfg, tensors["vocab_ids"].long(), embeddings)
+        lexicon = [tensors.pop(k, None) for k in ("lexicon_tokens", "lexicon_rows", "lexicon_margin")]
+        if lexicon[0] is not None:  # bridges fitted before the lexicon have none
+            bridge.set_lexicon(*lexicon)
         bridge.load_state_dict({k: v.float() if k != "vocab_ids" else v.long() for k, v in tensors.items()},
                                strict=True)
         bridge.sha256 = manifest["sha256"]

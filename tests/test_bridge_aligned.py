@@ -241,3 +241,50 @@ def test_a_token_index_searches_few_rows_and_gives_the_full_search_soft_tokens(t
     other.sha256 = "0" * 64
     with pytest.raises(ValueError, match="built for bridge"):
         ti.load(ti.default_path(tmp_path / "aligned.safetensors"), other)
+
+
+def test_the_lexicon_brings_a_tokens_own_row_first_and_touches_nothing_else(tmp_path):
+    """AlignedBridge.set_lexicon: a soft token whose source token is listed mixes its own row at the
+    prior distance, whether or not the search found that row; other tokens, and packets without
+    source token ids, get the bit-identical soft tokens of a bridge without a lexicon."""
+    torch.manual_seed(0)
+    vocab = torch.randn(10, 4)
+    plain, b = _bridge(vocab=vocab), _bridge(vocab=vocab)
+    b.cfg.top_k = plain.cfg.top_k = 3
+    x = vocab[[1, 1, 2, 5]] + 0.01 * torch.randn(4, 4)  # nearest rows 1, 1, 2, 5
+    ids = torch.tensor([7, 8, 9, 30])  # source tokens: 7 should read row 6, 8 row 1 (already nearest)
+    unit = b.cfg.temperature * b.cfg.d_tgt
+    far = float((x[0] - vocab[6]).pow(2).sum() - (x[0] - vocab[1]).pow(2).sum())
+    b.set_lexicon(torch.tensor([7, 8]), torch.tensor([6, 1]), torch.tensor([far + 4 * unit, 4 * unit]))
+    with torch.no_grad():
+        out, peak = b.project(x, ids)
+        ref, ref_peak = plain.project(x, ids)
+        assert b.nearest(out, 1)[1][0, 0] == 6 and peak[0] > 0.95  # row 6 was not among the 3 candidates
+        assert b.nearest(out, 1)[1][1, 0] == 1 and peak[1] >= ref_peak[1]
+        assert torch.equal(out[2:], ref[2:])  # unlisted tokens (9, and 30 past the table) unchanged
+        assert torch.equal(b.project(x)[0], ref)  # no ids: no lexicon
+    b.save(tmp_path / "lex.safetensors")
+    loaded = AlignedBridge.load(tmp_path / "lex.safetensors", embeddings=vocab)
+    assert {k: v.tolist() for k, v in loaded.lexicon().items()} == {k: v.tolist() for k, v in b.lexicon().items()}
+    with torch.no_grad():
+        assert torch.equal(loaded.project(x, ids)[0], out)
+
+
+def test_fit_lexicon_lists_only_tokens_the_map_sends_elsewhere(tiny_source, tiny_target):
+    from bridge.align import build_bridge, fit_lexicon, own_gap, own_rows, token_states, LEXICON_PREFIXES
+
+    torch.manual_seed(0)
+    d = tiny_source.hidden_size + 1
+    S, B = moments(torch.randn(50, d - 1), torch.randn(50, tiny_target.hidden_size))
+    bridge = build_bridge(tiny_source, tiny_target, AlignConfig(), 2, solve(S, B, 1.0),
+                          candidate_vocab(tiny_source, tiny_target))
+    stats = fit_lexicon(bridge, tiny_source, tiny_target, slack=4.0)
+    # a random map sends most tokens elsewhere; the prior brings 9 in 10 back, in a context it was not fitted in
+    assert stats["held_out_own_row_before"] < 0.5 and stats["held_out_own_row_after"] > 0.9
+    own = own_rows(bridge, tiny_source, tiny_target)
+    listed = bridge.lexicon()["lexicon_tokens"]
+    assert 0 < len(listed) == stats["lexicon_tokens"] and bool((own[listed] >= 0).all())
+    assert torch.equal(bridge.lexicon()["lexicon_rows"], own[listed])
+    right = own_gap(bridge, token_states(bridge, tiny_source, listed[:50], LEXICON_PREFIXES[0]), own[listed[:50]])
+    unit = bridge.cfg.temperature * bridge.cfg.d_tgt * bridge.cfg.embed_rms ** 2
+    assert bool((bridge.lexicon()["lexicon_margin"][:50] >= right + 4 * unit - 1e-3).all())
