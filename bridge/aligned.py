@@ -13,6 +13,10 @@ nearest embeddings are right (97% of answer tokens, EM 0.43 on 60 held-out items
 combination of real embeddings is read like text (EM 0.83) and stays continuous and
 differentiable (no codebook: the discrete bottlenecks of DESIGN.md collapsed).
 
+A per-token lexicon (`set_lexicon`, fitted by `bridge.align.fit_lexicon`) corrects the map where
+it is lexical but wrong: the source tokens whose mapped state lands nearer another token's row than
+their own get a prior for their own row.
+
 The projection needs the target's embedding rows. They are not shipped in the bridge file (the
 Gemma 3 matrix alone is 670 MB): the file stores the row ids and a digest of the rows, and loading
 reads the rows from the target model's weights and refuses them if the digest differs.
@@ -123,7 +127,7 @@ class AlignedBridge(nn.Module):
         dc = (x[sel] - e).pow(2).sum(-1) - margin_of[token_ids[sel]]
         there = idx[sel] == c[:, None]
         col = torch.where(there.any(1), there.float().argmax(1), d2[sel].argmax(1))
-        d2, idx, rows = d2.clone(), idx.clone(), rows.clone()
+        # in place: every search path returns fresh tensors (rows gathered from `vocab`, not views of it)
         d2[sel, col], idx[sel, col], rows[sel, col] = dc, c, e
         return d2, idx, rows
 

@@ -68,3 +68,31 @@ def test_the_packaged_bridge_searches_token_ids_it_does_not_list_in_the_whole_vo
     want, got = (codec.decode(r.latent.soft_tokens, ndim=2) for r in (plain, unlisted))
     assert want.shape == (5, 640)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_the_packaged_bridges_lexicon_brings_a_mistranslated_name_home(client):
+    """Over gRPC: the map alone sends SmolLM2's `ĠHelena` to another name's row (the lexicon's reason,
+    docs/bridge.md); with the packet's source token ids the bridge's lexicon gives `▁Helena` back."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from bridge.model import default_weights_path
+    from latentwire import codec, profiles, weights
+    from latentwire.runtime import AgentModel
+    from protos.latentwire.v1 import latentwire_pb2 as pb
+
+    source = AgentModel("smollm2-135m")
+    ids = source.tokenize("The courier for the northern route is Helena Varga.")
+    pos = source.tok.convert_ids_to_tokens(ids.tolist()).index("ĠHelena")
+    hidden = codec.encode(source.hidden_states(ids, 1).float())
+    prov = pb.Provenance(source_model="smollm2-135m", source_layer=1, source_hidden_size=576, request_id="lex")
+    # the rows the bridge mixes: the target's input embeddings times its embedding scale
+    scale = weights.load(default_weights_path(), kind="bridge")[1]["config"]["embed_scale"]
+    table = profiles.input_embeddings("gemma3-270m").float() * scale
+    target_tok = AutoTokenizer.from_pretrained(profiles.converted_dir(profiles.get_profile("gemma3-270m")))
+    read = {}
+    for name, extra in (("with ids", {"source_token_ids": ids.tolist()}), ("without", {})):
+        reply = client.translate(pb.HiddenStatePacket(hidden=hidden, provenance=prov, **extra))
+        soft = codec.decode(reply.latent.soft_tokens, ndim=2).float()
+        read[name] = target_tok.convert_ids_to_tokens(int(torch.cdist(soft[pos:pos + 1], table).argmin()))
+    assert read["with ids"] == "▁Helena" and read["without"] != "▁Helena"
