@@ -91,8 +91,8 @@ class AlignedBridge(nn.Module):
         `rows[i]` (its own piece of text) as `margin[i]` nearer than the map puts it.
 
         The linear map is lexical but not exact: over the whole source vocabulary about a fifth of
-        the tokens land nearest another token's row (`ĠHelena` on `▁Amanda`), in every context, so
-        the target reads another name. `bridge.align.fit_lexicon` finds those tokens and the margin
+        the tokens land nearest another token's row in any one context, most of them in every
+        context (`ĠHelena` on `▁Amanda`), so the target reads another name. `bridge.align.fit_lexicon` finds those tokens and the margin
         that brings their own row first. Applied only where the packet names its source tokens."""
         dev = self.vocab.device
         n = int(tokens.max()) + 1 if len(tokens) else 0
