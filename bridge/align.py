@@ -150,14 +150,21 @@ def solve(S: torch.Tensor, B: torch.Tensor, ridge: float) -> dict[str, torch.Ten
             "proj.weight": A[:d].T.float().contiguous(), "proj.bias": A[d].float()}
 
 
-def candidate_vocab(source, target) -> torch.Tensor:
-    """Target ids the projection may mix: the one-token images of the source vocabulary's pieces."""
-    ids = set()
+def one_token_images(source, target) -> torch.Tensor:
+    """For each source token id, the target token that is the same piece of text (-1: the target
+    spells that piece with more than one token)."""
+    images = torch.full((len(source.tok),), -1, dtype=torch.long)
     for t in range(len(source.tok)):
         g = target.tok(source.tok.decode([t]), add_special_tokens=False).input_ids
         if len(g) == 1:
-            ids.add(g[0])
-    return torch.tensor(sorted(ids), dtype=torch.long)
+            images[t] = g[0]
+    return images
+
+
+def candidate_vocab(source, target) -> torch.Tensor:
+    """Target ids the projection may mix: the one-token images of the source vocabulary's pieces."""
+    images = one_token_images(source, target)
+    return torch.unique(images[images >= 0])
 
 
 def build_bridge(source, target, cfg: AlignConfig, layer: int, params: dict, vocab_ids: torch.Tensor):
@@ -206,12 +213,7 @@ def own_rows(bridge, source, target) -> torch.Tensor:
     """For each source token id, the position in `bridge.vocab` of the target token that is the same
     piece of text (-1: none; `candidate_vocab` holds every such token)."""
     pos = {int(v): i for i, v in enumerate(bridge.vocab_ids.tolist())}
-    own = torch.full((len(source.tok),), -1, dtype=torch.long)
-    for t in range(len(source.tok)):
-        g = target.tok(source.tok.decode([t]), add_special_tokens=False).input_ids
-        if len(g) == 1 and g[0] in pos:
-            own[t] = pos[g[0]]
-    return own
+    return torch.tensor([pos.get(int(g), -1) for g in one_token_images(source, target)], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -245,7 +247,7 @@ def fit_lexicon(bridge, source, target, slack: float = 4.0) -> dict:
     tokens = (own >= 0).nonzero()[:, 0]
     gap = torch.stack([own_gap(bridge, token_states(bridge, source, tokens, p), own[tokens])
                        for p in LEXICON_PREFIXES]).max(0).values
-    unit = bridge.cfg.temperature * bridge.cfg.d_tgt * bridge.cfg.embed_rms ** 2
+    unit = bridge.softmax_scale
     x = token_states(bridge, source, tokens, HELD_OUT_PREFIX)
     before = bridge.nearest(bridge.project(x)[0], 1)[1][:, 0] == own[tokens]
     fix = gap > 0

@@ -92,8 +92,8 @@ class AlignedBridge(nn.Module):
 
         The linear map is lexical but not exact: over the whole source vocabulary about a fifth of
         the tokens land nearest another token's row in any one context, most of them in every
-        context (`ĠHelena` on `▁Amanda`), so the target reads another name. `bridge.align.fit_lexicon` finds those tokens and the margin
-        that brings their own row first. Applied only where the packet names its source tokens."""
+        context (`ĠHelena` on `▁Amanda`), so the target reads another name. `bridge.align.fit_lexicon`
+        finds those tokens and the margin that brings their own row first. Applied only where the packet names its source tokens."""
         dev = self.vocab.device
         n = int(tokens.max()) + 1 if len(tokens) else 0
         row_of = torch.full((n,), -1, dtype=torch.long, device=dev)
@@ -149,6 +149,11 @@ class AlignedBridge(nn.Module):
     @property
     def bridge_id(self) -> str:
         return self.cfg.bridge_id
+
+    @property
+    def softmax_scale(self) -> float:
+        """The vocabulary softmax's unit of squared distance: temperature x d x embed_rms^2."""
+        return self.cfg.temperature * self.cfg.d_tgt * self.cfg.embed_rms ** 2
 
     def use_search_dtype(self, dtype: str = "auto") -> "AlignedBridge":
         """Score the vocabulary for the nearest rows in `dtype` ("float32", "bfloat16" or "auto":
@@ -255,7 +260,7 @@ class AlignedBridge(nn.Module):
         The softmax keeps each row's `top_k` nearest rows: at the fitted temperature the rest
         weigh less than float32 resolution (measured: results/bridge/aligned_sweep.json), and the
         weighted sum over the whole vocabulary cost as much again as the distances."""
-        scale = self.cfg.temperature * self.cfg.d_tgt * self.cfg.embed_rms ** 2
+        scale = self.softmax_scale
         outs, peaks = [], []
         ids = [None] * len(x.split(ROW_CHUNK)) if token_ids is None else token_ids.split(ROW_CHUNK)
         for part, tid in zip(x.split(ROW_CHUNK), ids):

@@ -67,8 +67,11 @@ def make_items(n: int, context_tokens: int, seed: int = 0) -> list[tuple[str, st
 
 
 def is_correct(reply: str, answer: str) -> bool:
-    """Whether a reply names the planted answer (case-insensitive containment, as for the demo)."""
-    return answer.lower() in reply.lower()
+    """Whether a reply names the planted answer, by the evaluation's exact match (bridge.eval): the
+    normalised answer as a whole-word span of the normalised reply."""
+    from bridge.eval import exact_match
+
+    return bool(exact_match(reply, answer))
 
 
 def _pct(xs: list[float], q: int) -> float:
