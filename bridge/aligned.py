@@ -62,12 +62,20 @@ def vocab_digest(rows: torch.Tensor) -> str:
     return hashlib.sha256(rows.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()).hexdigest()
 
 
-def _keep_nearest(d2: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, k: int):
-    """The k smallest distances of each row (of more candidates than k), with their indices and rows."""
+def _keep_nearest(d2: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest distances of each row (of more candidates than k), with their indices."""
     if d2.shape[1] <= k:
-        return d2, idx, rows
+        return d2, idx
     d2, keep = d2.topk(k, dim=-1, largest=False)
-    return d2, idx.gather(1, keep), rows.gather(1, keep[..., None].expand(-1, -1, rows.shape[-1]))
+    return d2, idx.gather(1, keep)
+
+
+def _widen(d2: torch.Tensor, idx: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad candidates to `width` columns with empty slots (infinite distance, row 0: weight 0)."""
+    pad = width - d2.shape[1]
+    if pad <= 0:
+        return d2, idx
+    return (torch.nn.functional.pad(d2, (0, pad), value=float("inf")), torch.nn.functional.pad(idx, (0, pad)))
 
 
 class AlignedBridge(nn.Module):
@@ -113,23 +121,25 @@ class AlignedBridge(nn.Module):
         return {"lexicon_tokens": tokens.cpu(), "lexicon_rows": self.lexicon_row_of[tokens].cpu(),
                 "lexicon_margin": self.lexicon_margin_of[tokens].float().cpu()}
 
-    def _with_lexicon(self, x, token_ids, d2, idx, rows):
+    def _with_lexicon(self, x, token_ids, d2, idx, k):
         """Candidates of `_near_rows` with each listed token's own row in them at its prior distance:
-        in the row's place if it is a candidate already, else in the farthest candidate's."""
+        in the row's place if it is a candidate already, else in an empty slot while there are
+        fewer than `k`, else in the farthest candidate's."""
         row_of, margin_of = self.lexicon_row_of, self.lexicon_margin_of
         if token_ids is None or not len(row_of):
-            return d2, idx, rows
+            return d2, idx
         own = row_of[token_ids.clamp(0, len(row_of) - 1)].masked_fill((token_ids < 0) | (token_ids >= len(row_of)), -1)
         sel = (own >= 0).nonzero()[:, 0]
         if not len(sel):
-            return d2, idx, rows
+            return d2, idx
+        d2, idx = _widen(d2, idx, min(k, d2.shape[1] + 1))  # a free slot unless k are already there
         c, e = own[sel], self.vocab[own[sel]]
         dc = (x[sel] - e).pow(2).sum(-1) - margin_of[token_ids[sel]]
         there = idx[sel] == c[:, None]
         col = torch.where(there.any(1), there.float().argmax(1), d2[sel].argmax(1))
-        # in place: every search path returns fresh tensors (rows gathered from `vocab`, not views of it)
-        d2[sel, col], idx[sel, col], rows[sel, col] = dc, c, e
-        return d2, idx, rows
+        # in place: every search path returns fresh tensors
+        d2[sel, col], idx[sel, col] = dc, c
+        return d2, idx
 
     @classmethod
     def from_embeddings(cls, cfg: AlignedConfig, vocab_ids: torch.Tensor, embeddings: torch.Tensor) -> "AlignedBridge":
@@ -180,9 +190,9 @@ class AlignedBridge(nn.Module):
             self._search_rows = (self.vocab_sq.to(self.search_dtype), self.vocab.to(self.search_dtype))
         return self._search_rows
 
-    def _near(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each row's k nearest vocabulary rows, in no set order: float32 ||x - e||^2 (N, k), their
-        indices into `vocab` (N, k) and the rows themselves (N, k, d)."""
+    def _near(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's k nearest vocabulary rows, in no set order: float32 ||x - e||^2 (N, k) and
+        their indices into `vocab` (N, k)."""
         n = self.vocab.shape[0]
         k = min(k, n)
         sq, vocab = self._search_tables()
@@ -191,11 +201,10 @@ class AlignedBridge(nn.Module):
         score = torch.addmm(sq, x.to(vocab.dtype), vocab.T, alpha=-2.0)
         # rows picked in low precision get a margin of candidates, rescored in float32
         near, idx = score.topk(min(max(k, SEARCH_MARGIN), n) if low else k, dim=-1, largest=False)
-        rows = self.vocab[idx]
         if low:
-            near = self.vocab_sq[idx] - 2 * torch.bmm(rows, x[:, :, None])[..., 0]
-            near, idx, rows = _keep_nearest(near, idx, rows, k)
-        return near + x.pow(2).sum(-1, keepdim=True), idx, rows
+            near = self.vocab_sq[idx] - 2 * torch.bmm(self.vocab[idx], x[:, :, None])[..., 0]
+            near, idx = _keep_nearest(near, idx, k)
+        return near + x.pow(2).sum(-1, keepdim=True), idx
 
     def use_token_index(self, offsets: torch.Tensor | None, rows: torch.Tensor | None) -> "AlignedBridge":
         """Search only the vocabulary rows listed for each row's source token (bridge/token_index.py):
@@ -207,24 +216,18 @@ class AlignedBridge(nn.Module):
 
     def _near_listed(self, x: torch.Tensor, token_ids: torch.Tensor, k: int):
         """`_near` over each row's listed candidates (every listed token has at least one), exactly in
-        float32; rows with fewer than k candidates are padded with infinite distances and zero rows."""
+        float32: as many columns as the longest list (at most k); shorter lists end in empty slots."""
         offsets, listed = self.token_index
         start, count = offsets[token_ids], offsets[token_ids + 1] - offsets[token_ids]
         span = torch.arange(int(count.max()), device=x.device)
         valid = span[None] < count[:, None]
         idx = listed[(start[:, None] + span[None]).clamp(max=len(listed) - 1)].masked_fill(~valid, 0)
-        rows = self.vocab[idx]
-        d2 = (self.vocab_sq[idx] - 2 * torch.bmm(rows, x[:, :, None])[..., 0] + x.pow(2).sum(-1, keepdim=True))
-        d2, idx, rows = _keep_nearest(d2.masked_fill(~valid, float("inf")), idx, rows, k)
-        pad = k - d2.shape[1]
-        if pad > 0:
-            d2 = torch.nn.functional.pad(d2, (0, pad), value=float("inf"))
-            idx = torch.nn.functional.pad(idx, (0, pad))
-            rows = torch.nn.functional.pad(rows, (0, 0, 0, pad))
-        return d2, idx, rows
+        d2 = (self.vocab_sq[idx] - 2 * torch.bmm(self.vocab[idx], x[:, :, None])[..., 0]
+              + x.pow(2).sum(-1, keepdim=True))
+        return _keep_nearest(d2.masked_fill(~valid, float("inf")), idx, k)
 
     def _near_rows(self, x: torch.Tensor, k: int, token_ids: torch.Tensor | None):
-        """`_near`, through the token index for rows whose source token it lists."""
+        """`_near`, through the token index for rows whose source token it lists; (N, <= k) columns."""
         k = min(k, self.vocab.shape[0])
         if token_ids is None or self.token_index is None:
             return self._near(x, k)
@@ -236,17 +239,17 @@ class AlignedBridge(nn.Module):
             return self._near_listed(x, tid, k)
         if not bool(hit.any()):
             return self._near(x, k)
-        d2 = x.new_empty(x.shape[0], k)
-        idx = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
-        rows = x.new_empty(x.shape[0], k, x.shape[1])
-        d2[hit], idx[hit], rows[hit] = self._near_listed(x[hit], tid[hit], k)
-        d2[~hit], idx[~hit], rows[~hit] = self._near(x[~hit], k)
-        return d2, idx, rows
+        on, off = hit.nonzero()[:, 0], (~hit).nonzero()[:, 0]
+        d2 = torch.full((x.shape[0], k), float("inf"), device=x.device)
+        idx = torch.zeros(x.shape[0], k, dtype=torch.long, device=x.device)
+        d2[on], idx[on] = _widen(*self._near_listed(x[on], tid[on], k), k)
+        d2[off], idx[off] = self._near(x[off], k)
+        return d2, idx
 
     def nearest(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's k nearest vocabulary rows, nearest first: (||x - e||^2 (N, k), their indices
         into `vocab`)."""
-        d2, idx, _ = self._near(x, k)
+        d2, idx = self._near(x, k)
         d2, order = d2.sort(-1)
         return d2, idx.gather(1, order)
 
@@ -264,10 +267,11 @@ class AlignedBridge(nn.Module):
         outs, peaks = [], []
         ids = [None] * len(x.split(ROW_CHUNK)) if token_ids is None else token_ids.split(ROW_CHUNK)
         for part, tid in zip(x.split(ROW_CHUNK), ids):
-            d2, idx, rows = self._near_rows(part, self.cfg.top_k, tid)
-            d2, idx, rows = self._with_lexicon(part, tid, d2, idx, rows)
+            d2, idx = self._near_rows(part, self.cfg.top_k, tid)
+            d2, idx = self._with_lexicon(part, tid, d2, idx, self.cfg.top_k)
             p = torch.softmax(-d2 / scale, -1)
-            outs.append(torch.einsum("nk,nkd->nd", p, rows))
+            # the weighted sum of the candidates' rows without gathering them (N x k x d) first
+            outs.append(torch.nn.functional.embedding_bag(idx, self.vocab, per_sample_weights=p, mode="sum"))
             peaks.append(p.max(-1).values)
         if not outs:
             return x.new_zeros(0, self.cfg.d_tgt), x.new_zeros(0)

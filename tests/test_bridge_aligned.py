@@ -288,3 +288,34 @@ def test_fit_lexicon_lists_only_tokens_the_map_sends_elsewhere(tiny_source, tiny
     right = own_gap(bridge, token_states(bridge, tiny_source, listed[:50], LEXICON_PREFIXES[0]), own[listed[:50]])
     unit = bridge.cfg.temperature * bridge.cfg.d_tgt * bridge.cfg.embed_rms ** 2
     assert bool((bridge.lexicon()["lexicon_margin"][:50] >= right + 4 * unit - 1e-3).all())
+
+
+def test_the_lexicon_adds_its_row_to_short_index_lists_without_dropping_a_candidate():
+    """With a token index, a soft token mixes only its listed rows (fewer than top_k); a listed
+    lexicon row joins them in a free slot, so the result is the softmax over listed rows + own row,
+    in every row of a packet whose tokens are partly listed, partly searched in the whole vocabulary."""
+    torch.manual_seed(1)
+    vocab = torch.randn(10, 4)
+    b = _bridge(vocab=vocab, temperature=0.5)  # warm: every candidate weighs
+    b.cfg.top_k = 4
+    # source token 0 lists rows {2, 3}; token 1 lists {4}; token 2 lists nothing (whole vocabulary)
+    b.use_token_index(torch.tensor([0, 2, 3, 3]), torch.tensor([2, 3, 4]))
+    b.set_lexicon(torch.tensor([0]), torch.tensor([7]), torch.tensor([0.3]))
+    x = torch.randn(3, 4)
+    ids = torch.tensor([0, 1, 2])
+
+    def mix(row, cands, prior=None):
+        d2 = (x[row] - vocab[cands]).pow(2).sum(-1)
+        if prior is not None:
+            d2[-1] -= prior
+        p = torch.softmax(-d2 / b.softmax_scale, -1)
+        return p @ vocab[cands]
+
+    with torch.no_grad():
+        out, _ = b.project(x, ids)
+        torch.testing.assert_close(out[0], mix(0, [2, 3, 7], prior=0.3))  # listed rows kept, own row added
+        torch.testing.assert_close(out[1], mix(1, [4]))
+        whole = (x[2] - vocab).pow(2).sum(-1).topk(4, largest=False).indices
+        torch.testing.assert_close(out[2], mix(2, whole.tolist()))
+        listed_only, _ = b.project(x[:2], ids[:2])  # every token listed: as many columns as the longest list
+        torch.testing.assert_close(listed_only, out[:2])
