@@ -22,7 +22,7 @@ from protos.latentwire.v1 import latentwire_pb2 as pb
 from protos.latentwire.v1 import latentwire_pb2_grpc as pb_grpc
 from services import packets
 from services.auth import BearerAuth
-from services.batching import Batcher, InFlight
+from services.batching import Batcher
 from services.status import HopError, rpc
 
 
@@ -52,11 +52,9 @@ class AgentServicer:
         # request id -> (request bytes, reply): retries are answered once (touched on the event loop only)
         self._replies: collections.OrderedDict[str, tuple[bytes, pb.AskReply]] = collections.OrderedDict()
         # Concurrent requests share one forward: the target's answers, the source's LATENT states
-        # and TEXT messages (instead of many threads fighting over the same cores); a batch waits for
-        # company only while other requests are in this replica (Ask and Receive calls in progress)
-        self.in_flight = InFlight()
+        # and TEXT messages (instead of many threads fighting over the same cores)
         self.answers, self.hiddens, self.messages = (
-            Batcher(fn, s.max_batch_size, s.batch_wait_timeout_s, self.in_flight)
+            Batcher(fn, s.max_batch_size, s.batch_wait_timeout_s)
             for fn in (self.model.answer_batch, self.model.hidden_states_many, self.model.write_messages))
 
     # ---- health (grpc.health.v1.Health/Check) ----------------------------------------------------
@@ -71,8 +69,7 @@ class AgentServicer:
         t0 = now_ms()
         payload, max_new = self._check_receive(request)
         t1 = now_ms()
-        with self.in_flight:
-            gen, batch = await self.answers.submit((payload, request.question, max_new))
+        gen, batch = await self.answers.submit((payload, request.question, max_new))
         return self._receive_reply(request, gen, t0, t1, batch)
 
     @rpc(pb.ReceiveChunk)
@@ -162,10 +159,6 @@ class AgentServicer:
         return self._agent_stub, self._bridge_stub
 
     async def _ask(self, req: pb.AskRequest, emit) -> pb.AskReply:
-        with self.in_flight:
-            return await self._ask_in_flight(req, emit)
-
-    async def _ask_in_flight(self, req: pb.AskRequest, emit) -> pb.AskReply:
         t_start = now_ms()
         rid = packets.request_id(req.request_id)
         mode = packets.check_mode(req.mode)

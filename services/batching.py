@@ -5,29 +5,23 @@ previous batch still runs, and the closed batches then wait their turn. Under lo
 cut into many small batches: with 16 requests in flight on the embedded pair, the target answered
 batches of 2-5 while 8-10 requests waited. Here the worker takes everything that queued while the
 model was busy (up to `max_batch_size`) in one batch, and waits `wait_s` for company only when it
-finds the model idle and company can come: with `in_flight` (the replica's requests in progress),
-only while more requests are in the replica than in this queue. A request alone in its replica
-(every request at concurrency 1) never waits: at 1024 tokens a LATENT exchange passed three 20 ms
-waits, source, bridge and target, for requests that did not exist.
+finds the model idle.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable
 
 
 class Batcher:
     """`result, batch_size = await batcher.submit(job)` runs `fn(jobs) -> results` (same order) off
-    the event loop; `batch_size` is how many jobs shared that call. `in_flight()`: how many requests
-    the replica is serving now, these jobs' callers included (None: always wait for company)."""
+    the event loop; `batch_size` is how many jobs shared that call."""
 
-    def __init__(self, fn: Callable[[list], list], max_batch_size: int = 16, wait_s: float = 0.0,
-                 in_flight: Callable[[], int] | None = None):
+    def __init__(self, fn: Callable[[list], list], max_batch_size: int = 16, wait_s: float = 0.0):
         if max_batch_size < 1 or wait_s < 0:
             raise ValueError(f"need max_batch_size >= 1 and wait_s >= 0, got {max_batch_size}, {wait_s}")
-        self.fn, self.max_batch_size, self.wait_s, self.in_flight = fn, max_batch_size, wait_s, in_flight
+        self.fn, self.max_batch_size, self.wait_s = fn, max_batch_size, wait_s
         self._pending: list[tuple[Any, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
 
@@ -38,17 +32,13 @@ class Batcher:
             self._worker = asyncio.create_task(self._work())
         return await fut
 
-    def _company(self) -> bool:
-        """Whether a job may join: the replica serves requests that are not queued here."""
-        return self.in_flight is None or self.in_flight() > len(self._pending)
-
     def _take(self) -> list[tuple[Any, asyncio.Future]]:
         live = [(j, f) for j, f in self._pending if not f.done()]  # callers gone (deadline): skip
         batch, self._pending = live[:self.max_batch_size], live[self.max_batch_size:]
         return batch
 
     async def _work(self) -> None:
-        if self.wait_s and len(self._pending) < self.max_batch_size and self._company():
+        if self.wait_s and len(self._pending) < self.max_batch_size:
             await asyncio.sleep(self.wait_s)  # model idle: let a burst of arrivals join
         while batch := self._take():
             try:
@@ -63,21 +53,3 @@ class Batcher:
                 for (_, fut), result in zip(batch, results):
                     if not fut.done():
                         fut.set_result((result, len(batch)))
-
-
-class InFlight:
-    """How many requests a replica is serving now: `with in_flight:` around each request's work,
-    `in_flight()` to read it (a Batcher's `in_flight`). Touched on the event loop only."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self) -> int:
-        return self.count
-
-    def __enter__(self) -> "InFlight":
-        self.count += 1
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.count -= 1

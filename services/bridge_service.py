@@ -12,7 +12,7 @@ from latentwire.settings import BridgeSettings
 from protos.latentwire.v1 import latentwire_pb2 as pb
 from services import packets
 from services.auth import BearerAuth
-from services.batching import Batcher, InFlight
+from services.batching import Batcher
 from services.status import rpc
 
 
@@ -26,11 +26,9 @@ class BridgeServicer:
         self.cfg = self.bridge.cfg
         self.limits = s.limits
         self.auth = BearerAuth.of(s)  # checked by @rpc
-        # concurrent Translate calls share one padded forward; an idle bridge waits for company
-        # only while other Translate calls are in progress
-        self.in_flight = InFlight()
+        # concurrent Translate calls share one padded forward
         self.batcher = Batcher(lambda jobs: self.translate_many(*zip(*jobs)), s.max_batch_size,
-                               s.batch_wait_timeout_s, self.in_flight)
+                               s.batch_wait_timeout_s)
 
     def Check(self, request, grpc_context=None):
         from grpc_health.v1 import health_pb2
@@ -60,8 +58,7 @@ class BridgeServicer:
             if int(ids.min()) < 0:
                 raise InvalidArgument(f"source token id {int(ids.min())} is negative", "source_token_ids")
         t1 = now_ms()
-        with self.in_flight:
-            soft, batch_size = await self.batcher.submit((hidden, ids))
+        soft, batch_size = await self.batcher.submit((hidden, ids))
         t2 = now_ms()
         prov = pb.Provenance()
         prov.CopyFrom(p)

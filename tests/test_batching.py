@@ -75,33 +75,6 @@ def test_an_idle_model_waits_for_a_burst():
     assert asyncio.run(main()) == [[0, 1, 2]]
 
 
-@pytest.mark.parametrize("others, batches", [(0, [[0], [1, 2]]), (2, [[0, 1, 2]])])
-def test_an_idle_model_waits_only_when_the_replica_has_other_requests(others, batches):
-    """With `in_flight`, a job alone in its replica runs at once (nobody can join it); with other
-    requests in progress elsewhere in the replica, it waits for them as before."""
-    from services.batching import InFlight
-
-    async def main():
-        model, active = SlowModel(), InFlight()
-        model.release.set()
-        b = Batcher(model, max_batch_size=16, wait_s=0.1, in_flight=active)
-        for _ in range(others):  # e.g. requests still in another stage of this replica
-            active.__enter__()
-
-        async def request(i):
-            with active:
-                return await b.submit(i)
-
-        tasks = [asyncio.create_task(request(0))]
-        await asyncio.sleep(0.02)
-        tasks += [asyncio.create_task(request(i)) for i in (1, 2)]
-        await asyncio.gather(*tasks)
-        return model.batches, active()
-
-    ran, left = asyncio.run(main())
-    assert ran == batches and left == others
-
-
 def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_runs():
     calls = []
 
