@@ -173,23 +173,35 @@ def summarize(records: list[dict], repeats: int) -> dict:
             # share of replies that name the planted fact: a fast mode must still carry the fact
             "exact_match": (statistics.mean(r["correct"] for r in rs) if all("correct" in r for r in rs)
                             else float("nan"))}
-    # LATENT vs TEXT speedup of p50, per repeat (items split into `repeats` rounds) -> spread
-    for target in {r["target"] for r in ok}:
-        lat = [r for r in ok if r["mode"] == "latent" and r["target"] == target]
-        txt = [r for r in ok if r["mode"] == "text" and r["target"] == target]
-        if not lat or not txt:
+    # LATENT vs TEXT speedup of p50, per repeat (items split into `repeats` rounds) -> spread; and
+    # DIRECT vs TEXT: the target reading the context itself, the ceiling of a bridge that sends one
+    # soft token per context token (LATENT = DIRECT + source states + bridge)
+    for fast, key in (("latent", "speedup_latent_vs_text"), ("direct", "speedup_direct_vs_text")):
+        for target, sp in _speedups(ok, fast, "text", repeats).items():
+            out.setdefault(key, {})[target] = sp
+    return out
+
+
+def _speedups(ok: list[dict], fast: str, slow: str, repeats: int) -> dict[str, dict]:
+    """Per target: p50 of `slow` over p50 of `fast`, overall and per repeat (with min and max)."""
+    out = {}
+    n_items = max((r["item"] for r in ok), default=-1) + 1
+    for target in sorted({r["target"] for r in ok}):
+        a_all = [r for r in ok if r["mode"] == fast and r["target"] == target]
+        b_all = [r for r in ok if r["mode"] == slow and r["target"] == target]
+        if not a_all or not b_all:
             continue
-        n_items = max(r["item"] for r in ok) + 1
         ratios = []
         for k in range(repeats):
             chunk = set(range(k * n_items // repeats, (k + 1) * n_items // repeats))
-            a = [r["e2e_ms"] for r in lat if r["item"] in chunk]
-            b = [r["e2e_ms"] for r in txt if r["item"] in chunk]
+            a = [r["e2e_ms"] for r in a_all if r["item"] in chunk]
+            b = [r["e2e_ms"] for r in b_all if r["item"] in chunk]
             if a and b:
                 ratios.append(statistics.median(b) / statistics.median(a))
-        out.setdefault("speedup_latent_vs_text", {})[target] = {
-            "p50_ratio": statistics.median([r["e2e_ms"] for r in txt]) / statistics.median([r["e2e_ms"] for r in lat]),
-            "per_repeat": ratios, "min": min(ratios, default=float("nan")), "max": max(ratios, default=float("nan"))}
+        out[target] = {"p50_ratio": statistics.median([r["e2e_ms"] for r in b_all])
+                       / statistics.median([r["e2e_ms"] for r in a_all]),
+                       "per_repeat": ratios, "min": min(ratios, default=float("nan")),
+                       "max": max(ratios, default=float("nan"))}
     return out
 
 
@@ -251,9 +263,10 @@ def table(report: dict) -> str:
                          f"{m['p95_ms']:.0f}", f"{m['p99_ms']:.0f}", f"{m['requests_per_s']:.2f}",
                          f"{100 * m['grpc_and_codec_share']:.1f}", f"{m['bytes_per_request']:.0f}",
                          "/".join(f"{m['batch_mean'][f]:.1f}" for f in BATCHES), f"{m['exact_match']:.2f}"])
-        for target, sp in s["summary"].get("speedup_latent_vs_text", {}).items():
-            rows.append([str(s["context_tokens"]), str(s["concurrency"]), f"LATENT vs TEXT ({target})", "",
-                         f"{sp['p50_ratio']:.2f}x", f"[{sp['min']:.2f}-{sp['max']:.2f}]", "", "", "", "", "", ""])
+        for key, name in (("speedup_latent_vs_text", "LATENT"), ("speedup_direct_vs_text", "DIRECT")):
+            for target, sp in s["summary"].get(key, {}).items():
+                rows.append([str(s["context_tokens"]), str(s["concurrency"]), f"{name} vs TEXT ({target})", "",
+                             f"{sp['p50_ratio']:.2f}x", f"[{sp['min']:.2f}-{sp['max']:.2f}]", "", "", "", "", "", ""])
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w[i]) if i != 2 else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
 

@@ -26,6 +26,24 @@ def test_p50_is_the_median_the_speedup_divides_even_for_a_two_mode_sample():
     assert s["speedup_latent_vs_text"]["default"]["p50_ratio"] == t["p50_ms"] / lat["p50_ms"]
     assert t["p50_ms"] <= t["p95_ms"] <= t["p99_ms"] <= max(text)
     assert len(s["speedup_latent_vs_text"]["default"]["per_repeat"]) == 2
+    assert "speedup_direct_vs_text" not in s  # no DIRECT records: no DIRECT ratio
+
+
+def test_direct_vs_text_is_reported_beside_latent_vs_text_per_repeat():
+    """DIRECT vs TEXT, the ceiling of a bridge that sends one soft token per context token, is the
+    same p50 ratio with the same per-repeat spread."""
+    text = [6000, 5000, 7000, 4000]
+    direct = [2000, 2500, 1000, 2000]
+    records = [_record(i, "text", t, 40) for i, t in enumerate(text)]
+    records += [_record(i, "direct", t, 0) for i, t in enumerate(direct)]
+    records += [_record(i, "latent", t + 100, 900) for i, t in enumerate(direct)]
+    s = bench.summarize(records, repeats=2)
+    d = s["speedup_direct_vs_text"]["default"]
+    assert d["p50_ratio"] == statistics.median(text) / statistics.median(direct)
+    assert d["per_repeat"] == [5500 / 2250, 5500 / 1500] and d["min"] < d["max"]
+    assert s["speedup_latent_vs_text"]["default"]["p50_ratio"] < d["p50_ratio"]
+    table = bench.table({"settings": [{"context_tokens": 1024, "concurrency": 1, "summary": s}]})
+    assert "DIRECT vs TEXT (default)" in table and f"{d['p50_ratio']:.2f}x" in table
 
 
 def test_percentiles_of_tiny_samples():
