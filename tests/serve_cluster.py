@@ -35,6 +35,8 @@ def tiny_config(bridge_path, grpc_port: int, http_port: int, *, token: str | Non
                                   limits={"max_context_tokens": 256, "max_new_tokens": 32})
     apps["target"]["args"].update(profile="tiny-mistral", threads=1, accepted_bridges=[TINY_BRIDGE_ID])
     apps["bridge"]["args"].update(weights=str(bridge_path))
+    for app in apps.values():  # one replica an app: the fault tests kill "the" replica of an app
+        app["deployments"][0]["num_replicas"] = 1
     if token is not None:  # the token reaches the replicas through their environment only
         for app in cfg["applications"]:
             app["args"]["auth"] = {"required": True, "token_env": TOKEN_ENV}
