@@ -50,7 +50,9 @@ class AlignedConfig:
     embed_rms: float = 1.0  # RMS of the target's input embeddings of real text
     embed_scale: float = 1.0  # the target's embedding multiplier (Gemma: sqrt(d))
     vocab_digest: str = ""  # sha256 of the (scaled) vocabulary rows, checked on load
-    top_k: int = 64  # nearest vocabulary rows the softmax keeps per soft token (packaged: 32, search_speed.json)
+    # nearest vocabulary rows the softmax keeps per soft token; the packaged bridge has the default
+    # (session 13's refit wrote it; session 10's file had 32, as measured in search_speed.json)
+    top_k: int = 64
     arch: str = "aligned"
 
     @property
@@ -171,7 +173,7 @@ class AlignedBridge(nn.Module):
 
         Only the choice of the top-k rows is made in that dtype (with a margin of SEARCH_MARGIN
         candidates); their distances, the softmax and the mix stay float32. On 5,541 real packet rows
-        bfloat16 found every row's float32 nearest vocabulary row, and with the packaged top 32 it
+        bfloat16 found every row's float32 nearest vocabulary row, and with top 32 (then packaged) it
         projected 256 / 1024 rows in 75 / 329 ms against 172 / 601 ms for float32 top 64 (2 threads,
         AMX; results/bridge/search_speed.json).
         """
