@@ -27,7 +27,7 @@ switched to `compression.attention.NAME` (`cache_factory` does it; `FMKVCCache` 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 import math
 from pathlib import Path
@@ -164,6 +164,19 @@ class CompressedLayer(DynamicLayer):
         self.keys, self.values, self.last_pos, self.log_count = keys, values, last_pos, log_count
         return full_k, full_v  # this step's attention still sees what it was given
 
+    def prefix_view(self, n_tail: int, keys: torch.Tensor, values: torch.Tensor) -> "CompressedLayer":
+        """This layer as it was before its newest n_tail tokens arrived, with `keys`/`values` in place of
+        the older entries, compressing nothing more: re-reading those n_tail tokens over it is what
+        compression/refine.py fits the super-tokens to."""
+        view = CompressedLayer(self.layer_idx, replace(self.schedule, enabled=False), self.compressor,
+                               self.sliding_window)
+        view.lazy_initialization(keys, values)
+        view.keys, view.values = keys, values
+        view.seen = self.seen - n_tail
+        view.n_final = min(self.n_final, keys.shape[-2])
+        view.last_pos, view.log_count = self.last_pos[:-n_tail], self.log_count[:-n_tail]
+        return view
+
     def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
         stored = self.stored()
         return stored + cache_position.shape[0], self.seen - stored
@@ -199,6 +212,12 @@ class FMKVCCache(Cache):
         if schedule.enabled and proportional(compressor) and not attention.enabled(cfg):
             raise ValueError(f"this compressor's super-tokens need proportional attention: call "
                              f"compression.attention.enable(model) (attn_implementation={attention.NAME!r}) first")
+
+    def prefix_view(self, n_tail: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Cache:
+        """A cache as this one was before its newest n_tail tokens, holding the given older entries per
+        layer (see `CompressedLayer.prefix_view`); this cache is left as it is."""
+        view = Cache(layers=[layer.prefix_view(n_tail, k, v) for layer, k, v in zip(self.layers, keys, values)])
+        return view
 
     def kv_lengths(self) -> list[int]:
         """Stored entries per layer (what the memory holds), as opposed to tokens seen."""

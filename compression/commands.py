@@ -57,17 +57,18 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(model=args.model, ratios=[int(r) for r in args.ratios.split(",")], context=args.context,
                      ppl_tokens=args.ppl_tokens, facts=args.facts, sink=args.sink,
                      recent=args.recent, decode_tokens=args.decode_tokens, methods=args.methods.split(","),
-                     weights=args.weights, timing_context=args.timing_context, window=args.window)
+                     weights=args.weights, timing_context=args.timing_context, window=args.window,
+                     refine_steps=args.refine_steps, refine_lr=args.refine_lr)
     if args.timing_only:  # add/refresh the long-context decode timing of an existing result file
         from pathlib import Path
 
-        from compression.evaluate import goals, long_context_timing, plot
+        from compression.evaluate import all_goals, long_context_timing, plot
         from latentwire import profiles
 
         results = json.loads(Path(args.json).read_text())
         model, tok = profiles.load(args.model, dtype="float32")
         results["decode_long_context"] = long_context_timing(model, tok, cfg)
-        results["goals_8x"] = goals(results, 8)
+        results.update(all_goals(results, 8))
         Path(args.json).write_text(json.dumps(results, indent=2))
         if args.plot:
             plot(results, args.plot)
@@ -75,10 +76,10 @@ def _eval(args: argparse.Namespace) -> int:
     if args.replot:
         from pathlib import Path
 
-        from compression.evaluate import goals, plot
+        from compression.evaluate import all_goals, plot
 
         results = json.loads(Path(args.json).read_text())
-        results["goals_8x"] = goals(results, 8)
+        results.update(all_goals(results, 8))
         Path(args.json).write_text(json.dumps(results, indent=2))
         plot(results, args.plot)
         return 0
@@ -151,8 +152,12 @@ def register(sub, group) -> None:
                    help="window methods (fmkvc, mean_pool) use this W at every ratio and the longest recent window "
                         "within the ratio's budget (default: W = ratio, --recent)")
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--methods", default="dense,fmkvc,streamingllm,snapkv,knorm,expected_attention,mean_pool")
+    p.add_argument("--methods", default="dense,fmkvc,streamingllm,snapkv,knorm,expected_attention,mean_pool",
+                   help="comma list; also fmkvc_refine (FMKVC refitted at prefill) and mean_pool_mass (ablation)")
     p.add_argument("--weights", default=None, help="sidecar weights (default: the packaged one)")
+    p.add_argument("--refine-steps", type=int, default=30,
+                   help="fmkvc_refine: steps fitting the super-tokens to the context's own tail (compression/refine.py)")
+    p.add_argument("--refine-lr", type=float, default=1e-3, help="Adam step on the unit directions")
     p.add_argument("--timing-context", type=int, default=0,
                    help="also time decoding (dense vs fmkvc at 8x) after a context this long, e.g. 4096")
     p.add_argument("--timing-only", action="store_true", help="only (re)run that timing and update --json")
