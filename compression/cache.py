@@ -209,6 +209,7 @@ class FMKVCCache(Cache):
                   for i, t in enumerate(types)]
         super().__init__(layers=layers)
         self.schedule = schedule
+        self.refine = None  # a compression.refine.RefineConfig: refit the super-tokens after each prefill
         if schedule.enabled and proportional(compressor) and not attention.enabled(cfg):
             raise ValueError(f"this compressor's super-tokens need proportional attention: call "
                              f"compression.attention.enable(model) (attn_implementation={attention.NAME!r}) first")
@@ -267,9 +268,11 @@ def make_compressor(method: str, *, profile: str | None = None, weights: str | P
 
 
 def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, weights: str | None = None,
-                  window: int = 8, sink: int = 4, recent: int = 64) -> FMKVCCache:
+                  window: int = 8, sink: int = 4, recent: int = 64, refine_steps: int = 0,
+                  refine_lr: float = 1e-3) -> FMKVCCache:
     """A fresh compressed cache for `model`: pass `partial(cache_factory, profile=..., window=...)`
-    as `AgentModel(cache_factory=...)`."""
+    as `AgentModel(cache_factory=...)`. refine_steps > 0 (fmkvc only): the cache asks whoever prefills
+    it to refit its super-tokens on the prompt's tail (`cache.refine`, compression/refine.py)."""
     device = next(model.parameters()).device
     compressor = make_compressor(method, profile=profile, weights=weights, device=str(device))
     if window > getattr(compressor, "max_window", window):  # else it fails at the first full window
@@ -277,7 +280,14 @@ def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, w
                          f"not {window}")
     if proportional(compressor):
         attention.enable(model)
-    return FMKVCCache(model.config, Schedule(window, sink, recent), compressor)
+    if refine_steps and method != "fmkvc":
+        raise ValueError(f"refine_steps fits learned super-tokens: it needs method 'fmkvc', not {method!r}")
+    cache = FMKVCCache(model.config, Schedule(window, sink, recent), compressor)
+    if refine_steps:
+        from compression.refine import RefineConfig
+
+        cache.refine = RefineConfig(steps=refine_steps, lr=refine_lr)
+    return cache
 
 
 def factory(**kwargs) -> Callable:

@@ -49,7 +49,7 @@ def refine_super_tokens(model, cache, tail_ids: torch.Tensor | None = None, teac
         raise ValueError("give exactly one of tail_ids and tail_embeds")
     if any(p.requires_grad for p in model.parameters()):
         raise ValueError("refinement needs a frozen model: call model.requires_grad_(False) first")
-    tail = tail_ids if tail_ids is not None else tail_embeds
+    tail = (tail_ids if tail_ids is not None else tail_embeds).detach()  # the prompt is data here, not a graph
     n = tail.shape[0]
     if teacher_logits is None or teacher_logits.shape[0] != n:
         raise ValueError(f"teacher_logits must hold one row per tail token ({n})")

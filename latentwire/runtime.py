@@ -149,9 +149,10 @@ class AgentModel:
             p.requires_grad_(False)
         return fast.eval()
 
-    def _prefill(self, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache):
-        """The prompt forward into `cache`; returns the model output with the last position's logits."""
-        if self._prefill_model is not None and x.shape[1] > 1:
+    def _prefill(self, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, logits_to_keep: int = 1):
+        """The prompt forward into `cache`; returns the model output with the last `logits_to_keep`
+        positions' logits (more than one only without the separate prefill copy)."""
+        if self._prefill_model is not None and x.shape[1] > 1 and logits_to_keep == 1:
             self._prefill_model(inputs_embeds=x[:, :-1].to(self.prefill_dtype), attention_mask=mask[:, :-1],
                                 position_ids=pos[:, :-1], past_key_values=cache, use_cache=True)
             own = x.dtype
@@ -161,7 +162,7 @@ class AgentModel:
             return self.model(inputs_embeds=x[:, -1:], attention_mask=mask, position_ids=pos[:, -1:],
                               past_key_values=cache, use_cache=True)
         return self.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                          use_cache=True, logits_to_keep=1)
+                          use_cache=True, logits_to_keep=logits_to_keep)
 
     @property
     def name(self) -> str:
@@ -384,9 +385,17 @@ class AgentModel:
         """
         n = inputs_embeds.shape[1]
         cache = self.new_cache()
+        refine = getattr(cache, "refine", None)  # FMKVC refinement: it reads the prompt tail's dense logits
+        tail = min(refine.tail or cache.schedule.recent, n - 1) if refine is not None and n > 1 else 1
         t0 = now_ms()
         out = self._prefill(inputs_embeds, torch.ones(1, n, dtype=torch.long, device=self.device),
-                            torch.arange(n, device=self.device)[None], cache)
+                            torch.arange(n, device=self.device)[None], cache, logits_to_keep=tail)
+        if tail > 1:
+            from compression.refine import refine_super_tokens
+
+            self.model.requires_grad_(False)  # gradients reach the super-tokens only
+            refine_super_tokens(self.model, cache, teacher_logits=out.logits[0], cfg=refine,
+                                tail_embeds=inputs_embeds[0, -tail:])
         t1 = now_ms()
         ids: list[int] = []
         text_so_far = ""

@@ -52,6 +52,12 @@ class KVCompression(_Strict):
     window: int = Field(8, ge=2)  # W cached tokens -> 1 super-token (the nominal reduction)
     sink: int = Field(4, ge=0)  # first tokens kept dense
     recent: int = Field(64, ge=1)  # newest tokens kept dense
+    # fmkvc only: after each prompt's prefill, fit the super-tokens to the prompt's own newest tokens
+    # (compression/refine.py). Better answers from old text, at the price of `refine_steps` forward and
+    # backward passes over `recent` tokens in the prefill (about 18 s a 768-token prompt on 2 CPU cores
+    # for SmolLM2 at 30 steps); 0: off
+    refine_steps: int = Field(0, ge=0, le=1000)
+    refine_lr: float = Field(1e-3, gt=0, le=1.0)
 
 
 class AgentSettings(_Strict):

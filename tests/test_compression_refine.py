@@ -104,3 +104,41 @@ def test_refinement_refuses_what_it_cannot_fit(frozen):
 
     with pytest.raises(TypeError, match="FMKVCCache"):
         refine_super_tokens(model, DynamicCache(), ids[-8:], teacher)
+
+
+def test_an_agent_with_refinement_answers_from_the_refitted_cache(tmp_path):
+    """`kv_compression: {refine_steps: N}`: AgentModel refits after its prefill, exactly as
+    refine_super_tokens does by hand, and the refitted super-tokens change what it answers."""
+    from functools import partial
+
+    from compression.cache import cache_factory
+    from latentwire.runtime import AgentModel
+
+    model, tok = profiles.load("tiny-llama")
+    c = model.config
+    torch.manual_seed(0)
+    sidecar = Sidecar(SidecarConfig(head_dim=c.head_dim, n_layers=c.num_hidden_layers,
+                                    n_kv_heads=c.num_key_value_heads, d_model=32, n_heads=2, model="tiny-llama"))
+    sidecar.save(tmp_path / "sc.safetensors")
+    make = partial(cache_factory, method="fmkvc", weights=str(tmp_path / "sc.safetensors"), window=4, sink=2, recent=8)
+    refined = AgentModel("tiny-llama", model=model, tokenizer=tok, cache_factory=partial(make, refine_steps=5, refine_lr=0.01))
+    refined.eos_ids = set()  # random weights: run all steps
+    ids = documents(tok, 1, 60)[0]
+    x = refined.embed(ids[None])
+    gen = refined.generate(x, 6)
+    assert not any(p.requires_grad for p in model.parameters())
+    # by hand: compressed prefill, refinement on the tail's embeddings, greedy decoding
+    cache = make(model, refine_steps=5, refine_lr=0.01)
+    with torch.no_grad():
+        out = model(inputs_embeds=x, past_key_values=cache, position_ids=torch.arange(60)[None], logits_to_keep=8)
+    info = refine_super_tokens(model, cache, None, out.logits[0], cache.refine, tail_embeds=x[0, -8:])
+    assert info["kl_end"] < info["kl_start"]
+    logits, ids_by_hand = out.logits[0, -1], []
+    with torch.no_grad():
+        for pos in range(60, 66):
+            ids_by_hand.append(int(logits.argmax()))
+            logits = model(input_ids=torch.tensor([[ids_by_hand[-1]]]), past_key_values=cache,
+                           position_ids=torch.tensor([[pos]])).logits[0, -1]
+    assert gen.token_ids == ids_by_hand
+    with pytest.raises(ValueError, match="needs method 'fmkvc'"):
+        cache_factory(model, method="mean_pool", refine_steps=5)
