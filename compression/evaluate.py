@@ -99,10 +99,11 @@ def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int):
     return DynamicCache(), press  # kvpress's pipeline default cache
 
 
-def prefill(model, ids: torch.Tensor, cache, press, refine=None) -> torch.Tensor:
+def prefill(model, ids: torch.Tensor, cache, press, refine=None, report: dict | None = None) -> torch.Tensor:
     """Compressed prefill of the context; returns the last position's logits. With `refine` (a
     RefineConfig), the super-tokens are then refitted on the context's newest tokens, whose dense
-    predictions this same prefill gives (its attention reads the cache before compression)."""
+    predictions this same prefill gives (its attention reads the cache before compression); what the
+    refinement returns (its tail KL before and after) goes into `report`."""
     from compression.refine import refine_super_tokens
 
     n = ids.shape[-1]
@@ -112,7 +113,9 @@ def prefill(model, ids: torch.Tensor, cache, press, refine=None) -> torch.Tensor
         out = model(input_ids=ids[None], past_key_values=cache, use_cache=True,
                     position_ids=torch.arange(n)[None], logits_to_keep=tail)
     if refine is not None:
-        refine_super_tokens(model, cache, ids[-tail:], out.logits[0], refine)
+        info = refine_super_tokens(model, cache, ids[-tail:], out.logits[0], refine)
+        if report is not None:
+            report.update(info)
     return out.logits[0, -1]
 
 
@@ -182,11 +185,15 @@ def eval_method(model, tok, items, name, cfg, ratio, eos_ids, dense_attn=None):
     from compression.cache import cache_nbytes
 
     nll, count, cos, nbytes, entries, hits, attn_all, times, prefill_ms = 0.0, 0, [], [], [], [], [], [], []
+    refined: list[dict] = []
     for i, it in enumerate(items):
         ctx, cont = it["context"], it["continuation"]
         cache, press = make_method(name, model, cfg, ratio, len(ctx))
         t0 = time.perf_counter()
-        last = prefill(model, ctx, cache, press, refine_config(name, cfg))
+        report: dict = {}
+        last = prefill(model, ctx, cache, press, refine_config(name, cfg), report)
+        if "kl_start" in report:
+            refined.append(report)
         prefill_ms.append((time.perf_counter() - t0) * 1000)
         nbytes.append(cache_nbytes(cache))
         entries.append(max(int(layer.keys.shape[-2]) for layer in cache.layers))
@@ -224,6 +231,9 @@ def eval_method(model, tok, items, name, cfg, ratio, eos_ids, dense_attn=None):
            "prefill_ms": statistics.median(prefill_ms)}
     if cos:
         res["attention_cosine"] = statistics.mean(cos)
+    if refined:  # the refinement's own objective on the context's tail, before and after fitting
+        res["refine_tail_kl_start"] = statistics.mean(r["kl_start"] for r in refined)
+        res["refine_tail_kl_end"] = statistics.mean(r["kl_end"] for r in refined)
     return res, attn_all
 
 
