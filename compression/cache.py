@@ -269,7 +269,7 @@ def make_compressor(method: str, *, profile: str | None = None, weights: str | P
 
 def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, weights: str | None = None,
                   window: int = 8, sink: int = 4, recent: int = 64, refine_steps: int = 0,
-                  refine_lr: float = 1e-3) -> FMKVCCache:
+                  refine_lr: float = 3e-4) -> FMKVCCache:
     """A fresh compressed cache for `model`: pass `partial(cache_factory, profile=..., window=...)`
     as `AgentModel(cache_factory=...)`. refine_steps > 0 (fmkvc only): the cache asks whoever prefills
     it to refit its super-tokens on the prompt's tail (`cache.refine`, compression/refine.py)."""

@@ -67,6 +67,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         results = json.loads(Path(args.json).read_text())
         model, tok = profiles.load(args.model, dtype="float32")
+        model.requires_grad_(False)  # as in run(): fmkvc_refine fits super-tokens only
         results["decode_long_context"] = long_context_timing(model, tok, cfg)
         results.update(all_goals(results, 8))
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -157,7 +158,7 @@ def register(sub, group) -> None:
     p.add_argument("--weights", default=None, help="sidecar weights (default: the packaged one)")
     p.add_argument("--refine-steps", type=int, default=30,
                    help="fmkvc_refine: steps fitting the super-tokens to the context's own tail (compression/refine.py)")
-    p.add_argument("--refine-lr", type=float, default=1e-3, help="Adam step on the unit directions")
+    p.add_argument("--refine-lr", type=float, default=3e-4, help="Adam step on the unit directions")
     p.add_argument("--timing-context", type=int, default=0,
                    help="also time decoding (dense vs fmkvc at 8x) after a context this long, e.g. 4096")
     p.add_argument("--timing-only", action="store_true", help="only (re)run that timing and update --json")

@@ -54,7 +54,7 @@ class EvalConfig:
     timing_ratio: int = 8
     window: int = 0  # >0: window presses use this W at every ratio, recent filled up to the budget
     refine_steps: int = 30  # fmkvc_refine: optimiser steps per context
-    refine_lr: float = 1e-3
+    refine_lr: float = 3e-4
 
 
 # ---- methods ---------------------------------------------------------------------------------
@@ -84,8 +84,8 @@ def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int):
         return DynamicCache(config=model.config), None
     if name in WINDOW_METHODS:  # the serving cache (switches the model to proportional attention if needed)
         window, recent = window_layout(cfg, ratio, n_context)
-        return cache_factory(model, method=name.removesuffix("_refine"), profile=cfg.model, weights=cfg.weights, window=window,
-                             sink=cfg.sink, recent=recent), None
+        return cache_factory(model, method=name.removesuffix("_refine"), profile=cfg.model, weights=cfg.weights,
+                             window=window, sink=cfg.sink, recent=recent), None
     import kvpress
 
     budget = nominal_budget(n_context, ratio, cfg.sink, cfg.recent)

@@ -28,7 +28,7 @@ from transformers import Cache
 @dataclass(frozen=True)
 class RefineConfig:
     steps: int = 30  # optimiser steps per context (0: off)
-    lr: float = 1e-3  # Adam step on the unit directions (so the same for every model's key/value scale)
+    lr: float = 3e-4  # Adam step on the unit directions (so the same for every model's key/value scale)
     tail: int = 0  # context tokens re-read per step; 0: the cache's `recent`
 
 

@@ -57,7 +57,7 @@ class KVCompression(_Strict):
     # backward passes over `recent` tokens in the prefill (about 18 s a 768-token prompt on 2 CPU cores
     # for SmolLM2 at 30 steps); 0: off
     refine_steps: int = Field(0, ge=0, le=1000)
-    refine_lr: float = Field(1e-3, gt=0, le=1.0)
+    refine_lr: float = Field(3e-4, gt=0, le=1.0)
 
 
 class AgentSettings(_Strict):

@@ -121,7 +121,8 @@ def test_an_agent_with_refinement_answers_from_the_refitted_cache(tmp_path):
                                     n_kv_heads=c.num_key_value_heads, d_model=32, n_heads=2, model="tiny-llama"))
     sidecar.save(tmp_path / "sc.safetensors")
     make = partial(cache_factory, method="fmkvc", weights=str(tmp_path / "sc.safetensors"), window=4, sink=2, recent=8)
-    refined = AgentModel("tiny-llama", model=model, tokenizer=tok, cache_factory=partial(make, refine_steps=5, refine_lr=0.01))
+    refined = AgentModel("tiny-llama", model=model, tokenizer=tok,
+                         cache_factory=partial(make, refine_steps=5, refine_lr=0.01))
     refined.eos_ids = set()  # random weights: run all steps
     ids = documents(tok, 1, 60)[0]
     x = refined.embed(ids[None])
