@@ -4,10 +4,15 @@ continuation. SmolLM2, 5 items, 8x budget."""
 import math, sys, time, torch
 import torch.nn.functional as F
 args = sys.argv[1:]
+HOLD_NORMS = bool(args) and args[0] == "--hold-norms"  # move only directions (hard normalisation)
+args = args[HOLD_NORMS:]
 sys.argv = sys.argv[:1] + ["smollm2-135m", "8", "64", "64", "dense"]
 exec(open("results/compression/probes/probe_fit.py").read().split("res = {}")[0])
 for p in model.parameters():
     p.requires_grad_(False)
+
+def moved(x0, d):
+    return F.normalize(x0 + d, dim=-1) * x0.norm(dim=-1, keepdim=True) if HOLD_NORMS else x0 + d
 
 def run(W_, recent_, steps, lr, fit_v=True, fit_k=True):
     nll, n, t0 = 0.0, 0, time.time()
@@ -38,7 +43,7 @@ def run(W_, recent_, steps, lr, fit_v=True, fit_k=True):
         for step in range(steps):
             c = DynamicCache(config=cfg)
             for li, (ks, kt, vt, vs, _, _) in enumerate(init):
-                c.update(torch.cat([ks, kt + dk[li]], 2), torch.cat([vs, vt + dv[li]], 2), li)
+                c.update(torch.cat([ks, moved(kt, dk[li])], 2), torch.cat([vs, moved(vt, dv[li])], 2), li)
                 BIAS[li] = b
             lo = model(input_ids=tail[None], past_key_values=c, position_ids=torch.arange(end, T)[None]).logits[0].float().log_softmax(-1)
             loss = F.kl_div(lo, teacher, log_target=True, reduction="batchmean")
@@ -47,7 +52,7 @@ def run(W_, recent_, steps, lr, fit_v=True, fit_k=True):
         c = DynamicCache(config=cfg)
         for li, (ks, kt, vt, vs, kr, vr) in enumerate(init):
             with torch.no_grad():
-                c.update(torch.cat([ks, kt + dk[li], kr], 2), torch.cat([vs, vt + dv[li], vr], 2), li)
+                c.update(torch.cat([ks, moved(kt, dk[li]), kr], 2), torch.cat([vs, moved(vt, dv[li]), vr], 2), li)
             bb = torch.zeros(1, H, c.layers[li].keys.shape[-2]); bb[:, :, sink:sink + m] = math.log(W_); BIAS[li] = bb
         with torch.no_grad():
             logits = model(input_ids=cont[:-1][None], past_key_values=c, position_ids=torch.arange(T, T + len(cont) - 1)[None]).logits[0]
