@@ -217,8 +217,7 @@ class FMKVCCache(Cache):
     def prefix_view(self, n_tail: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Cache:
         """A cache as this one was before its newest n_tail tokens, holding the given older entries per
         layer (see `CompressedLayer.prefix_view`); this cache is left as it is."""
-        view = Cache(layers=[layer.prefix_view(n_tail, k, v) for layer, k, v in zip(self.layers, keys, values)])
-        return view
+        return Cache(layers=[layer.prefix_view(n_tail, k, v) for layer, k, v in zip(self.layers, keys, values)])
 
     def kv_lengths(self) -> list[int]:
         """Stored entries per layer (what the memory holds), as opposed to tokens seen."""

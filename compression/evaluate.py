@@ -107,7 +107,7 @@ def prefill(model, ids: torch.Tensor, cache, press, refine=None, report: dict | 
     from compression.refine import refine_super_tokens
 
     n = ids.shape[-1]
-    tail = (refine.tail or cache.schedule.recent) if refine is not None else 1
+    tail = refine.tail_tokens(cache, n) if refine is not None else 1
     ctx = press(model) if press is not None else contextlib.nullcontext()
     with ctx:
         out = model(input_ids=ids[None], past_key_values=cache, use_cache=True,

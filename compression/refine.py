@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import Cache
 
 
 @dataclass(frozen=True)
@@ -30,6 +29,11 @@ class RefineConfig:
     steps: int = 30  # optimiser steps per context (0: off)
     lr: float = 3e-4  # Adam step on the unit directions (so the same for every model's key/value scale)
     tail: int = 0  # context tokens re-read per step; 0: the cache's `recent`
+
+    def tail_tokens(self, cache, n_prompt: int) -> int:
+        """Prompt tokens to re-read (and keep the prefill's logits for): `tail`, or the cache's
+        `recent`, and always fewer than the prompt."""
+        return min(self.tail or cache.schedule.recent, n_prompt - 1)
 
 
 def refine_super_tokens(model, cache, tail_ids: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,

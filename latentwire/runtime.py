@@ -386,7 +386,7 @@ class AgentModel:
         n = inputs_embeds.shape[1]
         cache = self.new_cache()
         refine = getattr(cache, "refine", None)  # FMKVC refinement: it reads the prompt tail's dense logits
-        tail = min(refine.tail or cache.schedule.recent, n - 1) if refine is not None and n > 1 else 1
+        tail = max(refine.tail_tokens(cache, n), 1) if refine is not None else 1
         t0 = now_ms()
         out = self._prefill(inputs_embeds, torch.ones(1, n, dtype=torch.long, device=self.device),
                             torch.arange(n, device=self.device)[None], cache, logits_to_keep=tail)
