@@ -238,21 +238,6 @@ def eval_method(model, tok, items, name, cfg, ratio, eos_ids, dense_attn=None):
 
 
 @torch.no_grad()
-def eval_decode(model, doc, name, cfg, ratio, n_tokens):
-    cache, press = make_method(name, model, cfg, ratio, len(doc))
-    logits = prefill(model, doc, cache, press, refine_config(name, cfg))
-    pos, nxt, times = len(doc), int(logits.argmax()), []
-    for _ in range(n_tokens):
-        t0 = time.perf_counter()
-        logits = extend(model, torch.tensor([nxt]), cache, pos, logits_to_keep=1)
-        times.append((time.perf_counter() - t0) * 1000)
-        nxt, pos = int(logits[-1].argmax()), pos + 1
-    times = times[2:]  # warm-up
-    return {"decode_ms_per_token": statistics.median(times),
-            "decode_ms_p95": sorted(times)[int(0.95 * (len(times) - 1))]}
-
-
-@torch.no_grad()
 def long_context_timing(model, tok, cfg: EvalConfig, log=print) -> dict:
     """Decode ms/token after `timing_context` tokens, dense vs timing_methods at timing_ratio.
 
