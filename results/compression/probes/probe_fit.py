@@ -42,7 +42,8 @@ sc = load_sidecar(default_weights_path(name))
 cfg = model.config
 H = cfg.num_key_value_heads; Hq = cfg.num_attention_heads; g = Hq // H
 scale = model.model.layers[0].self_attn.scaling
-items = fact_items(tok, 5, 768, 64, 0)
+CONTEXT = int(__import__('os').environ.get('PROBE_CONTEXT', 768))  # probe_hybrid.py sets it
+items = fact_items(tok, 5, CONTEXT, 64, 0)
 sink = 4
 
 def supertokens(method, li, K, V, Qall):

@@ -1,5 +1,6 @@
 """Probe: keep the tokens the context's last queries attend to (SnapKV-style, per kv head) + super-tokens
-for W-windows of the old region + recent dense. SmolLM2, 5 items, 8x budget (155 entries)."""
+for W-windows of the old region + recent dense. SmolLM2, 5 items, 8x budget (155 entries at 768 tokens).
+With PROBE_CONTEXT=4096: the same at a 4096-token context (571 entries), the layouts listed at the end."""
 import math, sys, time, torch
 import torch.nn.functional as F
 sys.argv = sys.argv[:1] + ["smollm2-135m", "8", "64", "64", "dense"]
@@ -58,8 +59,14 @@ def run(recent_, keep, W_, sup):
 
 
 def fit(recent_, W_):
-    T = 768; m = (T - sink - recent_) // W_; rest = T - sink - m * W_
-    return 155 - sink - m - rest
+    T = CONTEXT; m = (T - sink - recent_) // W_; rest = T - sink - m * W_
+    return nominal_budget(T, 8, sink, 64) - sink - m - rest
+from compression.presses import nominal_budget
+if CONTEXT == 4096:
+    run(64, nominal_budget(CONTEXT, 8, sink, 64) - sink - 64, 32, None)  # SnapKV-style alone
+    for r in (444, 256, 128, 64):
+        run(r, fit(r, 32), 32, "sc")
+    sys.exit()
 for r in (64, 32, 16, 8):
     k = fit(r, 32); run(r, k, 32, "sc")
 run(16, fit(16, 32), 32, "mean")
