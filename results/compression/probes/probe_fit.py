@@ -89,10 +89,11 @@ def supertokens(method, li, K, V, Qall):
         vt = torch.einsum("bhmq,bhmqd->bhmd", w, ow)
     return kt, vt, beta, m
 
-res = {}
-for method in methods:
+def perplexity(compress_layer=None):
+    """Dense prefill of each item (recording post-RoPE queries into REC), then compress_layer(li, layer)
+    rewrites each layer's keys/values in place and returns its per-entry bias (or None); then score
+    the continuation. Returns (perplexity, entries of layer 0)."""
     nll, n = 0.0, 0
-    t0 = time.time()
     for it in items:
         ctx, cont = it["context"], it["continuation"]
         cache = DynamicCache(config=cfg)
@@ -100,20 +101,34 @@ for method in methods:
         with torch.no_grad():
             last = model(input_ids=ctx[None], past_key_values=cache, position_ids=torch.arange(len(ctx))[None], logits_to_keep=1).logits[0, -1]
         RECORD[0] = False
-        if method != "dense":
+        if compress_layer is not None:
             for li, layer in enumerate(cache.layers):
-                K, V = layer.keys, layer.values
-                kt, vt, beta, m = supertokens(method, li, K, V, REC[li])
-                end = sink + m * W
-                layer.keys = torch.cat([K[:, :, :sink], kt, K[:, :, end:]], 2)
-                layer.values = torch.cat([V[:, :, :sink], vt, V[:, :, end:]], 2)
-                b = torch.zeros(1, H, layer.keys.shape[-2]); b[:, :, sink:sink + m] = beta
-                BIAS[li] = b
+                b = compress_layer(li, layer)
+                if b is not None:
+                    BIAS[li] = b
+        entries = cache.layers[0].keys.shape[-2]
         with torch.no_grad():
             logits = model(input_ids=cont[:-1][None], past_key_values=cache, position_ids=torch.arange(len(ctx), len(ctx) + len(cont) - 1)[None]).logits[0]
         logits = torch.cat([last[None], logits]).float()
         nll += float(torch.nn.functional.cross_entropy(logits, cont, reduction="sum")); n += len(cont)
-    res[method] = math.exp(nll / n)
+    return math.exp(nll / n), entries
+
+
+def fitted(method):
+    def compress_layer(li, layer):
+        K, V = layer.keys, layer.values
+        kt, vt, beta, m = supertokens(method, li, K, V, REC[li])
+        end = sink + m * W
+        layer.keys = torch.cat([K[:, :, :sink], kt, K[:, :, end:]], 2)
+        layer.values = torch.cat([V[:, :, :sink], vt, V[:, :, end:]], 2)
+        b = torch.zeros(1, H, layer.keys.shape[-2]); b[:, :, sink:sink + m] = beta
+        return b
+    return compress_layer
+
+res = {}
+for method in methods:
+    t0 = time.time()
+    res[method] = perplexity(None if method == "dense" else fitted(method))[0]
     print(method, round(res[method], 3), f"{time.time()-t0:.0f}s", flush=True)
 BIAS.clear()
 print(json.dumps({"W": W, "recent": R, **res}))

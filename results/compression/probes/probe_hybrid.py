@@ -40,30 +40,21 @@ def build(K, V, Q, li, recent_, keep, W_, sup):
     return torch.cat(parts_k, 2), torch.cat(parts_v, 2), torch.cat(bias, 2)
 
 def run(recent_, keep, W_, sup):
-    nll, n = 0.0, 0
-    for it in items:
-        ctx, cont = it["context"], it["continuation"]
-        cache = DynamicCache(config=cfg); BIAS.clear(); RECORD[0] = True
-        with torch.no_grad():
-            last = model(input_ids=ctx[None], past_key_values=cache, position_ids=torch.arange(len(ctx))[None], logits_to_keep=1).logits[0, -1]
-        RECORD[0] = False
-        for li, layer in enumerate(cache.layers):
-            layer.keys, layer.values, b = build(layer.keys, layer.values, REC[li], li, recent_, keep, W_, sup)
-            BIAS[li] = b
-        entries = cache.layers[0].keys.shape[-2]
-        with torch.no_grad():
-            logits = model(input_ids=cont[:-1][None], past_key_values=cache, position_ids=torch.arange(len(ctx), len(ctx) + len(cont) - 1)[None]).logits[0]
-        logits = torch.cat([last[None], logits]).float()
-        nll += float(torch.nn.functional.cross_entropy(logits, cont, reduction="sum")); n += len(cont)
-    print(f"recent {recent_} keep {keep} W {W_} sup {sup}: entries {entries} ppl {math.exp(nll / n):.3f}", flush=True)
+    def compress_layer(li, layer):
+        layer.keys, layer.values, b = build(layer.keys, layer.values, REC[li], li, recent_, keep, W_, sup)
+        return b
+    ppl, entries = perplexity(compress_layer)
+    print(f"recent {recent_} keep {keep} W {W_} sup {sup}: entries {entries} ppl {ppl:.3f}", flush=True)
 
 
 def fit(recent_, W_):
     T = CONTEXT; m = (T - sink - recent_) // W_; rest = T - sink - m * W_
-    return nominal_budget(T, 8, sink, 64) - sink - m - rest
+    return BUDGET - sink - m - rest
 from compression.presses import nominal_budget
+# 768 tokens: 155 entries, the budget of the session-20 figures (eval-cache gives the pruning presses 159)
+BUDGET = 155 if CONTEXT == 768 else nominal_budget(CONTEXT, 8, sink, 64)
 if CONTEXT == 4096:
-    run(64, nominal_budget(CONTEXT, 8, sink, 64) - sink - 64, 32, None)  # SnapKV-style alone
+    run(64, BUDGET - sink - 64, 32, None)  # SnapKV-style alone
     for r in (444, 256, 128, 64):
         run(r, fit(r, 32), 32, "sc")
     sys.exit()
