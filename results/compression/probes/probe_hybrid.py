@@ -1,10 +1,11 @@
 """Probe: keep the tokens the context's last queries attend to (SnapKV-style, per kv head) + super-tokens
 for W-windows of the old region + recent dense. SmolLM2, 5 items, 8x budget (155 entries at 768 tokens).
-With PROBE_CONTEXT=4096: the same at a 4096-token context (571 entries), the layouts listed at the end."""
+With PROBE_CONTEXT=4096: the same at a 4096-token context (575 entries, eval-cache's budget), the layouts listed at the end."""
 import math, sys, time, torch
 import torch.nn.functional as F
 sys.argv = sys.argv[:1] + ["smollm2-135m", "8", "64", "64", "dense"]
 exec(open("results/compression/probes/probe_fit.py").read().split("res = {}")[0])
+from compression.presses import nominal_budget
 
 def build(K, V, Q, li, recent_, keep, W_, sup):
     T, d = K.shape[-2], K.shape[-1]
@@ -50,7 +51,6 @@ def run(recent_, keep, W_, sup):
 def fit(recent_, W_):
     T = CONTEXT; m = (T - sink - recent_) // W_; rest = T - sink - m * W_
     return BUDGET - sink - m - rest
-from compression.presses import nominal_budget
 # 768 tokens: 155 entries, the budget of the session-20 figures (eval-cache gives the pruning presses 159)
 BUDGET = 155 if CONTEXT == 768 else nominal_budget(CONTEXT, 8, sink, 64)
 if CONTEXT == 4096:

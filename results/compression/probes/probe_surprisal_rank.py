@@ -12,13 +12,13 @@ from latentwire import profiles
 torch.set_num_threads(2)
 model, tok = profiles.load(sys.argv[1], dtype="float32")
 sink, recent, context = 4, 124, 768
+n_fact = len(tok(" The access code of the amber vault is 1234.", add_special_tokens=False).input_ids)
 for it in fact_items(tok, 10, context, 64, 0):
     ctx = it["context"]
     with torch.no_grad():
         logits = model(input_ids=ctx[None]).logits[0].float()
     s = torch.cat([torch.zeros(1), torch.nn.functional.cross_entropy(logits[:-1], ctx[1:], reduction="none")])
     at = it["fact_pos"] + 1  # the BOS shifts the context by one
-    n_fact = len(tok(" The access code of the amber vault is 1234.", add_special_tokens=False).input_ids)
     region = s[sink:context - recent]
     rank = torch.empty(len(region), dtype=torch.long)
     rank[region.argsort(descending=True)] = torch.arange(len(region))
