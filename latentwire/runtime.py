@@ -216,6 +216,12 @@ class AgentModel:
         and question are the same for every request or reach the target as text anyway. An empty
         context has no tokens of its own; the whole prompt is sent then, so a packet is never empty.
         """
+        ids, span, _ = self.source_spans(context, question)
+        return ids, span
+
+    def source_spans(self, context: str, question: str) -> tuple[torch.Tensor, slice, slice]:
+        """`source_prompt` and the slice of the tokens from the question to the end of the prompt
+        (the question and the template after it: the rows a selector reads attention from)."""
         if len(question) > self.limits.max_question_chars:
             raise InvalidArgument(f"{len(question)} characters exceed the limit of "
                                   f"{self.limits.max_question_chars}", "question")
@@ -227,7 +233,10 @@ class AgentModel:
                                     f"{self.limits.max_context_tokens} (max_context_tokens)", "context")
         inside = [i for i, (a, b) in enumerate(enc.offset_mapping) if b > a and a < c1 and b > c0]
         span = slice(inside[0], inside[-1] + 1) if c0 >= 0 and context and inside else slice(0, len(ids))
-        return ids, span
+        q0 = text.rfind(question) if question else -1
+        after = [i for i, (a, b) in enumerate(enc.offset_mapping) if b > a and b > max(q0, c1)]
+        asked = slice(after[0], len(ids)) if q0 >= 0 and after else slice(len(ids) - 1, len(ids))
+        return ids, span, asked
 
     def source_text(self, context: str, question: str) -> tuple[str, tuple[int, int]]:
         """The source prompt as text and the character span of the context in it (-1 if the chat
