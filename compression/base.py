@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from compression import attention
 from latentwire.registry import Registry
 
 COMPRESSORS: Registry[type["Compressor"]] = Registry("KV compression method")
@@ -98,8 +99,6 @@ class Compressor:
             raise ValueError(f"the {self.name()} method compresses windows of up to {limit} tokens, "
                              f"not {schedule.window}")
         if schedule.enabled and self.proportional():
-            from compression import attention
-
             attention.enable(model)
 
     # ---- naming -----------------------------------------------------------------------------------
@@ -111,6 +110,15 @@ class Compressor:
     def options(cls) -> tuple[str, ...]:
         """The option names this method takes (its init fields)."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+@dataclass
+class KVPressBaseline(Compressor):
+    """A pruning baseline: a kvpress press at a compression ratio; subclasses write `press`. It prunes
+    transformers' dense cache once at prefill, so eval-cache runs it and an agent's cache cannot."""
+
+    def serves(self) -> bool:
+        return False
 
 
 def takes(option: str) -> list[str]:

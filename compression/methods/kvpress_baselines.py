@@ -15,15 +15,7 @@ import torch
 from kvpress import ExpectedAttentionPress, KnormPress, SnapKVPress, StreamingLLMPress
 from torch import nn
 
-from compression.base import COMPRESSORS, Compressor, Schedule
-
-
-@dataclass
-class KVPressBaseline(Compressor):
-    """A kvpress press at a compression ratio; subclasses write `press(compression_ratio, schedule)`."""
-
-    def serves(self) -> bool:
-        return False
+from compression.base import COMPRESSORS, KVPressBaseline, Schedule
 
 
 @COMPRESSORS.register("streamingllm")

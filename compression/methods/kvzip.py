@@ -16,8 +16,7 @@ from types import SimpleNamespace
 from kvpress import KVzipPress
 from kvpress.presses import kvzip_press
 
-from compression.base import COMPRESSORS, Schedule
-from compression.methods.kvpress_baselines import KVPressBaseline
+from compression.base import COMPRESSORS, KVPressBaseline, Schedule
 
 
 @dataclass
