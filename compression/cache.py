@@ -27,66 +27,21 @@ switched to `compression.attention.NAME` (`cache_factory` does it; `FMKVCCache` 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 import math
-from pathlib import Path
 
 import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
 from compression import attention
-
-# (keys, values, layer_idx) with keys/values (B, H, m, W, head_dim) -> (k~, v~) each (B, H, m, head_dim)
-Compressor = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class Schedule:
-    window: int = 8  # W tokens -> 1 super-token
-    sink: int = 4  # first tokens kept dense (attention sinks)
-    recent: int = 64  # newest tokens kept dense
-    enabled: bool = True
-
-    def expected_length(self, n_tokens: int) -> int:
-        """Stored entries after n_tokens (non-sliding layer)."""
-        if not self.enabled or n_tokens < self.sink + self.window + self.recent:
-            return n_tokens
-        m = (n_tokens - self.sink - self.recent) // self.window
-        return n_tokens - m * (self.window - 1)
-
-
-def mean_pool_compressor(keys: torch.Tensor, values: torch.Tensor, layer_idx: int):
-    return keys.mean(-2), values.mean(-2)
-
+from compression.base import Compressor, Schedule, build
+from compression.refine import refine_super_tokens
 
 def proportional(compressor: Compressor | None) -> bool:
     """Whether the compressor's super-tokens carry the attention mass of their W tokens."""
-    return bool(getattr(compressor, "proportional", False))
-
-
-def sidecar_compressor(sidecar, trainable: bool = False) -> Compressor:
-    """trainable=True: super-tokens keep their graph to the sidecar's weights, even inside a no_grad
-    forward of the frozen model (end-to-end distillation, compression/distill.py)."""
-    def compress(keys, values, layer_idx):
-        b, h, m, w, d = keys.shape
-        slot = (layer_idx * h + torch.arange(h, device=keys.device)).repeat_interleave(m).repeat(b)
-        with torch.set_grad_enabled(trainable):
-            kt, vt = sidecar(keys.reshape(-1, w, d), values.reshape(-1, w, d), slot)
-        return kt.reshape(b, h, m, d), vt.reshape(b, h, m, d)
-
-    compress.proportional = sidecar.cfg.proportional  # trained with the log-count bias or not
-    compress.max_window = sidecar.cfg.max_window  # it has position embeddings for this many tokens
-    return compress
-
-
-def mean_pool_mass_compressor(keys: torch.Tensor, values: torch.Tensor, layer_idx: int):
-    """Mean pooling with proportional attention: the ablation that isolates what the sidecar learns."""
-    return keys.mean(-2), values.mean(-2)
-
-
-mean_pool_mass_compressor.proportional = True
+    return compressor is not None and compressor.proportional()
 
 
 def merge_log_count(log_count: torch.Tensor, start: int, m: int, window: int, compressor: Compressor) -> torch.Tensor:
@@ -122,7 +77,7 @@ def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedu
 class CompressedLayer(DynamicLayer):
     """One layer's cache: stores sink + super-tokens + recent; remembers true positions for eviction."""
 
-    def __init__(self, layer_idx: int, schedule: Schedule, compressor: Compressor, sliding_window: int | None):
+    def __init__(self, layer_idx: int, schedule: Schedule, compressor: Compressor | None, sliding_window: int | None):
         super().__init__()
         self.layer_idx, self.schedule, self.compressor = layer_idx, schedule, compressor
         self.sliding_window = sliding_window
@@ -204,7 +159,7 @@ class FMKVCCache(Cache):
             "sliding_attention" if sliding else "full_attention"] * cfg.num_hidden_layers
         if compressor is None:
             schedule = Schedule(schedule.window, schedule.sink, schedule.recent, enabled=False)
-        layers = [CompressedLayer(i, schedule, compressor or mean_pool_compressor,
+        layers = [CompressedLayer(i, schedule, compressor,
                                   sliding if t in ("sliding_attention", "chunked_attention") else None)
                   for i, t in enumerate(types)]
         super().__init__(layers=layers)
@@ -223,6 +178,25 @@ class FMKVCCache(Cache):
         """Stored entries per layer (what the memory holds), as opposed to tokens seen."""
         return [layer.stored() for layer in self.layers]
 
+    # ---- the hook a generation loop calls around its prefill (latentwire.runtime, eval-cache) ----------
+    def tail_tokens(self, n_prompt: int) -> int:
+        """Prompt positions whose logits `after_prefill` reads (the prefill's `logits_to_keep`)."""
+        return max(self.refine.tail_tokens(self, n_prompt), 1) if self.refine is not None else 1
+
+    def after_prefill(self, model, output, inputs_embeds: torch.Tensor | None = None,
+                      input_ids: torch.Tensor | None = None) -> dict | None:
+        """Called once the prompt (1, n) is prefilled, with the prefill's output (logits of the last
+        `tail_tokens(n)` positions): with `refine` set, refit the super-tokens on the prompt's tail
+        (compression/refine.py) and return what the refinement reports; otherwise nothing to do."""
+        tail = output.logits.shape[1]
+        if self.refine is None or tail <= 1:
+            return None
+        model.requires_grad_(False)  # gradients reach the super-tokens only
+        if inputs_embeds is not None:
+            return refine_super_tokens(model, self, teacher_logits=output.logits[0], cfg=self.refine,
+                                       tail_embeds=inputs_embeds[0, -tail:])
+        return refine_super_tokens(model, self, input_ids[0, -tail:], output.logits[0], self.refine)
+
 
 def cache_nbytes(cache) -> int:
     """Bytes held by any transformers cache (dense or compressed)."""
@@ -233,62 +207,40 @@ def cache_nbytes(cache) -> int:
     return total
 
 
-_SIDECARS: dict[str, object] = {}
-
-
-def load_sidecar(path: str | Path, device="cpu"):
-    from compression.sidecar import Sidecar
-
-    key = f"{Path(path).resolve()}:{device}"
-    if key not in _SIDECARS:
-        _SIDECARS[key] = Sidecar.load(path, device=device)
-    return _SIDECARS[key]
-
-
-def make_compressor(method: str, *, profile: str | None = None, weights: str | Path | None = None,
-                    device="cpu") -> Compressor | None:
-    """'fmkvc' (trained sidecar), 'mean_pool', 'mean_pool_mass' (mean pooling + proportional attention),
-    or 'dense'/'none' (no compression)."""
-    if method in ("dense", "none"):
-        return None
-    if method == "mean_pool":
-        return mean_pool_compressor
-    if method == "mean_pool_mass":
-        return mean_pool_mass_compressor
-    if method == "fmkvc":
-        from compression.sidecar import default_weights_path
-
-        if weights is None:
-            if profile is None:
-                raise ValueError("fmkvc needs `weights` or `profile` (to find the packaged sidecar)")
-            weights = default_weights_path(profile)
-        return sidecar_compressor(load_sidecar(weights, device))
-    raise ValueError(f"unknown compression method {method!r}")
-
-
-def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, weights: str | None = None,
-                  window: int = 8, sink: int = 4, recent: int = 64, refine_steps: int = 0,
-                  refine_lr: float = 3e-4) -> FMKVCCache:
-    """A fresh compressed cache for `model`: pass `partial(cache_factory, profile=..., window=...)`
-    as `AgentModel(cache_factory=...)`. refine_steps > 0 (fmkvc only): the cache asks whoever prefills
-    it to refit its super-tokens on the prompt's tail (`cache.refine`, compression/refine.py)."""
-    device = next(model.parameters()).device
-    compressor = make_compressor(method, profile=profile, weights=weights, device=str(device))
-    if window > getattr(compressor, "max_window", window):  # else it fails at the first full window
-        raise ValueError(f"the {method} sidecar compresses windows of up to {compressor.max_window} tokens, "
-                         f"not {window}")
-    if proportional(compressor):
-        attention.enable(model)
-    if refine_steps and method != "fmkvc":
-        raise ValueError(f"refine_steps fits learned super-tokens: it needs method 'fmkvc', not {method!r}")
-    cache = FMKVCCache(model.config, Schedule(window, sink, recent), compressor)
-    if refine_steps:
-        from compression.refine import RefineConfig
-
-        cache.refine = RefineConfig(steps=refine_steps, lr=refine_lr)
+def new_cache(model, compressor: Compressor, schedule: Schedule) -> FMKVCCache:
+    """A fresh cache for `model` that `compressor` (a window method, compression.methods) keeps
+    compressed with `schedule`; with refinement on (fmkvc refine_steps > 0) it refits its super-tokens
+    on the prompt's tail after each prefill (`FMKVCCache.after_prefill`)."""
+    compresses = compressor.compresses() and schedule.enabled
+    schedule = replace(schedule, enabled=compresses)
+    compressor.bind(model, schedule)
+    cache = FMKVCCache(model.config, schedule, compressor if compresses else None)
+    cache.refine = compressor.refinement()
     return cache
 
 
+def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, window: int = 8, sink: int = 4,
+                  recent: int = 64, **options) -> FMKVCCache:
+    """`new_cache` for the registered method named `method` with `options` for it (fmkvc: weights,
+    refine_steps, refine_lr); pass `partial(cache_factory, method=..., profile=..., window=...)` (or
+    `factory(...)`, which checks them first) as `AgentModel(cache_factory=...)`."""
+    return new_cache(model, _serving_method(method, profile, options), Schedule(window, sink, recent))
+
+
 def factory(**kwargs) -> Callable:
-    """`AgentModel(cache_factory=factory(profile="gemma3-270m", window=8))`."""
+    """`AgentModel(cache_factory=factory(method="fmkvc", profile="gemma3-270m", window=8))`: the method
+    name and its options are checked now (a clear error before any model loads), the cache is made
+    per generation by `cache_factory`."""
+    _serving_method(kwargs.get("method", "fmkvc"), kwargs.get("profile"),
+                    {k: v for k, v in kwargs.items() if k not in ("method", "profile", "window", "sink", "recent")})
     return partial(cache_factory, **kwargs)
+
+
+def _serving_method(method: str, profile: str | None, options: dict) -> Compressor:
+    import compression.methods  # noqa: F401  (registers every method)
+
+    compressor = build(method, context={"profile": profile}, **options)
+    if not compressor.serves():
+        raise ValueError(f"KV compression method {method!r} prunes once at prefill (a kvpress press): "
+                         f"eval-cache runs it, an agent's cache cannot")
+    return compressor

@@ -51,8 +51,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from compression.evaluate import EvalConfig, run
+    from compression.evaluate import EvalConfig, method_names, run
 
+    unknown = [m for m in args.methods.split(",") if m not in method_names()]
+    if unknown:  # before the model loads: the registry's names (compression.methods)
+        print(f"latentwire eval-cache: error: unknown KV compression method {', '.join(map(repr, unknown))}; "
+              f"known: {', '.join(method_names())}", file=sys.stderr)
+        return 2
     _setup(args.threads)
     cfg = EvalConfig(model=args.model, ratios=[int(r) for r in args.ratios.split(",")], context=args.context,
                      ppl_tokens=args.ppl_tokens, facts=args.facts, sink=args.sink,
@@ -154,7 +159,9 @@ def register(sub, group) -> None:
                         "within the ratio's budget (default: W = ratio, --recent)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--methods", default="dense,fmkvc,streamingllm,snapkv,knorm,expected_attention,mean_pool",
-                   help="comma list; also fmkvc_refine (FMKVC refitted at prefill) and mean_pool_mass (ablation)")
+                   help="comma list of KV compression methods registered in compression.methods (an unknown "
+                        "name is refused with the list), e.g. also kvzip, mean_pool_mass (ablation) and "
+                        "fmkvc_refine (fmkvc with --refine-steps: super-tokens refitted at prefill)")
     p.add_argument("--weights", default=None, help="sidecar weights (default: the packaged one)")
     p.add_argument("--refine-steps", type=int, default=30,
                    help="fmkvc_refine: steps fitting the super-tokens to the context's own tail (compression/refine.py)")

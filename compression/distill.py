@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from compression.cache import FMKVCCache, Schedule, sidecar_compressor
+from compression.cache import FMKVCCache, Schedule
+from compression.methods.fmkvc import sidecar_compressor
 
 
 def distill_loss(model, sidecar, ids: torch.Tensor, n_context: int, schedule: Schedule) -> torch.Tensor:

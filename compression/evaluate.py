@@ -31,9 +31,26 @@ from pathlib import Path
 
 import torch
 
-BASELINES = ("streamingllm", "snapkv", "knorm", "expected_attention")
-WINDOW_METHODS = ("fmkvc", "fmkvc_refine", "mean_pool", "mean_pool_mass")  # mean_pool_mass: ablation, not a baseline
-# fmkvc_refine: the same cache, its super-tokens refitted on the context's own tail (compression/refine.py)
+BASELINES = ("streamingllm", "snapkv", "knorm", "expected_attention")  # the kvpress presses FMKVC is held against
+# --methods names that are a registered method with options set (kept so earlier commands still run):
+# fmkvc_refine is fmkvc with its super-tokens refitted on the context's own tail (compression/refine.py)
+ALIASES = {"fmkvc_refine": ("fmkvc", lambda cfg: {"refine_steps": cfg.refine_steps, "refine_lr": cfg.refine_lr})}
+
+
+def method_names() -> list[str]:
+    """What --methods accepts: every registered method (compression.methods) and the aliases."""
+    from compression.methods import COMPRESSORS
+
+    return sorted([*COMPRESSORS.names(), *ALIASES])
+
+
+def resolve(name: str, cfg: "EvalConfig", **context):
+    """The method a --methods name stands for, built with eval-cache's options; `context` (profile,
+    weights, tokenizer) goes to the methods that take it."""
+    from compression.methods import build
+
+    base, options = ALIASES.get(name, (name, lambda cfg: {}))
+    return build(base, context=context, **options(cfg))
 
 
 @dataclass
@@ -53,7 +70,7 @@ class EvalConfig:
     timing_methods: list[str] = field(default_factory=lambda: ["fmkvc"])
     timing_ratio: int = 8
     window: int = 0  # >0: window presses use this W at every ratio, recent filled up to the budget
-    refine_steps: int = 30  # fmkvc_refine: optimiser steps per context
+    refine_steps: int = 30  # fmkvc_refine: optimiser steps per context (plain fmkvc: none)
     refine_lr: float = 3e-4
 
 
@@ -73,56 +90,40 @@ def window_layout(cfg: EvalConfig, ratio: int, n_context: int) -> tuple[int, int
     return cfg.window, max(fits)
 
 
-def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int):
-    """-> (fresh cache, press context manager factory or None)."""
+def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int, tokenizer=None):
+    """-> (fresh cache, press context manager factory or None) for the --methods name `name`."""
     from transformers import DynamicCache
 
-    from compression.cache import cache_factory
-    from compression.presses import LayerTypeExpectedAttentionPress, nominal_budget
+    from compression.base import Schedule
+    from compression.cache import new_cache
+    from compression.presses import nominal_budget
 
-    if name == "dense":
+    method = resolve(name, cfg, profile=cfg.model, weights=cfg.weights, tokenizer=tokenizer)
+    if not method.compresses():  # the ceiling: transformers' own cache
         return DynamicCache(config=model.config), None
-    if name in WINDOW_METHODS:  # the serving cache (switches the model to proportional attention if needed)
+    if method.serves():  # a window method: the serving cache (switches the model to proportional attention if needed)
         window, recent = window_layout(cfg, ratio, n_context)
-        return cache_factory(model, method=name.removesuffix("_refine"), profile=cfg.model, weights=cfg.weights,
-                             window=window, sink=cfg.sink, recent=recent), None
-    import kvpress
-
+        return new_cache(model, method, Schedule(window, cfg.sink, recent)), None
     budget = nominal_budget(n_context, ratio, cfg.sink, cfg.recent)
-    cr = 1.0 - budget / n_context
-    press = {
-        "streamingllm": lambda: kvpress.StreamingLLMPress(compression_ratio=cr, n_sink=cfg.sink),
-        "snapkv": lambda: kvpress.SnapKVPress(compression_ratio=cr, window_size=min(64, cfg.recent)),
-        "knorm": lambda: kvpress.KnormPress(compression_ratio=cr),
-        "expected_attention": lambda: LayerTypeExpectedAttentionPress(compression_ratio=cr, n_sink=cfg.sink),
-    }[name]()
-    return DynamicCache(), press  # kvpress's pipeline default cache
+    return DynamicCache(), method.press(1.0 - budget / n_context, Schedule(ratio, cfg.sink, cfg.recent))
 
 
-def prefill(model, ids: torch.Tensor, cache, press, refine=None, report: dict | None = None) -> torch.Tensor:
-    """Compressed prefill of the context; returns the last position's logits. With `refine` (a
-    RefineConfig), the super-tokens are then refitted on the context's newest tokens, whose dense
-    predictions this same prefill gives (its attention reads the cache before compression); what the
-    refinement returns (its tail KL before and after) goes into `report`."""
-    from compression.refine import refine_super_tokens
-
+def prefill(model, ids: torch.Tensor, cache, press, report: dict | None = None) -> torch.Tensor:
+    """Compressed prefill of the context; returns the last position's logits. A cache with an
+    `after_prefill` hook (fmkvc with refine_steps) then reworks itself on the context's newest
+    tokens, whose dense predictions this same prefill gives (its attention reads the cache before
+    compression); what the hook returns (the refinement's tail KL before and after) goes into `report`."""
     n = ids.shape[-1]
-    tail = refine.tail_tokens(cache, n) if refine is not None else 1
+    hook = getattr(cache, "after_prefill", None)
+    tail = cache.tail_tokens(n) if hook is not None else 1
     ctx = press(model) if press is not None else contextlib.nullcontext()
     with ctx:
         out = model(input_ids=ids[None], past_key_values=cache, use_cache=True,
                     position_ids=torch.arange(n)[None], logits_to_keep=tail)
-    if refine is not None:
-        info = refine_super_tokens(model, cache, ids[-tail:], out.logits[0], refine)
-        if report is not None:
-            report.update(info)
+    info = hook(model, out, input_ids=ids[None]) if hook is not None else None
+    if info and report is not None:
+        report.update(info)
     return out.logits[0, -1]
-
-
-def refine_config(name: str, cfg: "EvalConfig"):
-    from compression.refine import RefineConfig
-
-    return RefineConfig(steps=cfg.refine_steps, lr=cfg.refine_lr) if name.endswith("_refine") else None
 
 
 def extend(model, ids: torch.Tensor, cache, start: int, logits_to_keep: int = 0):
@@ -188,10 +189,10 @@ def eval_method(model, tok, items, name, cfg, ratio, eos_ids, dense_attn=None):
     refined: list[dict] = []
     for i, it in enumerate(items):
         ctx, cont = it["context"], it["continuation"]
-        cache, press = make_method(name, model, cfg, ratio, len(ctx))
+        cache, press = make_method(name, model, cfg, ratio, len(ctx), tok)
         t0 = time.perf_counter()
         report: dict = {}
-        last = prefill(model, ctx, cache, press, refine_config(name, cfg), report)
+        last = prefill(model, ctx, cache, press, report)
         if "kl_start" in report:
             refined.append(report)
         prefill_ms.append((time.perf_counter() - t0) * 1000)
@@ -249,8 +250,8 @@ def long_context_timing(model, tok, cfg: EvalConfig, log=print) -> dict:
     names = ["dense", *cfg.timing_methods]
     state = {}
     for name in names:
-        cache, press = make_method(name, model, cfg, 1 if name == "dense" else cfg.timing_ratio, len(doc))
-        state[name] = [cache, int(prefill(model, doc, cache, press, refine_config(name, cfg)).argmax()), len(doc), []]
+        cache, press = make_method(name, model, cfg, 1 if name == "dense" else cfg.timing_ratio, len(doc), tok)
+        state[name] = [cache, int(prefill(model, doc, cache, press).argmax()), len(doc), []]
     for step in range(cfg.decode_tokens + 2):
         for name in names:
             cache, nxt, pos, times = state[name]
@@ -309,7 +310,7 @@ def run(cfg: EvalConfig, json_out: str, plot_out: str | None = None, log=print, 
                 results["methods"].setdefault(name, {})[str(ratio)] = {"error": f"{type(exc).__name__}: {exc}"}
                 log(f"{name} x{ratio}: FAILED {type(exc).__name__}: {exc}")
                 continue
-            if name in WINDOW_METHODS:
+            if resolve(name, cfg).serves():  # a window method: the layout it used
                 res["window"], res["recent"] = window_layout(cfg, ratio, cfg.context)
             res["kv_reduction"] = dense_res["kv_bytes"] / res["kv_bytes"]
             res["perplexity_vs_dense"] = res["perplexity"] / dense_res["perplexity"]

@@ -1,6 +1,6 @@
-"""FMKVC and mean pooling as kvpress presses (prefill, and decoding as the cache grows).
+"""Window methods (FMKVC, mean pooling: compression.methods) as kvpress presses (prefill, and decoding).
 
-Both keep `sink` tokens, replace each full window of `window` older tokens by one super-token and
+They keep `sink` tokens, replace each full window of `window` older tokens by one super-token and
 keep the newest `recent` tokens dense. Unlike kvpress's pruning presses they also act during decoding:
 after every forward pass the dense tail is coarse-grained again once it holds `window + recent`
 tokens, so memory stays at about 1/window of the context however long the answer runs.
@@ -21,28 +21,29 @@ schedule inside the cache itself (no hooks), which is what `AgentModel(cache_fac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-from kvpress import BasePress, ExpectedAttentionPress
+from kvpress import BasePress
 from kvpress.presses.base_press import is_prefilling
 from kvpress.utils import extract_keys_and_values
 from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from compression import attention
-from compression.cache import (Compressor, FMKVCCache, Schedule, compress_tail, make_compressor,
-                               mean_pool_compressor, merge_log_count, proportional)
+from compression.cache import FMKVCCache, Schedule, compress_tail, merge_log_count, proportional
+from compression.methods import Compressor, build
+from compression.methods.kvpress_baselines import LayerTypeExpectedAttentionPress
 
 
 @dataclass
 class WindowPress(BasePress):
-    """Base of the window presses: sink + one super-token per window + recent, prefill and decode.
+    """A registered window method as a press: sink + one super-token per window + recent, prefill and decode.
 
     Parameters
     ----------
+    method : str
+        The registered window method (compression.methods) that pools each window.
     window : int
         W older tokens become one super-token (nominal compression ratio W).
     sink : int
@@ -53,17 +54,33 @@ class WindowPress(BasePress):
         Keep compressing as the cache grows during decoding (while the press context is open).
     """
 
+    method: str = "mean_pool"
     window: int = 8
     sink: int = 4
     recent: int = 64
     compress_decoding: bool = True
+    _compressor: Compressor | None = field(default=None, init=False, repr=False)
 
     @property
     def schedule(self) -> Schedule:
         return Schedule(self.window, self.sink, self.recent)
 
+    def method_options(self) -> dict:
+        """Options for the method (a subclass's own fields)."""
+        return {}
+
+    def post_init_from_model(self, model):
+        if self._compressor is None:
+            compressor = build(self.method, **self.method_options())
+            if not compressor.serves():
+                raise ValueError(f"{self.method!r} is a kvpress press itself, not a window method")
+            compressor.bind(model, self.schedule)  # loads its weights, switches the attention if it needs to
+            self._compressor = compressor
+
     def compressor(self) -> Compressor:
-        raise NotImplementedError
+        if self._compressor is None:
+            raise RuntimeError(f"{type(self).__name__} used outside `with press(model):`")
+        return self._compressor
 
     def compress(self, module: nn.Module, hidden_states, keys, values, attentions, kwargs):
         keys, values, _, _ = compress_tail(keys, values, 0, self.schedule, self.compressor(), module.layer_idx)
@@ -112,23 +129,14 @@ class ProportionalDynamicLayer(DynamicLayer):
 
 @dataclass
 class MeanPoolPress(WindowPress):
-    """Naive coarse-graining: each window of W cached tokens becomes its plain average (k̄, v̄).
+    """Naive coarse-graining (compression/methods/mean_pool.py): each window of W becomes its average."""
 
-    The baseline FMKVC must beat at equal memory; its keys shrink in norm when the window's keys
-    disagree (post-RoPE they rotate), so windows lose attention mass.
-    """
-
-    def compressor(self) -> Compressor:
-        return mean_pool_compressor
+    method: str = "mean_pool"
 
 
 @dataclass
 class FMKVCPress(WindowPress):
-    """FMKVC: force-matched KV cache compression (this project; see DESIGN.md, section FMKVC).
-
-    Each window of W cached (k, v) is replaced by one super-token synthesised by a small learned
-    sidecar, hard-normalised to the window's mean key/value norms and trained to reproduce the
-    attention output and its Jacobian/force dL/dq on the full cache.
+    """FMKVC: force-matched KV cache compression (compression/methods/fmkvc.py, docs/fmkvc.md).
 
     Parameters
     ----------
@@ -138,42 +146,12 @@ class FMKVCPress(WindowPress):
         Explicit sidecar weights (.safetensors with manifest); overrides `profile`.
     """
 
+    method: str = "fmkvc"
     profile: str | None = None
     weights: str | Path | None = None
-    _compressor: Compressor | None = field(default=None, init=False, repr=False)
 
-    def post_init_from_model(self, model):
-        if self._compressor is None:
-            device = str(next(model.parameters()).device)
-            self._compressor = make_compressor("fmkvc", profile=self.profile, weights=self.weights, device=device)
-        if proportional(self._compressor):
-            attention.enable(model)
-
-    def compressor(self) -> Compressor:
-        if self._compressor is None:
-            raise RuntimeError("FMKVCPress used outside `with press(model):`")
-        return self._compressor
-
-
-@dataclass
-class LayerTypeExpectedAttentionPress(ExpectedAttentionPress):
-    """kvpress's ExpectedAttentionPress, averaging RoPE with each layer's own rotary parameters.
-
-    Gemma 3 (transformers 5.x) has one `Gemma3RotaryEmbedding` for all layers holding per-layer-type
-    inverse frequencies (`sliding_attention_inv_freq`: local base 10k, `full_attention_inv_freq`:
-    global base 1M, maybe scaled); its `forward(x, position_ids, layer_type)` needs the type. kvpress
-    0.5.5 calls `module.rotary_emb(mu, position_ids)` without it, so Gemma 3 failed with
-    "no attribute 'None_inv_freq'". Here the call gets `module.layer_type` (sliding or full) when the
-    rotary embedding keeps per-type frequencies; every other model (Llama, Mistral...) is unchanged.
-    """
-
-    def apply_avg_rope(self, module: nn.Module, mu: torch.Tensor, cov: torch.Tensor, q_len: int):
-        layer_type = getattr(module, "layer_type", None)
-        if layer_type is not None and hasattr(module.rotary_emb, f"{layer_type}_inv_freq"):
-            # kvpress's apply_avg_rope reads only `head_dim` and `rotary_emb` from the module
-            module = SimpleNamespace(head_dim=module.head_dim,
-                                     rotary_emb=partial(module.rotary_emb, layer_type=layer_type))
-        return super().apply_avg_rope(module, mu, cov, q_len)
+    def method_options(self) -> dict:
+        return {"profile": self.profile, "weights": self.weights}
 
 
 def nominal_budget(n_tokens: int, window: int, sink: int, recent: int) -> int:

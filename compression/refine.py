@@ -38,17 +38,15 @@ class RefineConfig:
 
 def refine_super_tokens(model, cache, tail_ids: torch.Tensor | None = None, teacher_logits: torch.Tensor | None = None,
                         cfg: RefineConfig = RefineConfig(), *, tail_embeds: torch.Tensor | None = None) -> dict:
-    """Fit the super-tokens of a prefilled `FMKVCCache` in place.
+    """Fit the super-tokens of a prefilled `compression.cache.FMKVCCache` in place.
 
     tail_ids (n,) or tail_embeds (n, d_model): the newest n context tokens, already in the cache;
     teacher_logits (n, vocab): what the prefill predicted at those positions (dense attention).
     Returns {"kl_start", "kl_end", "steps", "n_tail", "n_super"}: KL before the first and after the last
     step, and the super-token entries fitted, summed over layers.
     """
-    from compression.cache import FMKVCCache
-
-    if not isinstance(cache, FMKVCCache):
-        raise TypeError(f"refinement needs an FMKVCCache, not {type(cache).__name__}")
+    if not hasattr(cache, "prefix_view"):  # duck-typed: this module stays below compression.cache
+        raise TypeError(f"refinement needs an FMKVCCache (compression.cache), not {type(cache).__name__}")
     if (tail_ids is None) == (tail_embeds is None):
         raise ValueError("give exactly one of tail_ids and tail_embeds")
     if any(p.requires_grad for p in model.parameters()):

@@ -394,17 +394,15 @@ class AgentModel:
         """
         n = inputs_embeds.shape[1]
         cache = self.new_cache()
-        refine = getattr(cache, "refine", None)  # FMKVC refinement: it reads the prompt tail's dense logits
-        tail = max(refine.tail_tokens(cache, n), 1) if refine is not None else 1
+        # a cache may rework itself once the prompt is in (FMKVC refits its super-tokens on the prompt's
+        # tail): it says how many positions' logits it reads, and gets them after the prefill
+        hook = getattr(cache, "after_prefill", None)
+        tail = max(cache.tail_tokens(n), 1) if hook is not None else 1
         t0 = now_ms()
         out = self._prefill(inputs_embeds, torch.ones(1, n, dtype=torch.long, device=self.device),
                             torch.arange(n, device=self.device)[None], cache, logits_to_keep=tail)
-        if tail > 1:
-            from compression.refine import refine_super_tokens
-
-            self.model.requires_grad_(False)  # gradients reach the super-tokens only
-            refine_super_tokens(self.model, cache, teacher_logits=out.logits[0], cfg=refine,
-                                tail_embeds=inputs_embeds[0, -tail:])
+        if hook is not None:
+            hook(self.model, out, inputs_embeds=inputs_embeds)
         t1 = now_ms()
         ids: list[int] = []
         text_so_far = ""

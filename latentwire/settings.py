@@ -47,12 +47,15 @@ class TargetRoute(_Strict):
 class KVCompression(_Strict):
     """KV-cache compression of an agent's generation (compression.cache): FMKVC or a baseline."""
 
-    method: Literal["fmkvc", "mean_pool", "dense"] = "fmkvc"
+    # a window method registered in compression.methods (fmkvc, mean_pool, mean_pool_mass, dense); the
+    # name and the options below are checked against that registry where the agent builds its cache
+    # factory (compression.cache.factory), since this core package cannot import compression/
+    method: str = "fmkvc"
     weights: str | None = None  # sidecar .safetensors; None: the packaged one for the agent's profile
     window: int = Field(8, ge=2)  # W cached tokens -> 1 super-token (the nominal reduction)
     sink: int = Field(4, ge=0)  # first tokens kept dense
     recent: int = Field(64, ge=1)  # newest tokens kept dense
-    # fmkvc only: after each prompt's prefill, fit the super-tokens to the prompt's own newest tokens
+    # fmkvc: after each prompt's prefill, fit the super-tokens to the prompt's own newest tokens
     # (compression/refine.py). Better answers from old text, at the price of `refine_steps` forward and
     # backward passes over `recent` tokens in the prefill (about 18 s a 768-token prompt on 2 CPU cores
     # for SmolLM2 at 30 steps); 0: off

@@ -8,7 +8,8 @@ import torch
 from transformers import DynamicCache, LlamaConfig
 
 from compression import attention
-from compression.cache import FMKVCCache, Schedule, mean_pool_compressor, mean_pool_mass_compressor
+from compression.cache import FMKVCCache, Schedule
+from compression.methods.mean_pool import mean_pool_compressor, mean_pool_mass_compressor
 from compression.losses import fmkvc_loss, force
 from latentwire import profiles
 

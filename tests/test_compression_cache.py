@@ -7,7 +7,8 @@ import torch
 from transformers import DynamicCache
 from transformers.utils import logging as hf_logging
 
-from compression.cache import FMKVCCache, Schedule, cache_factory, mean_pool_compressor
+from compression.cache import FMKVCCache, Schedule, cache_factory
+from compression.methods.mean_pool import mean_pool_compressor
 from latentwire import profiles
 from tests.conftest import tiny_gemma3
 from latentwire.runtime import AgentModel

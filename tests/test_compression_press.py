@@ -5,7 +5,9 @@ import torch
 from transformers import DynamicCache, pipeline
 from transformers.utils import logging as hf_logging
 
-from compression.cache import FMKVCCache, Schedule, mean_pool_compressor, sidecar_compressor
+from compression.cache import FMKVCCache, Schedule
+from compression.methods.fmkvc import sidecar_compressor
+from compression.methods.mean_pool import mean_pool_compressor
 from compression.evaluate import EvalConfig, make_method, prefill
 from compression.presses import FMKVCPress, MeanPoolPress, nominal_budget
 from compression.sidecar import Sidecar, SidecarConfig

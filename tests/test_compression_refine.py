@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from compression import attention
-from compression.cache import FMKVCCache, Schedule, sidecar_compressor
+from compression.cache import FMKVCCache, Schedule
+from compression.methods.fmkvc import sidecar_compressor
 from compression.distill import documents
 from compression.refine import RefineConfig, refine_super_tokens
 from compression.sidecar import Sidecar, SidecarConfig

@@ -8,7 +8,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 torch.set_num_threads(2)
 from compression.evaluate import fact_items
-from compression.cache import load_sidecar
+from compression.methods.fmkvc import load_sidecar
 from compression.sidecar import default_weights_path
 from latentwire import profiles
 

@@ -19,7 +19,7 @@ cfg = ev.EvalConfig(model=name, context=context, facts=n, decode_tokens=4)
 items = ev.fact_items(tok, n, context, cfg.ppl_tokens, cfg.seed)
 dense, _ = ev.eval_method(model, tok, items, "dense", cfg, 1, eos)
 print("dense", round(dense["perplexity"], 3), dense["fact_recall"], dense["kv_bytes"])
-base = cache_mod.cache_factory
+base = cache_mod.new_cache
 
 
 def global_only(*a, **k):
@@ -31,7 +31,7 @@ def global_only(*a, **k):
 
 
 for label, factory in (("fmkvc", base), ("fmkvc_global_only", global_only)):
-    cache_mod.cache_factory = factory
+    cache_mod.new_cache = factory
     res, _ = ev.eval_method(model, tok, items, "fmkvc", cfg, ratio, eos)
     print(label, round(res["perplexity"], 3), res["fact_recall"], "kv_reduction",
           round(dense["kv_bytes"] / res["kv_bytes"], 2), flush=True)

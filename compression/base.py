@@ -1,0 +1,157 @@
+"""The KV compression contract: one base class, one registry, one way to build a method by name.
+
+A method is one dataclass (its parameters as fields) registered under the name settings and the CLI
+use, the way a kvpress press is one class:
+
+    @COMPRESSORS.register("mean_pool")
+    @dataclass
+    class MeanPool(Compressor):
+        def pool(self, keys, values, layer_idx):
+            return keys.mean(-2), values.mean(-2)
+
+It writes one method:
+- `pool`: a *window method* (dense, mean_pool, fmkvc): every full window of W cached (k, v) becomes
+  one super-token; `compression.cache.FMKVCCache` runs it during prefill and decode, so the method
+  can back an agent's generation, and `compression.presses.WindowPress` runs it as a kvpress press;
+- or `press`: a *pruning baseline* from kvpress (StreamingLLM, SnapKV, ...), a press applied once at
+  prefill to transformers' dense cache; eval-cache only (`serves()` is False).
+
+What else a method can do is asked through capability methods with safe defaults (as transformers'
+`CacheLayerMixin` does for cache layers): `compresses`, `serves`, `proportional`, `max_window`,
+`refinement`, `bind`. Readers of the registry (`compression.cache.cache_factory`, the presses,
+eval-cache and its CLI) build methods with `build`; `compression.methods` imports every module that
+registers one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from compression import attention
+from latentwire.registry import Registry
+
+COMPRESSORS: Registry[type["Compressor"]] = Registry("KV compression method")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where a window method compresses: sink + one super-token per full window of W + recent."""
+
+    window: int = 8  # W tokens -> 1 super-token
+    sink: int = 4  # first tokens kept dense (attention sinks)
+    recent: int = 64  # newest tokens kept dense
+    enabled: bool = True
+
+    def expected_length(self, n_tokens: int) -> int:
+        """Stored entries after n_tokens (non-sliding layer)."""
+        if not self.enabled or n_tokens < self.sink + self.window + self.recent:
+            return n_tokens
+        m = (n_tokens - self.sink - self.recent) // self.window
+        return n_tokens - m * (self.window - 1)
+
+
+@dataclass
+class Compressor:
+    """Base of every KV compression method; subclasses are dataclasses whose fields are the options."""
+
+    # ---- the one method a method writes (see the module docstring) -----------------------------
+    def pool(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys/values (B, H, m, W, head_dim) -> (k~, v~) each (B, H, m, head_dim): one per window."""
+        raise NotImplementedError(f"{type(self).__name__} does not pool windows")
+
+    def press(self, compression_ratio: float, schedule: Schedule):
+        """A kvpress press that prunes the prefilled cache by `compression_ratio` (pruning baselines)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a kvpress press")
+
+    def __call__(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int):
+        return self.pool(keys, values, layer_idx)
+
+    # ---- capabilities ---------------------------------------------------------------------------
+    def compresses(self) -> bool:
+        """False for the dense ceiling: its cache keeps every token."""
+        return True
+
+    def serves(self) -> bool:
+        """Whether it can be an agent's cache (it keeps compressing as the cache grows while decoding)."""
+        return True
+
+    def proportional(self) -> bool:
+        """Whether a super-token carries the attention mass of its W tokens (compression/attention.py)."""
+        return False
+
+    def max_window(self) -> int | None:
+        """The largest W it can pool (a learned sidecar has position embeddings for so many); None: any."""
+        return None
+
+    def refinement(self):
+        """A compression.refine.RefineConfig: refit the super-tokens on each prompt's tail; None: off."""
+        return None
+
+    def bind(self, model, schedule: Schedule) -> None:
+        """Get ready to compress `model`'s cache with `schedule` (load weights on its device, switch its
+        attention); refuses a schedule it cannot run."""
+        limit = self.max_window()
+        if schedule.enabled and limit is not None and schedule.window > limit:  # else it fails at the first window
+            raise ValueError(f"the {self.name()} method compresses windows of up to {limit} tokens, "
+                             f"not {schedule.window}")
+        if schedule.enabled and self.proportional():
+            attention.enable(model)
+
+    # ---- naming -----------------------------------------------------------------------------------
+    @classmethod
+    def name(cls) -> str:
+        return next((n for n in COMPRESSORS if COMPRESSORS.get(n) is cls), cls.__name__)
+
+    @classmethod
+    def options(cls) -> tuple[str, ...]:
+        """The option names this method takes (its init fields)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+@dataclass
+class KVPressBaseline(Compressor):
+    """A pruning baseline: a kvpress press at a compression ratio; subclasses write `press`. It prunes
+    transformers' dense cache once at prefill, so eval-cache runs it and an agent's cache cannot."""
+
+    def serves(self) -> bool:
+        return False
+
+
+def takes(option: str) -> list[str]:
+    """Registered methods that take `option`."""
+    return [n for n in COMPRESSORS if option in COMPRESSORS.get(n).options()]
+
+
+def build(name: str, *, context: dict[str, Any] | None = None, **options) -> Compressor:
+    """The registered method `name` with `options`.
+
+    An option the method does not take is an error if it is set (not None and not the default of the
+    methods that take it), so a setting never silently does nothing; `context` (e.g. the model
+    profile) goes to the methods that take it and is dropped by the others.
+    """
+    cls = COMPRESSORS.get(name)  # an unknown name: UnknownKind listing the known ones
+    own = set(cls.options())
+    kwargs = {k: v for k, v in (context or {}).items() if k in own}
+    for key, value in options.items():
+        if key in own:
+            kwargs[key] = value
+            continue
+        takers = takes(key)
+        defaults = {_default(COMPRESSORS.get(n), key) for n in takers}
+        if value is None or (len(takers) > 0 and defaults == {value}):
+            continue
+        needs = " or ".join(repr(n) for n in takers) or "no registered method"
+        raise ValueError(f"{key}={value!r} is not an option of KV compression method {name!r}: "
+                         f"{key} needs method {needs}, not {name!r}")
+    return cls(**kwargs)
+
+
+def _default(cls: type[Compressor], option: str):
+    field = next(f for f in dataclasses.fields(cls) if f.name == option)
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else dataclasses.MISSING
