@@ -90,14 +90,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.budgets:  # EM against the message budget (bridge/budgets.py)
+        from bridge.budgets import run
+
+        args.modes = args.modes or "latent,extract,text,direct,none"
+        return run(args)
     from bridge.eval import run
 
+    args.modes = args.modes or "latent,text,direct,none"
     return run(args)
 
 
 def _eval_arguments(p) -> None:
     p.add_argument("--data", required=True, help="JSONL of {id, context, question, answer}")
-    p.add_argument("--modes", default="latent,text,direct,none")
+    p.add_argument("--modes", default=None,
+                   help="latent,text,direct,none (default); with --budgets also extract (all five by default)")
     p.add_argument("--bridge", default=None, help="bridge .safetensors (default: the packaged one)")
     p.add_argument("--source", default="smollm2-135m", help="source profile when no bridge is used")
     p.add_argument("--target", default="gemma3-270m", help="target profile when no bridge is used")
@@ -113,6 +120,14 @@ def _eval_arguments(p) -> None:
                    help="the models' prompt forward, as the agents' prefill_dtype (AgentModel.use_prefill_dtype)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--json", default=None, help="write the result JSON here")
+    p.add_argument("--budgets", default=None,
+                   help="message budgets M for LATENT and EXTRACT, e.g. 8,16,32,64,128,full: EM against the "
+                        "budget (bridge/budgets.py) instead of one row per mode")
+    p.add_argument("--text-budgets", default="64", help="with --budgets: budgets of the TEXT relay (it generates)")
+    p.add_argument("--selector", default="lexical", help="with --budgets: packet selector (latentwire.selection)")
+    p.add_argument("--selector-params", default=None, help='with --budgets: its parameters as JSON, e.g. {"after": 12}')
+    p.add_argument("--max-context-tokens", type=int, default=8192, help="with --budgets: the models' context limit")
+    p.add_argument("--plot", default=None, help="with --budgets: write the EM-vs-budget PNG here")
 
 
 def register(sub, group) -> None:

@@ -122,15 +122,27 @@ class LexicalSelector(Selector):
         words = content_words(view.question_text)
         # names: capitalised words of the question other than its first
         names = {w.lower() for w in re.findall(r"(?<=\s)[A-Z][a-z0-9]+", view.question_text)} & words
-        pieces = [re.sub(r"[^a-z0-9]", "", t.lower()) for t in view.tokens]
-        match = [next((w for w in words if len(p) > 2 and (w.startswith(p) or p.startswith(w))), None)
-                 for p in pieces]
+        text, owner = spell(view.tokens)
+        hits = [(m.start(), m.group().lower()) for m in re.finditer(r"[A-Za-z0-9]+", text) if m.group().lower() in words]
         counts: dict[str, int] = {}
-        for w in match:
-            if w is not None:
-                counts[w] = counts.get(w, 0) + 1
-        return torch.tensor([float("-inf") if w is None else (self.names_weight if w in names else 1.0) / counts[w]
-                             for w in match])
+        for _, w in hits:
+            counts[w] = counts.get(w, 0) + 1
+        scores = torch.full((len(view.tokens),), float("-inf"))
+        for at, w in hits:  # the word's first token anchors; rarer words first, names before the rest
+            scores[owner[at]] = max(float(scores[owner[at]]), (self.names_weight if w in names else 1.0) / counts[w])
+        return scores
+
+
+def spell(tokens: list[str]) -> tuple[str, list[int]]:
+    """The text the tokens spell (byte-level "Ġ" and SentencePiece "▁" read as spaces) and, for each
+    character, the index of the token it came from: words are found in the text, not in the pieces
+    a tokenizer cut them into ("O" + "mar")."""
+    text, owner = [], []
+    for i, t in enumerate(tokens):
+        piece = t.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n")
+        text.append(piece)
+        owner += [i] * len(piece)
+    return "".join(text), owner
 
 
 @SELECTORS.register("attention")
@@ -253,11 +265,25 @@ def plan_message(agent, context: str, question: str, budget: int | None, selecto
                  state_layer: int | None = None) -> Message:
     """Read the prompt once (up to the deeper of the selector's attention layer and `state_layer`),
     choose at most `budget` context tokens (None: all of them) and keep their states."""
-    ids, span, asked = agent.source_spans(context, question)
-    n = span.stop - span.start
-    layer = selector.needs_attention_layer if budget is not None and budget < n else None
+    return plan_prompt(agent, agent.source_spans(context, question), question, budget, selector, state_layer)
+
+
+Prompt = tuple[torch.Tensor, slice, slice]  # `AgentModel.source_spans`: ids, context, question
+
+
+def plan_prompt(agent, prompt: Prompt, question: str, budget: int | None, selector: Selector,
+                state_layer: int | None = None) -> Message:
+    """`plan_message` of a prompt already tokenised (and checked against the limits)."""
+    ids, span, asked = prompt
+    layer = selector.needs_attention_layer if budget is not None and budget < span.stop - span.start else None
     attention, states = (question_attention(agent, ids, asked, span, layer, state_layer) if layer
                          else (None, agent.hidden_states(ids, state_layer) if state_layer else None))
+    return _keep(agent, prompt, question, budget, selector, attention, states)
+
+
+def _keep(agent, prompt: Prompt, question, budget, selector, attention, states) -> Message:
+    ids, span, asked = prompt
+    n = span.stop - span.start
     if budget is None or budget >= n:
         keep = list(range(n))
     else:
@@ -279,3 +305,15 @@ def extract_text(agent, message: Message) -> str:
         else:
             runs.append([p])
     return " ... ".join(agent.tok.decode(message.ids[r].tolist(), skip_special_tokens=True).strip() for r in runs)
+
+
+def plan_messages(agent, jobs: list[tuple[Prompt, str, int | None, int | None]], selector: Selector) -> list[Message]:
+    """`plan_prompt` of several (prompt, question, budget, state_layer) jobs, for a batcher: one
+    after another (each reads its own attention), or, for a selector that reads no attention, with
+    the states of all prompts from `agent.hidden_states_many` (shared padded forwards on a GPU)."""
+    if selector.needs_attention_layer is not None or len(jobs) == 1:
+        return [plan_prompt(agent, prompt, q, budget, selector, layer) for prompt, q, budget, layer in jobs]
+    want = [i for i, job in enumerate(jobs) if job[3]]
+    states = dict(zip(want, agent.hidden_states_many([(jobs[i][0][0], jobs[i][3]) for i in want])))
+    return [_keep(agent, prompt, q, budget, selector, None, states.get(i))
+            for i, (prompt, q, budget, _) in enumerate(jobs)]

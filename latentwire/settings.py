@@ -19,7 +19,10 @@ class Limits(_Strict):
     max_new_tokens: int = Field(256, gt=0)
     default_new_tokens: int = Field(24, gt=0)
     max_packet_elements: int = Field(1 << 24, gt=0)  # 64 MiB of fp32
-    max_packet_tokens: int = Field(8192, gt=0)
+    max_packet_tokens: int = Field(8192, gt=0)  # rows of any tensor packet
+    # the message budget's ceiling: a request's `message_tokens` above it is refused, and a target
+    # refuses a LATENT packet of more soft tokens
+    max_message_tokens: int = Field(256, gt=0)
     max_message_bytes: int = Field(256 << 20, gt=0)  # gRPC channel limit on both ends
 
 
@@ -63,13 +66,22 @@ class KVCompression(_Strict):
     refine_lr: float = Field(3e-4, gt=0, le=1.0)
 
 
+class PacketSelection(_Strict):
+    """How a source spends the message budget M (latentwire.selection): a registered selector
+    (`prefix`, `lexical`, `attention`) and its parameters (`before`, `after`, `needs_attention_layer`...)."""
+
+    method: str = "lexical"
+    params: dict[str, float | int] = {}
+
+
 class AgentSettings(_Strict):
     """One agent actor. Every agent can answer (`Receive`); one with `targets` can also `Ask`."""
 
     profile: str
     role: Literal["source", "target"] = "source"  # informational: any agent can receive
     source_layer: int | None = None  # None: the profile's default
-    message_tokens: int = Field(64, gt=0)  # text relay budget M
+    message_tokens: int = Field(64, gt=0)  # the message budget M of TEXT, EXTRACT and LATENT
+    selection: PacketSelection = PacketSelection()  # which context tokens a LATENT/EXTRACT message carries
     wire_dtype: str = "bfloat16"
     device: str = "cpu"
     dtype: str | None = None

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import torch
 
-from latentwire import codec
+from latentwire import codec, selection
 from latentwire.errors import InvalidArgument, NotFound, ResourceExhausted
 from latentwire.runtime import AgentModel, now_ms
 from latentwire.settings import AgentSettings, grpc_channel_options
@@ -51,11 +51,15 @@ class AgentServicer:
         self._channel = None
         # request id -> (request bytes, reply): retries are answered once (touched on the event loop only)
         self._replies: collections.OrderedDict[str, tuple[bytes, pb.AskReply]] = collections.OrderedDict()
-        # Concurrent requests share one forward: the target's answers, the source's LATENT states
-        # and TEXT messages (instead of many threads fighting over the same cores)
-        self.answers, self.hiddens, self.messages = (
+        self.selector = selection.make_selector(s.selection.method, **s.selection.params)
+        if self.selector.needs_attention_layer is not None:
+            self.model.check_layer(self.selector.needs_attention_layer, "selection.params.needs_attention_layer")
+        # Concurrent requests share one forward (services.batching): the target's answers, the
+        # source's budgeted messages (LATENT states, EXTRACT tokens) and its TEXT messages
+        self.answers, self.plans, self.messages = (
             Batcher(fn, s.max_batch_size, s.batch_wait_timeout_s)
-            for fn in (self.model.answer_batch, self.model.hidden_states_many, self.model.write_messages))
+            for fn in (self.model.answer_batch, lambda jobs: selection.plan_messages(self.model, jobs, self.selector),
+                       self.model.write_messages))
 
     # ---- health (grpc.health.v1.Health/Check) ----------------------------------------------------
     def Check(self, request, grpc_context=None):
@@ -96,13 +100,13 @@ class AgentServicer:
 
     def _payload(self, req: pb.ReceiveRequest):
         mode, which = packets.check_mode(req.mode), req.WhichOneof("payload")
-        want = {pb.LATENT: "latent", pb.TEXT: "text", pb.DIRECT: "text", pb.NONE: None}[mode]
+        want = {pb.LATENT: "latent", pb.TEXT: "text", pb.EXTRACT: "text", pb.DIRECT: "text", pb.NONE: None}[mode]
         if which != want:
             raise InvalidArgument(f"mode {packets.mode_name(mode).upper()} needs payload "
                                   f"{want or 'none'}, got {which or 'none'}", "payload")
         if mode == pb.LATENT:
             return self._soft_tokens(req.latent)
-        if mode in (pb.TEXT, pb.DIRECT):
+        if mode in (pb.TEXT, pb.EXTRACT, pb.DIRECT):
             ids = self.model.tokenize(req.text.text)  # tokenised once: counted here, embedded later
             if len(ids) > self.limits.max_context_tokens:
                 raise ResourceExhausted(f"{len(ids)} tokens exceed the configured limit of "
@@ -121,9 +125,10 @@ class AgentServicer:
                            else accepted, "bridge id")
         soft = codec.decode(packet.soft_tokens, field="latent.soft_tokens", ndim=2,
                             last_dim=self.model.hidden_size, max_elements=self.limits.max_packet_elements)
-        if soft.shape[0] > self.limits.max_packet_tokens:
-            raise ResourceExhausted(f"{soft.shape[0]} soft tokens exceed the limit of "
-                                    f"{self.limits.max_packet_tokens}", "latent.soft_tokens.shape")
+        cap = min(self.limits.max_packet_tokens, self.limits.max_message_tokens)  # the message budget's ceiling
+        if soft.shape[0] > cap:
+            raise ResourceExhausted(f"{soft.shape[0]} soft tokens exceed the limit of {cap} "
+                                    f"(max_message_tokens)", "latent.soft_tokens.shape")
         return soft
 
     # ---- asking side (source) ----------------------------------------------------------------
@@ -166,8 +171,9 @@ class AgentServicer:
         max_new = packets.check_new_tokens(req.max_new_tokens, self.limits.default_new_tokens,
                                            self.limits.max_new_tokens)
         budget = req.message_tokens or self.settings.message_tokens
-        if budget > self.limits.max_new_tokens:
-            raise InvalidArgument(f"must be at most {self.limits.max_new_tokens}, got {budget}", "message_tokens")
+        if budget > self.limits.max_message_tokens:
+            raise InvalidArgument(f"must be at most {self.limits.max_message_tokens} (max_message_tokens), "
+                                  f"got {budget}", "message_tokens")
         name = req.target_agent or "default"
         route = self.settings.targets.get(name)
         if route is None:
@@ -180,18 +186,20 @@ class AgentServicer:
         wire, source_tokens, message_tokens = 0, 0, 0
         timeout = self.settings.hop_timeout_s
 
-        if mode in (pb.LATENT, pb.TEXT):
-            ids, span = await asyncio.to_thread(self.model.source_prompt, req.context, req.question)
-            source_tokens = len(ids)
-        if mode == pb.LATENT:
+        if mode in (pb.LATENT, pb.TEXT, pb.EXTRACT):  # tokenised (and checked) off the event loop
+            prompt = await asyncio.to_thread(self.model.source_spans, req.context, req.question)
+            source_tokens = len(prompt[0])
+        if mode in (pb.LATENT, pb.EXTRACT):  # the source spends the budget on what the question needs
             t0 = now_ms()
-            layer = route.source_layer or self.layer
-            hidden, tm.source_batch = await self.hiddens.submit((ids, layer))
-            hidden = hidden[span]  # the packet carries the context tokens (AgentModel.source_prompt)
+            layer = (route.source_layer or self.layer) if mode == pb.LATENT else None
+            msg, tm.source_batch = await self.plans.submit((prompt, req.question, budget, layer))
+            tm.source_prefill_ms = now_ms() - t0
+            message_tokens = len(msg.positions)
+        if mode == pb.LATENT:
             t1 = now_ms()
             prov.source_layer, prov.source_hidden_size = layer, self.model.hidden_size
-            packet = pb.HiddenStatePacket(hidden=codec.encode(hidden, self.settings.wire_dtype), provenance=prov,
-                                          source_token_ids=ids[span].tolist())  # the bridge's token index
+            packet = pb.HiddenStatePacket(hidden=codec.encode(msg.states, self.settings.wire_dtype), provenance=prov,
+                                          source_token_ids=msg.token_ids.tolist())  # the bridge's token index
             t2 = now_ms()
             try:
                 tr = await bridge_stub.Translate(packet, metadata=(("application", route.bridge_app),)
@@ -199,14 +207,17 @@ class AgentServicer:
             except grpc.RpcError as err:
                 raise HopError("bridge", err) from None
             t3 = now_ms()
-            tm.source_prefill_ms, tm.packet_encode_ms = t1 - t0, (t2 - t1) + tr.packet_encode_ms
+            tm.packet_encode_ms = (t2 - t1) + tr.packet_encode_ms
             tm.bridge_hop_ms, tm.bridge_ms, tm.bridge_batch = (t3 - t2) - tr.total_ms, tr.bridge_ms, tr.batch_size
             tm.packet_decode_ms = tr.packet_decode_ms
             out.latent.CopyFrom(tr.latent)
             wire += packet.ByteSize() + tr.latent.ByteSize()
             message_tokens = tr.latent.soft_tokens.shape[0] if tr.latent.soft_tokens.shape else 0
+        elif mode == pb.EXTRACT:
+            out.text.CopyFrom(pb.TextPacket(text=selection.extract_text(self.model, msg), num_tokens=message_tokens,
+                                            provenance=prov))
         elif mode == pb.TEXT:
-            gen, tm.source_batch = await self.messages.submit((ids, budget))
+            gen, tm.source_batch = await self.messages.submit((prompt[0], budget))
             tm.source_prefill_ms, tm.source_decode_ms = gen.prefill_ms, gen.decode_ms
             out.text.CopyFrom(pb.TextPacket(text=gen.text, num_tokens=len(gen.token_ids), provenance=prov))
             message_tokens = len(gen.token_ids)

@@ -20,6 +20,7 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TEXT: _ClassVar[Mode]
     DIRECT: _ClassVar[Mode]
     NONE: _ClassVar[Mode]
+    EXTRACT: _ClassVar[Mode]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -28,6 +29,7 @@ LATENT: Mode
 TEXT: Mode
 DIRECT: Mode
 NONE: Mode
+EXTRACT: Mode
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
