@@ -24,7 +24,7 @@ def main() -> None:
 
     from bridge import token_index as ti
     from bridge.eval import wire
-    from bridge.model import default_weights_path, load_bridge
+    from bridge.load import default_weights_path, load_bridge
     from latentwire.runtime import AgentModel
     from services.bench import bench_items, hardware
 
