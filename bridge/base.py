@@ -115,7 +115,8 @@ class BridgeBase(nn.Module, metaclass=abc.ABCMeta):
     def save(self, path: str | Path, *, data: dict | None = None, metrics: dict | None = None,
              dtype: torch.dtype = torch.float32) -> dict:
         """Write safetensors + manifest. `dtype=torch.bfloat16` halves the file (loads back as fp32)."""
-        man = weights.save(path, self.tensors_to_save(dtype), kind="bridge", config=dataclasses.asdict(self.cfg), data=data,
+        man = weights.save(path, self.tensors_to_save(dtype), kind="bridge", config=dataclasses.asdict(self.cfg),
+                           data=data,
                            metrics={**(metrics or {}), "stored_dtype": str(dtype).removeprefix("torch.")})
         self.sha256 = man["sha256"]
         return man

@@ -42,7 +42,8 @@ def _index(args: argparse.Namespace) -> int:
     path = args.bridge or default_weights_path()
     bridge = load_bridge(path, search_dtype="auto")
     if not bridge.supports_token_index():
-        raise SystemExit(f"latentwire bridge index: error: {path} is a {bridge.arch} bridge, which takes no token index")
+        raise SystemExit(f"latentwire bridge index: error: {path} is a {bridge.arch} bridge, "
+                         "which takes no token index")
     source = AgentModel(bridge.cfg.source_model, prefill_dtype="auto")
     # offline prose, and training-split fact contexts (names, numbers): never the held-out split
     texts = text_chunks(args.texts, min_chars=1500) + [
