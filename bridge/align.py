@@ -219,7 +219,7 @@ def own_rows(bridge, source, target) -> torch.Tensor:
 @torch.no_grad()
 def token_states(bridge, source, tokens: torch.Tensor, prefix: str, batch: int = 4096) -> torch.Tensor:
     """The map's output for each of `tokens` right after `prefix` (layer-L states, rounded for the wire)."""
-    from bridge.eval import wire
+    from latentwire.codec import wire
 
     p = source.tokenize(prefix)
     out = []

@@ -25,13 +25,13 @@ reads the rows from the target model's weights and refuses them if the digest di
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from bridge.model import StatisticalNormalizer
+from bridge.base import BRIDGES, BridgeBase, StatisticalNormalizer, TrainJob
 from latentwire import weights
 from latentwire.runtime import fast_bfloat16
 
@@ -50,8 +50,8 @@ class AlignedConfig:
     embed_rms: float = 1.0  # RMS of the target's input embeddings of real text
     embed_scale: float = 1.0  # the target's embedding multiplier (Gemma: sqrt(d))
     vocab_digest: str = ""  # sha256 of the (scaled) vocabulary rows, checked on load
-    # nearest vocabulary rows the softmax keeps per soft token; the packaged bridge has the default
-    # (session 13's refit wrote it; session 10's file had 32, as measured in search_speed.json)
+    # nearest vocabulary rows the softmax keeps per soft token (the packaged bridge has the default;
+    # results/bridge/search_speed.json measured an earlier file with 32)
     top_k: int = 64
     arch: str = "aligned"
 
@@ -80,18 +80,18 @@ def _widen(d2: torch.Tensor, idx: torch.Tensor, width: int) -> tuple[torch.Tenso
     return (torch.nn.functional.pad(d2, (0, pad), value=float("inf")), torch.nn.functional.pad(idx, (0, pad)))
 
 
-class AlignedBridge(nn.Module):
-    per_position = True  # soft tokens = packet rows (the service trims padded rows)
+@BRIDGES.register("aligned")
+class AlignedBridge(BridgeBase):
+    config_class = AlignedConfig
+    train_job = TrainJob("bridge.align", "AlignConfig")
 
     def __init__(self, cfg: AlignedConfig, vocab_ids: torch.Tensor, vocab: torch.Tensor):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.normalizer = StatisticalNormalizer(cfg.d_src)
         self.proj = nn.Linear(cfg.d_src, cfg.d_tgt)
         self.register_buffer("vocab_ids", vocab_ids.to(torch.int64))
         self.register_buffer("vocab", vocab.float(), persistent=False)  # scaled target embedding rows
         self.register_buffer("vocab_sq", self.vocab.pow(2).sum(-1), persistent=False)
-        self.sha256 = ""
         self.token_index = None
         self.set_lexicon(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0))
         self.use_search_dtype("float32")
@@ -158,9 +158,8 @@ class AlignedBridge(nn.Module):
         cfg.vocab_digest = digest
         return cls(cfg, vocab_ids, rows)
 
-    @property
-    def bridge_id(self) -> str:
-        return self.cfg.bridge_id
+    def num_soft_tokens(self, rows: int) -> int:
+        return rows  # one per packet row
 
     @property
     def softmax_scale(self) -> float:
@@ -207,6 +206,9 @@ class AlignedBridge(nn.Module):
             near = self.vocab_sq[idx] - 2 * torch.bmm(self.vocab[idx], x[:, :, None])[..., 0]
             near, idx = _keep_nearest(near, idx, k)
         return near + x.pow(2).sum(-1, keepdim=True), idx
+
+    def supports_token_index(self) -> bool:
+        return True
 
     def use_token_index(self, offsets: torch.Tensor | None, rows: torch.Tensor | None) -> "AlignedBridge":
         """Search only the vocabulary rows listed for each row's source token (bridge/token_index.py):
@@ -292,18 +294,14 @@ class AlignedBridge(nn.Module):
         out[keep] = self.project(x[keep], None if token_ids is None else token_ids.to(x.device)[keep])[0]
         return out
 
-    def save(self, path: str | Path, *, data: dict | None = None, metrics: dict | None = None,
-             dtype: torch.dtype = torch.float32) -> dict:
+    def tensors_to_save(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The state dict in `dtype` (row ids stay integers) and the lexicon, when there is one."""
         tensors = {k: (v if k == "vocab_ids" else v.to(dtype)) for k, v in self.state_dict().items()}
-        tensors.update(self.lexicon())
-        man = weights.save(path, tensors, kind="bridge", config=asdict(self.cfg), data=data,
-                           metrics={**(metrics or {}), "stored_dtype": str(dtype).removeprefix("torch.")})
-        self.sha256 = man["sha256"]
-        return man
+        return {**tensors, **self.lexicon()}
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", target_path: str | None = None,
-             embeddings: torch.Tensor | None = None, search_dtype: str = "float32") -> "AlignedBridge":
+    def load(cls, path: str | Path, device: str = "cpu", *, target_path: str | None = None,
+             search_dtype: str = "float32", embeddings: torch.Tensor | None = None) -> "AlignedBridge":
         """`embeddings`: the target's (unscaled) input embedding matrix, if the caller has it;
         otherwise it is read from the target model's weights (`target_path` or its profile).
         `search_dtype`: see `use_search_dtype` (the bridge service and `latentwire eval` pass "auto"; the
@@ -311,7 +309,7 @@ class AlignedBridge(nn.Module):
         from latentwire import profiles
 
         tensors, manifest = weights.load(path, kind="bridge")
-        cfg = AlignedConfig(**manifest["config"])
+        cfg = cls.config_from_manifest(manifest)
         if embeddings is None:
             embeddings = profiles.input_embeddings(cfg.target_model, local_path=target_path)
         bridge = cls.from_embeddings(cfg, tensors["vocab_ids"].long(), embeddings)

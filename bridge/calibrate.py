@@ -1,4 +1,4 @@
-"""Calibrate an (untrained) bridge: normaliser statistics from the real models on offline text.
+"""Calibrate an (untrained) Perceiver bridge: normaliser statistics from the real models on offline text.
 
 Source side: per-dimension mean/std of layer-L hidden states over pydoc text. Target side: the
 per-dimension mean/std of the input embeddings of the same text, so soft tokens start at the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from bridge.model import Bridge, BridgeConfig
+from bridge.perceiver import PerceiverBridge, PerceiverConfig
 from latentwire.runtime import AgentModel
 from latentwire.textdata import text_chunks
 
@@ -18,14 +18,14 @@ from latentwire.textdata import text_chunks
 @torch.no_grad()
 def calibrate(source: AgentModel, target: AgentModel, *, layer: int | None = None, num_queries: int = 32,
               n_texts: int = 48, seed: int = 0, progress: bool = True,
-              source_states: torch.Tensor | None = None, **cfg_kw) -> Bridge:
+              source_states: torch.Tensor | None = None, **cfg_kw) -> PerceiverBridge:
     """`source_states` (N, d_src): layer-L states to fit the normaliser on instead of running the
     source over the offline text (training passes its cached prompts: on-distribution, no forward)."""
     layer = layer or source.profile.source_layer
     torch.manual_seed(seed)
-    cfg = BridgeConfig(source.name, target.name, layer, source.hidden_size, target.hidden_size,
+    cfg = PerceiverConfig(source.name, target.name, layer, source.hidden_size, target.hidden_size,
                        num_queries=num_queries, **cfg_kw)
-    bridge = Bridge(cfg)
+    bridge = PerceiverBridge(cfg)
     texts = text_chunks(n_texts, min_chars=400)
     hs, es = [], []
     for text in tqdm(texts, desc="calibrate", disable=not progress):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 
 
@@ -30,7 +32,7 @@ def _index(args: argparse.Namespace) -> int:
 
     from bridge import token_index as ti
     from bridge.data import generate
-    from bridge.model import default_weights_path, load_bridge
+    from bridge.load import default_weights_path, load_bridge
     from latentwire.runtime import AgentModel
     from latentwire.textdata import text_chunks
 
@@ -39,8 +41,9 @@ def _index(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     path = args.bridge or default_weights_path()
     bridge = load_bridge(path, search_dtype="auto")
-    if not hasattr(bridge, "use_token_index"):
-        raise SystemExit(f"latentwire bridge index: error: {path} is not an aligned bridge")
+    if not bridge.supports_token_index():
+        raise SystemExit(f"latentwire bridge index: error: {path} is a {bridge.arch} bridge, "
+                         "which takes no token index")
     source = AgentModel(bridge.cfg.source_model, prefill_dtype="auto")
     # offline prose, and training-split fact contexts (names, numbers): never the held-out split
     texts = text_chunks(args.texts, min_chars=1500) + [
@@ -54,37 +57,64 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(cls, args: argparse.Namespace):
-    """A job config from the arguments given; the embedded pair's bridge goes to the packaged path."""
-    from bridge.model import default_weights_path
+SWEEP_FLAGS = ("sweep_layers", "sweep_k", "sweep_json", "sweep_mode")
 
-    cfg = cls(**{k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None})
+
+class _ArchChoices:
+    """`--arch`'s choices: the bridge registry's names, read when argparse first needs them (the
+    architecture modules import torch, which `latentwire --help` should not)."""
+
+    def _names(self) -> list[str]:
+        from bridge.load import BRIDGES
+
+        return BRIDGES.names()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, object]:
+    """The job flags given on the command line, by field name."""
+    return {k: v for k, v in vars(args).items() if k in flags and v is not None}
+
+
+def _config(cls, args: argparse.Namespace, flags: dict[str, str], extra: tuple[str, ...] = ()):
+    """A job config from the flags given; the embedded pair's bridge goes to the packaged path.
+
+    A flag that is neither a field of `cls` nor one of `extra` is an error naming it: the chosen
+    architecture would not read it."""
+    from bridge.load import default_weights_path
+
+    given = _given(args, flags)
+    stray = [flags[k] for k in given if k not in cls.__dataclass_fields__ and k not in extra]
+    if stray:
+        raise SystemExit(f"latentwire train bridge: error: --arch {args.arch} does not take "
+                         f"{', '.join(stray)}")
+    cfg = cls(**{k: v for k, v in given.items() if k in cls.__dataclass_fields__})
     if cfg.out is None and cfg.source == "smollm2-135m" and cfg.target == "gemma3-270m":
         cfg.out = str(default_weights_path())
     return cfg
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, flags: dict[str, str]) -> int:
+    """The training job of the architecture `--arch` names (its `train_job`, bridge/base.py)."""
     from transformers.utils import logging as hf_logging
 
-    from bridge.train import TrainConfig, run
+    from bridge.load import BRIDGES
 
     hf_logging.disable_progress_bar()
-    if args.arch == "aligned":
-        from bridge.align import AlignConfig
-        from bridge.align import run as run_aligned
-
-        acfg = _config(AlignConfig, args)
-        print(json.dumps(run_aligned(acfg), indent=1, default=str))
-        return 0
-    cfg = _config(TrainConfig, args)
+    job = BRIDGES.get(args.arch).train_job
+    module = importlib.import_module(job.module)
+    cfg = _config(getattr(module, job.config), args, flags, SWEEP_FLAGS if job.sweep else ())
     if args.sweep_layers or args.sweep_k:
-        from bridge.train import sweep
-
         ints = lambda s: [int(x) for x in s.split(",")] if s else []  # noqa: E731
-        sweep(cfg, ints(args.sweep_layers), ints(args.sweep_k), args.sweep_json, args.sweep_mode)
+        getattr(module, job.sweep)(cfg, ints(args.sweep_layers), ints(args.sweep_k),
+                                   args.sweep_json or "results/bridge/sweep.json", args.sweep_mode or "anchor")
         return 0
-    summary = run(cfg)
+    summary = module.run(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
     return 0
 
@@ -156,9 +186,11 @@ def register(sub, group) -> None:
     p = tr.add_parser("bridge", help="train a bridge as a Ray Train TorchTrainer job")
     p.add_argument("--source", default="smollm2-135m")
     p.add_argument("--target", default="gemma3-270m")
-    p.add_argument("--arch", default="aligned", choices=["aligned", "perceiver"],
-                   help="aligned: one soft token per context token, a ridge fit (bridge/align.py, the "
-                        "packaged bridge); perceiver: K learned queries, SGD on the target's loss")
+    p.add_argument("--arch", default="aligned", choices=_ArchChoices(), metavar="ARCH",
+                   help="a registered bridge architecture (bridge/base.py: BRIDGES). aligned: one soft "
+                        "token per context token, a ridge fit (bridge/align.py, the packaged bridge); "
+                        "perceiver: K learned queries, SGD on the target's loss (bridge/train.py). "
+                        "A flag the architecture does not take is an error")
     p.add_argument("--layer", type=int, default=None, help="source layer (default: the profile's)")
     p.add_argument("--corpus-chunks", type=int, default=None, help="aligned: offline text chunks (default 300)")
     p.add_argument("--vocab-sequences", type=int, default=None,
@@ -199,10 +231,13 @@ def register(sub, group) -> None:
     p.add_argument("--log-json", default=None, help="write a training summary JSON here")
     p.add_argument("--sweep-layers", default=None, help="e.g. 12,18,24: short runs per source layer")
     p.add_argument("--sweep-k", default=None, help="e.g. 8,16,32: short runs per K (at the base layer)")
-    p.add_argument("--sweep-mode", default="anchor", choices=["anchor", "full"],
-                   help="anchor: phase A only, in-process (minutes); full: short Ray Train jobs")
-    p.add_argument("--sweep-json", default="results/bridge/sweep.json")
-    p.set_defaults(func=_train)
+    p.add_argument("--sweep-mode", default=None, choices=["anchor", "full"],
+                   help="anchor (default): phase A only, in-process (minutes); full: short Ray Train jobs")
+    p.add_argument("--sweep-json", default=None, help="default: results/bridge/sweep.json")
+    # a job flag counts as given when it is not None: all default to None but --source and --target,
+    # which every job takes; --arch picks the job
+    flags = {a.dest: a.option_strings[-1] for a in p._actions if a.option_strings and a.dest not in ("help", "arch")}
+    p.set_defaults(func=functools.partial(_train, flags=flags))
 
     p = sub.add_parser("eval", help="evaluate fact transfer per mode (latent, text, direct, none)")
     _eval_arguments(p)

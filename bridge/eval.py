@@ -19,7 +19,7 @@ Metrics (answers normalised: lower case, punctuation dropped, whitespace collaps
   information, 1 = as good as reading the context itself.
 - `diversity`: distinct normalised predictions / n (1 item per answer; collapse drives it to 1/n).
 - `pairwise_cosine`, `rms_ratio` (LATENT): mean cosine between items' mean soft tokens, and
-  soft-token RMS / target embedding RMS (`bridge.model.soft_token_stats`).
+  soft-token RMS / target embedding RMS (`soft_token_stats`).
 - `chance_em`: the EM of guessing answers at their frequency in the file (sum_a p(a)^2, within
   each `kind` when items carry one): what NONE should stay near.
 - `gold_diversity`: distinct gold answers / n, the diversity a perfect reader gets; and
@@ -39,8 +39,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bridge.model import Bridge, load_bridge, soft_token_stats
+import torch.nn.functional as F
+
+from bridge.base import BridgeBase
+from bridge.load import default_weights_path, load_bridge
 from bridge.objective import answer_nll, build_batch
+from latentwire.codec import wire
 from latentwire.runtime import AgentModel
 
 MODES = ("latent", "text", "direct", "none")
@@ -92,14 +96,20 @@ def chance_em(items: list[dict]) -> float:
     return total / max(1, len(items))
 
 
-def wire(t: torch.Tensor, dtype: str | None) -> torch.Tensor:
-    """Round a packet as the codec would send it (bf16 by default) and back to fp32."""
-    return t if dtype in (None, "float32") else t.to(getattr(torch, dtype)).float()
+def soft_token_stats(soft: torch.Tensor | list[torch.Tensor], target_rms: float) -> dict[str, float]:
+    """Collapse diagnostics for a batch of soft tokens (B, K, d), or a list of (K_i, d) when the
+    number of soft tokens varies per item (the aligned bridge: one per context token)."""
+    items = [s.detach().float() for s in soft]
+    flat = F.normalize(torch.stack([s.mean(0) for s in items]), dim=-1)  # one vector per item
+    b = flat.shape[0]
+    cos = (flat @ flat.T)[~torch.eye(b, dtype=torch.bool)].mean() if b > 1 else torch.tensor(float("nan"))
+    rms = torch.cat([s.pow(2).mean(-1).sqrt() for s in items]).mean()
+    return {"pairwise_cosine": float(cos), "rms_ratio": float(rms / target_rms)}
 
 
 # ---- evaluation ----------------------------------------------------------------------------
 @torch.no_grad()
-def soft_tokens(source: AgentModel, bridge: Bridge, context: str, question: str,
+def soft_tokens(source: AgentModel, bridge: BridgeBase, context: str, question: str,
                 wire_dtype: str | None = "bfloat16") -> torch.Tensor:
     """The LATENT packet for one item, exactly as serving computes it: (K, d_tgt)."""
     ids, span = source.source_prompt(context, question)
@@ -114,7 +124,7 @@ def item_nll(target: AgentModel, payload, question: str, answer: str) -> float:
 
 @torch.no_grad()
 def evaluate(items: list[dict], modes: list[str], source: AgentModel | None, target: AgentModel,
-             bridge: Bridge | None = None, *, message_tokens: int = 64, max_new_tokens: int = 16,
+             bridge: BridgeBase | None = None, *, message_tokens: int = 64, max_new_tokens: int = 16,
              wire_dtype: str | None = "bfloat16", progress: bool = True) -> dict:
     bad = set(modes) - set(MODES)
     if bad:
@@ -193,7 +203,6 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from bridge.data import read_jsonl
-    from bridge.model import default_weights_path
 
     hf_logging.disable_progress_bar()
     if args.threads:

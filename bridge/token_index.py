@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from latentwire import weights
+from latentwire.codec import wire
 
 KIND = "bridge-token-index"
 
@@ -37,8 +38,6 @@ def build(bridge, source, texts: list[str], per_row: int = 8, max_tokens: int = 
           progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(offsets, rows, stats) from the source's layer-L states of `texts` (each cut at max_tokens),
     rounded to bfloat16 as the wire sends them, searched with the bridge's full vocabulary."""
-    from bridge.eval import wire
-
     seen: dict[int, set[int]] = {}
     n_rows = 0
     t0 = time.time()

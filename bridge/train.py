@@ -152,11 +152,11 @@ def save_checkpoint(d: Path, bridge, opt: torch.optim.Optimizer, step: int, cfg:
 
 def load_checkpoint(d: Path, bridge, opt: torch.optim.Optimizer | None) -> tuple[int, list[dict]]:
     """Restore bridge (+ optimizer) weights from a checkpoint dir; return its step and metric history."""
-    from bridge.model import Bridge
+    from bridge.perceiver import PerceiverBridge
     from latentwire import weights
 
     d = Path(d)
-    loaded = Bridge.load(d / "bridge.safetensors")
+    loaded = PerceiverBridge.load(d / "bridge.safetensors")
     bridge.load_state_dict(loaded.state_dict())
     if opt is not None and (d / "optim.safetensors").exists():
         tensors, man = weights.load(d / "optim.safetensors", kind="bridge-optimizer")
@@ -234,8 +234,7 @@ def anchor_accuracy(target, soft: torch.Tensor, ids: torch.Tensor, mask: torch.T
 def periodic_eval(bridge, target, h, lengths, items, cfg: TrainConfig, none_nll: float | None) -> dict:
     """Generation-based metrics on the held-out subset: what loss alone would hide."""
     from bridge import cache
-    from bridge.eval import diversity, exact_match
-    from bridge.model import soft_token_stats
+    from bridge.eval import diversity, exact_match, soft_token_stats
     from bridge.objective import answer_nll, build_batch
 
     bridge.eval()
@@ -294,7 +293,7 @@ def train_loop(config: dict) -> None:
     from bridge import cache
     from bridge.data import read_jsonl
     from bridge.eval import exact_match
-    from bridge.model import Bridge
+    from bridge.perceiver import PerceiverBridge
     from bridge.objective import answer_nll, build_batch
     from latentwire.runtime import AgentModel
 
@@ -313,7 +312,7 @@ def train_loop(config: dict) -> None:
     target_rms = target.embed_rms()
     h, lengths, _ = cache.load_states(Path(paths["train_states"]))
     items = read_jsonl(paths["train_items"])
-    bridge = Bridge.load(paths["init"]).to(device).train()
+    bridge = PerceiverBridge.load(paths["init"]).to(device).train()
     opt = torch.optim.AdamW(bridge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     start, history = 0, []  # history: every report of this run and the runs it continues
@@ -404,7 +403,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from bridge.model import Bridge
+    from bridge.perceiver import PerceiverBridge
     from latentwire.raycluster import init_for_training
 
     t_start = time.time()
@@ -435,7 +434,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     best = result.get_best_checkpoint("val_nll", "min") if cfg.export == "best" else None
     exported = best or result.checkpoint
     with exported.as_directory() as d:
-        bridge = Bridge.load(Path(d) / "bridge.safetensors")
+        bridge = PerceiverBridge.load(Path(d) / "bridge.safetensors")
         exported_state = json.loads((Path(d) / "train_state.json").read_text())
     summary = {"name": name, "layer": paths["layer"], "num_queries": cfg.num_queries, "steps": state["step"],
                "prepare_seconds": round(t_prep, 1), "total_seconds": round(time.time() - t_start, 1),
@@ -458,7 +457,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
 @torch.no_grad()
 def _anchor_eval(bridge, target, h, lengths, items) -> dict:
     from bridge import cache
-    from bridge.model import soft_token_stats
+    from bridge.eval import soft_token_stats
 
     bridge.eval()
     hb, mask = cache.batch(h, lengths, list(range(len(items))))
@@ -476,7 +475,7 @@ def anchor_probe(base: TrainConfig, layer: int, k: int, steps: int) -> dict:
 
     from bridge import cache
     from bridge.data import read_jsonl
-    from bridge.model import Bridge
+    from bridge.perceiver import PerceiverBridge
     from latentwire.runtime import AgentModel
 
     torch.set_num_threads(base.threads)
@@ -488,7 +487,7 @@ def anchor_probe(base: TrainConfig, layer: int, k: int, steps: int) -> dict:
     vh, vl, _ = cache.load_states(Path(paths["val_states"]))
     val = read_jsonl(paths["val_items"])
     torch.manual_seed(cfg.seed)
-    bridge = Bridge.load(paths["init"]).train()
+    bridge = PerceiverBridge.load(paths["init"]).train()
     e, _, m = anchor_targets(target, items, k)
     t0 = time.time()
     anchor_phase(bridge, h, lengths, e, m, cfg, 0, 1, target.embed_rms(), "cpu")

@@ -27,12 +27,18 @@ if sys.byteorder != "little":  # pragma: no cover - every supported platform is 
 
 
 def encode(t: torch.Tensor, dtype: str | torch.dtype = "bfloat16") -> pb.Tensor:
-    wire = WIRE_DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if wire not in _TO_PB:
-        raise ValueError(f"unsupported wire dtype {wire}; use one of {sorted(WIRE_DTYPES)}")
-    t = t.detach().to(device="cpu", dtype=wire).contiguous()
-    data = t.view(torch.int16).numpy().tobytes() if wire is torch.bfloat16 else t.numpy().tobytes()
-    return pb.Tensor(shape=list(t.shape), dtype=_TO_PB[wire], data=data)
+    wdtype = WIRE_DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if wdtype not in _TO_PB:
+        raise ValueError(f"unsupported wire dtype {wdtype}; use one of {sorted(WIRE_DTYPES)}")
+    t = t.detach().to(device="cpu", dtype=wdtype).contiguous()
+    data = t.view(torch.int16).numpy().tobytes() if wdtype is torch.bfloat16 else t.numpy().tobytes()
+    return pb.Tensor(shape=list(t.shape), dtype=_TO_PB[wdtype], data=data)
+
+
+def wire(t: torch.Tensor, dtype: str | None) -> torch.Tensor:
+    """`t` rounded as `encode(t, dtype)` then `decode` would give it back (fp32), without the bytes:
+    what evaluation and fitting feed the bridge so that they see the packets serving sees."""
+    return t if dtype in (None, "float32") else t.to(WIRE_DTYPES[dtype]).float()
 
 
 def decode(msg: pb.Tensor, *, field: str = "tensor", ndim: int | None = None,

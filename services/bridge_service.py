@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bridge.model import default_weights_path, load_bridge
+from bridge.load import default_weights_path, load_bridge
 from latentwire import codec
 from latentwire.errors import InvalidArgument, ResourceExhausted
 from latentwire.runtime import now_ms
@@ -72,9 +72,9 @@ class BridgeServicer:
     @torch.no_grad()
     def translate_many(self, hiddens: list[torch.Tensor], token_ids: list[torch.Tensor | None] | None = None
                        ) -> list[torch.Tensor]:
-        """Soft tokens (K x d_tgt, or T_i x d_tgt for an aligned bridge) of several (T_i x d_src)
-        packets [and their rows' source token ids, for an aligned bridge's token index; -1 where a
-        packet has none]: right-padded, masked, one forward."""
+        """Soft tokens (`bridge.num_soft_tokens(T_i)` x d_tgt) of several (T_i x d_src) packets [and
+        their rows' source token ids, for a bridge's token index; -1 where a packet has none]:
+        right-padded, masked, one forward."""
         n = max(h.shape[0] for h in hiddens)
         x = hiddens[0].new_zeros(len(hiddens), n, hiddens[0].shape[-1], dtype=torch.float32)
         mask = torch.zeros(len(hiddens), n, dtype=torch.long)
@@ -85,6 +85,5 @@ class BridgeServicer:
                 ids[i, :h.shape[0]] = token_ids[i]
         dev = self.settings.device
         soft = self.bridge(x.to(dev), mask.to(dev), token_ids=ids.to(dev))
-        if self.bridge.per_position:  # one soft token per packet row: drop the padding
-            return [soft[i, :h.shape[0]] for i, h in enumerate(hiddens)]
-        return list(soft)
+        # a kind with one soft token per row leaves soft tokens of the padding: drop them
+        return [soft[i, :self.bridge.num_soft_tokens(h.shape[0])] for i, h in enumerate(hiddens)]

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyinstrument import Profiler
     from transformers.utils import logging as hf_logging
 
-    from bridge.model import default_weights_path, load_bridge
+    from bridge.load import default_weights_path, load_bridge
     from latentwire import codec
     from latentwire.runtime import AgentModel
     from latentwire.settings import AgentSettings, BridgeSettings

@@ -209,7 +209,7 @@ def test_a_token_index_searches_few_rows_and_gives_the_full_search_soft_tokens(t
     an index is refused by any other bridge."""
     from bridge import token_index as ti
     from bridge.align import build_bridge
-    from bridge.model import load_bridge
+    from bridge.load import load_bridge
     from services.bridge_service import BridgeServicer
 
     torch.manual_seed(0)
@@ -227,7 +227,7 @@ def test_a_token_index_searches_few_rows_and_gives_the_full_search_soft_tokens(t
 
     svc = BridgeServicer(dict(weights=str(tmp_path / "aligned.safetensors"), threads=1))  # token_index: auto
     assert svc.bridge.token_index is not None
-    from bridge.eval import wire
+    from latentwire.codec import wire
     with torch.no_grad():
         for text in texts + ["an unseen zebra"]:  # the last: tokens the index does not list
             ids = tiny_source.tokenize(text)

@@ -110,7 +110,7 @@ def test_nll_of_an_item_matches_a_plain_forward(tiny_pair):
 
 def test_calibrate_needs_an_output_path_and_leaves_the_packaged_bridge_alone(capsys):
     """An untrained bridge must never land on the packaged (trained) path by default."""
-    from bridge.model import default_weights_path
+    from bridge.load import default_weights_path
     from latentwire.cli import main
 
     packaged = default_weights_path().read_bytes()

@@ -112,7 +112,7 @@ def test_batch_order_is_a_function_of_the_step():
 
 
 def test_ray_train_job_checkpoints_recovers_and_resumes(ray_cluster, tmp_path):
-    from bridge.model import Bridge
+    from bridge.perceiver import PerceiverBridge
     from bridge.train import TrainConfig, run
     from latentwire.weights import sha256_file
 
@@ -130,7 +130,7 @@ def test_ray_train_job_checkpoints_recovers_and_resumes(ray_cluster, tmp_path):
     assert man["sha256"] == sha256_file(ckpt / "bridge.safetensors")
     assert man["metrics"]["step"] == 4 and "val_em" in man["metrics"] and "val_rms_ratio" in man["metrics"]
     assert json.loads((ckpt / "train_state.json").read_text())["step"] == 4
-    final = Bridge.load(cfg.out)  # bf16 export, sha-checked on load
+    final = PerceiverBridge.load(cfg.out)  # bf16 export, sha-checked on load
     assert final.cfg.num_queries == 4 and final.sha256
     # the export is the checkpoint with the lowest held-out NLL, and its manifest says which step
     best = min(first["history"], key=lambda m: m["val_nll"])
@@ -145,5 +145,5 @@ def test_ray_train_job_checkpoints_recovers_and_resumes(ray_cluster, tmp_path):
     assert [int(m["step"]) for m in second["history"]] == [2, 4, 6]
     ckpt2 = Path(second["checkpoint"])
     assert json.loads((ckpt2 / "train_state.json").read_text())["step"] == 6
-    a, b = Bridge.load(ckpt / "bridge.safetensors"), Bridge.load(ckpt2 / "bridge.safetensors")
+    a, b = PerceiverBridge.load(ckpt / "bridge.safetensors"), PerceiverBridge.load(ckpt2 / "bridge.safetensors")
     assert not torch.equal(a.resampler.queries, b.resampler.queries)  # it trained on

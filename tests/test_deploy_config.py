@@ -47,7 +47,7 @@ def test_a_bad_hot_path_setting_is_an_error(app, key, value):
 def test_local_source_reads_the_layer_the_packaged_bridge_was_trained_on(name):
     import json
 
-    from bridge.model import default_weights_path
+    from bridge.load import default_weights_path
 
     bridge = json.loads(default_weights_path().with_suffix(".json").read_text())["config"]
     cfg = local.load_config(local.DEFAULT_CONFIG.parent / name)

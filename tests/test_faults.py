@@ -35,7 +35,7 @@ def test_killing_a_training_worker_resumes_from_the_last_checkpoint_with_the_sam
     import ray
     from ray.util.state import list_actors
 
-    from bridge.model import Bridge
+    from bridge.perceiver import PerceiverBridge
     from bridge.train import REPO_ROOT, TrainConfig, run
     from tests.serve_cluster import state_address
 
@@ -72,7 +72,7 @@ def test_killing_a_training_worker_resumes_from_the_last_checkpoint_with_the_sam
     assert killed and killed["after_step"] < cfg.steps, killed  # killed mid-job, after a checkpoint
     assert resumed["steps"] == baseline["steps"] == cfg.steps  # the job finished
     for path in glob.glob(str(tmp_path / "ray" / "killed" / "**" / "bridge.safetensors"), recursive=True):
-        Bridge.load(path)  # every checkpoint left on storage is whole (sha256 matches its manifest)
+        PerceiverBridge.load(path)  # every checkpoint left on storage is whole (sha256 matches its manifest)
     a, b = baseline["final_metrics"], resumed["final_metrics"]
     record = {k: (round(a[k], 5), round(b[k], 5)) for k in ("train_nll", "val_nll", "val_rms_ratio") if k in a}
     print("\nworker-kill test:", json.dumps({"killed_after_step": killed["after_step"], "steps": cfg.steps,

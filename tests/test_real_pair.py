@@ -76,7 +76,7 @@ def test_the_packaged_bridges_lexicon_brings_a_mistranslated_name_home(client):
     import torch
     from transformers import AutoTokenizer
 
-    from bridge.model import default_weights_path
+    from bridge.load import default_weights_path
     from latentwire import codec, profiles, weights
     from latentwire.runtime import AgentModel
     from protos.latentwire.v1 import latentwire_pb2 as pb

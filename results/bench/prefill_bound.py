@@ -27,7 +27,7 @@ HERE = Path(__file__).parent
 
 def prompts(context_tokens: int, n: int, threads: int):
     """(target model, the target's input embeddings of n bench LATENT prompts)."""
-    from bridge.eval import wire
+    from latentwire.codec import wire
     from latentwire.runtime import AgentModel
     from services.bench import make_items
     from services.bridge_service import BridgeServicer

@@ -26,7 +26,7 @@ HERE = Path(__file__).parent
 
 
 def main() -> None:
-    from bridge.eval import wire
+    from latentwire.codec import wire
     from latentwire.runtime import AgentModel
     from services.bench import hardware, make_items, median_ms
     from services.bridge_service import BridgeServicer

@@ -23,7 +23,7 @@ HERE = Path(__file__).parent
 def main() -> None:
     from transformers.utils import logging as hf_logging
 
-    from bridge.eval import wire
+    from latentwire.codec import wire
     from latentwire.runtime import AgentModel
     from services.bench import hardware, make_items
     from services.bridge_service import BridgeServicer

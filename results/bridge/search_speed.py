@@ -24,7 +24,7 @@ SETTINGS = [("float32", 64), ("float32", 32), ("bfloat16", 64), ("bfloat16", 32)
 
 def packets(n_items: int) -> torch.Tensor:
     from bridge.data import read_jsonl
-    from bridge.model import default_weights_path, load_bridge
+    from bridge.load import default_weights_path, load_bridge
     from latentwire.runtime import AgentModel
     from services.bench import make_items
 
@@ -40,7 +40,7 @@ def packets(n_items: int) -> torch.Tensor:
 
 
 def main() -> None:
-    from bridge.model import default_weights_path, load_bridge
+    from bridge.load import default_weights_path, load_bridge
     from latentwire.runtime import cpu_amx
     from services.bench import median_ms
 

@@ -24,8 +24,8 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from bridge import token_index as ti
-    from bridge.eval import wire
-    from bridge.model import default_weights_path, load_bridge
+    from bridge.load import default_weights_path, load_bridge
+    from latentwire.codec import wire
     from latentwire.runtime import AgentModel
     from services.bench import hardware, make_items
 
