@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from latentwire.cli import add_job_options, add_threads_option, config_from_args
+from latentwire.errors import ConfigError
+
 
 def _calibrate(args: argparse.Namespace) -> int:
     import torch
@@ -40,7 +43,7 @@ def _index(args: argparse.Namespace) -> int:
     path = args.bridge or default_weights_path()
     bridge = load_bridge(path, search_dtype="auto")
     if not hasattr(bridge, "use_token_index"):
-        raise SystemExit(f"latentwire bridge index: error: {path} is not an aligned bridge")
+        raise ConfigError(f"{path} is not an aligned bridge")
     source = AgentModel(bridge.cfg.source_model, prefill_dtype="auto")
     # offline prose, and training-split fact contexts (names, numbers): never the held-out split
     texts = text_chunks(args.texts, min_chars=1500) + [
@@ -54,11 +57,20 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+NOT_CONFIG = {"command", "train_command", "func", "arch"}  # parsed, but not fields of a job config
+
+
 def _config(cls, args: argparse.Namespace):
-    """A job config from the arguments given; the embedded pair's bridge goes to the packaged path."""
+    """A job config from the options given; the embedded pair's bridge goes to the packaged path.
+    An option the chosen architecture's job does not take is refused, not dropped."""
     from bridge.model import default_weights_path
 
-    cfg = cls(**{k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None})
+    foreign = sorted(k for k, v in vars(args).items()
+                     if v is not None and k not in NOT_CONFIG and k not in cls.__dataclass_fields__)
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        raise ConfigError(f"{flags} do(es) not apply to --arch {args.arch}")
+    cfg = config_from_args(cls, args)
     if cfg.out is None and cfg.source == "smollm2-135m" and cfg.target == "gemma3-270m":
         cfg.out = str(default_weights_path())
     return cfg
@@ -67,24 +79,13 @@ def _config(cls, args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from bridge.train import TrainConfig, run
+    import bridge.align  # noqa: F401  (registers the bridge-aligned job)
+    import bridge.train  # noqa: F401  (registers the bridge-perceiver job)
+    from latentwire.jobs import TRAIN_JOBS
 
     hf_logging.disable_progress_bar()
-    if args.arch == "aligned":
-        from bridge.align import AlignConfig
-        from bridge.align import run as run_aligned
-
-        acfg = _config(AlignConfig, args)
-        print(json.dumps(run_aligned(acfg), indent=1, default=str))
-        return 0
-    cfg = _config(TrainConfig, args)
-    if args.sweep_layers or args.sweep_k:
-        from bridge.train import sweep
-
-        ints = lambda s: [int(x) for x in s.split(",")] if s else []  # noqa: E731
-        sweep(cfg, ints(args.sweep_layers), ints(args.sweep_k), args.sweep_json, args.sweep_mode)
-        return 0
-    summary = run(cfg)
+    job = TRAIN_JOBS.get(f"bridge-{args.arch}")
+    summary = job.run(_config(job.config, args))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
     return 0
 
@@ -111,7 +112,7 @@ def _eval_arguments(p) -> None:
                    help="an aligned bridge's token index, as the bridge service's token_index: auto, none or a path")
     p.add_argument("--prefill-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the models' prompt forward, as the agents' prefill_dtype (AgentModel.use_prefill_dtype)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    add_threads_option(p)
     p.add_argument("--json", default=None, help="write the result JSON here")
 
 
@@ -133,7 +134,7 @@ def register(sub, group) -> None:
     p.add_argument("--texts", type=int, default=400, help="offline text chunks (1500+ characters) to run")
     p.add_argument("--fact-texts", type=int, default=300, help="texts of 8 training-split fact contexts each")
     p.add_argument("--per-row", type=int, default=8, help="nearest vocabulary rows recorded per occurrence")
-    p.add_argument("--threads", type=int, default=None)
+    add_threads_option(p)
     p.add_argument("--out", default=None, help="default: X.index.safetensors beside the bridge X.safetensors")
     p.set_defaults(func=_index)
 
@@ -167,26 +168,11 @@ def register(sub, group) -> None:
     p.add_argument("--wide-vocab", type=float, default=None,
                    help="share of training names/cities/pets/rooms/years from the wide pool (0-1)")
     p.add_argument("--val-items", type=int, default=None, help="held-out items for periodic eval")
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--ckpt-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 2)")
-    p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--use-gpu", action="store_true", default=None)
-    p.add_argument("--max-failures", type=int, default=None)
-    p.add_argument("--storage-path", default=None, help="Ray Train results/checkpoints directory")
     p.add_argument("--cache-dir", default=None, help="cached source states")
-    p.add_argument("--name", default=None)
-    p.add_argument("--resume", default=None, help="checkpoint directory to continue from")
     p.add_argument("--export", default=None, choices=["best", "last"],
                    help="which checkpoint becomes --out: lowest held-out answer NLL (default) or the last")
-    p.add_argument("--out", default=None, help="final bridge .safetensors (default: packaged, for the embedded pair)")
     p.add_argument("--log-json", default=None, help="write a training summary JSON here")
-    p.add_argument("--sweep-layers", default=None, help="e.g. 12,18,24: short runs per source layer")
-    p.add_argument("--sweep-k", default=None, help="e.g. 8,16,32: short runs per K (at the base layer)")
-    p.add_argument("--sweep-mode", default="anchor", choices=["anchor", "full"],
-                   help="anchor: phase A only, in-process (minutes); full: short Ray Train jobs")
-    p.add_argument("--sweep-json", default="results/bridge/sweep.json")
+    add_job_options(p, out_help="final bridge .safetensors (default: packaged, for the embedded pair)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate fact transfer per mode (latent, text, direct, none)")

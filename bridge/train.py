@@ -362,17 +362,6 @@ def _write_checkpoint(d: Path, bridge, opt, step: int, config: dict, metrics: di
 
 
 # ---- the job --------------------------------------------------------------------------------
-@TRAIN_JOBS.register("bridge-perceiver")
-class PerceiverJob(TrainJob):
-    """The Perceiver bridge trained by SGD on the target's answer loss; exports the checkpoint with
-    the lowest held-out answer NLL (or the last)."""
-
-    config = TrainConfig
-    exports = "bridge.safetensors"
-    score = "val_nll"  # Ray keeps the latest checkpoint too (for restarts); the best one is exported
-    loop = staticmethod(train_loop)
-
-
 def run(cfg: TrainConfig, progress: bool = True) -> dict:
     """Prepare data on the driver, run the TorchTrainer, export the final bridge to `cfg.out`."""
     from bridge.model import Bridge
@@ -409,3 +398,15 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
         Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.log_json).write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+@TRAIN_JOBS.register("bridge-perceiver")
+class PerceiverJob(TrainJob):
+    """The Perceiver bridge trained by SGD on the target's answer loss; exports the checkpoint with
+    the lowest held-out answer NLL (or the last)."""
+
+    config = TrainConfig
+    exports = "bridge.safetensors"
+    score = "val_nll"  # Ray keeps the latest checkpoint too (for restarts); the best one is exported
+    loop = staticmethod(train_loop)
+    run = staticmethod(run)

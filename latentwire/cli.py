@@ -52,17 +52,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---- options shared by several commands: one spelling, one meaning -------------------------
-def add_run_options(p: argparse.ArgumentParser, *, seed: int | None = None, threads: int | None = None) -> None:
-    """--seed and --threads, for every command that computes."""
-    p.add_argument("--seed", type=int, default=seed, help="random seed" + (f" (default {seed})" if seed is not None else ""))
-    p.add_argument("--threads", type=int, default=threads,
-                   help="torch intra-op threads (per worker in a training job)"
-                        + (f" (default {threads})" if threads is not None else ""))
+def add_seed_option(p: argparse.ArgumentParser, default: int | None = None) -> None:
+    p.add_argument("--seed", type=int, default=default, help="random seed" + _default(default))
 
 
-def add_job_options(p: argparse.ArgumentParser) -> None:
-    """The options of every Ray Train job (`latentwire.jobs.launch`); None: the job config's default."""
-    add_run_options(p)
+def add_threads_option(p: argparse.ArgumentParser, default: int | None = None) -> None:
+    p.add_argument("--threads", type=int, default=default,
+                   help="torch intra-op threads (per worker in a training job)" + _default(default))
+
+
+def add_job_options(p: argparse.ArgumentParser, out_help: str = "the exported weights (.safetensors)") -> None:
+    """The options of every Ray Train job (`latentwire.jobs.launch`); None: the job's own default."""
+    add_seed_option(p)
+    add_threads_option(p)
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers")
     p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker")
     p.add_argument("--max-failures", type=int, default=None, help="worker-group restarts from the last checkpoint")
@@ -72,7 +74,11 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, help="checkpoint directory to continue from")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations")
-    p.add_argument("--out", default=None, help="the exported weights (.safetensors)")
+    p.add_argument("--out", default=None, help=out_help)
+
+
+def _default(value) -> str:
+    return f" (default {value})" if value is not None else ""
 
 
 def config_from_args(cls, args: argparse.Namespace, **fixed):

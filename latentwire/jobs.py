@@ -47,7 +47,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 
 class TrainJob:
     """One kind of training job. A subclass names its config dataclass, the checkpoint file it
-    exports and its per-worker loop, and registers: `@TRAIN_JOBS.register("name")`."""
+    exports, its per-worker loop and its driver, and registers: `@TRAIN_JOBS.register("name")`."""
 
     name: ClassVar[str] = ""  # set by the registration below; also the default run-name prefix
     config: ClassVar[type]  # its config dataclass; the workers receive it as a dict
@@ -59,6 +59,12 @@ class TrainJob:
     def loop(config: dict) -> None:
         """Runs on every Ray Train worker. `config` is {"config": asdict(cfg), "resume": dir | None,
         **inputs}: rebuild the dataclass with `job_config(config, Job.config)`."""
+        raise NotImplementedError
+
+    @staticmethod
+    def run(cfg, **options) -> dict:
+        """The driver: prepare the inputs, `launch`, export `exports` of the chosen checkpoint; returns
+        a JSON-able summary."""
         raise NotImplementedError
 
 
