@@ -69,7 +69,7 @@ def _config(cls, args: argparse.Namespace):
                      if v is not None and k not in NOT_CONFIG and k not in cls.__dataclass_fields__)
     if foreign:
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
-        raise ConfigError(f"{flags} do(es) not apply to --arch {args.arch}")
+        raise ConfigError(f"--arch {args.arch} takes no {flags}")
     cfg = config_from_args(cls, args)
     if cfg.out is None and cfg.source == "smollm2-135m" and cfg.target == "gemma3-270m":
         cfg.out = str(default_weights_path())
