@@ -21,7 +21,8 @@ A checkpoint directory holds, never anything pickled:
     train_state.json               step, config, metrics, data, history, and the sha256 of every
                                    .safetensors file above, checked again on load
 
-Ray and torch are imported inside the functions, so the CLI can import this module for `--help`.
+Ray, torch and safetensors are imported inside the functions: importing this module (the CLI's
+job dispatch) costs nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from latentwire.registry import Registry
-from latentwire.weights import WeightsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STORAGE_PATH = str(Path.home() / ".cache" / "latentwire" / "ray-results")
@@ -208,6 +208,7 @@ def load_checkpoint(directory: str | Path, optimizer=None) -> dict:
     return the state with "tensors": {name: {key: tensor}} loaded. Model files are the caller's
     to load (their own `load`, sha-checked against their manifest)."""
     from latentwire import weights
+    from latentwire.weights import WeightsError
 
     d = Path(directory)
     if not (d / STATE_FILE).exists():
