@@ -6,7 +6,8 @@ moments  S = sum [x, 1][x, 1]^T  and  B = sum [x, 1] y^T  of (source layer-L sta
 embedding y) rows; the chunk's sums are all-reduced and rank 0 reports them as a checkpoint, so a
 restarted job (FailureConfig) or `--resume` continues after the last whole chunk and ends with
 the same sums. Rank 0 then solves for the normaliser and the linear map, evaluates on held-out
-items and reports the bridge as the final checkpoint.
+items and reports the bridge as the final checkpoint. The job is registered as `bridge-aligned` in
+`latentwire.jobs.TRAIN_JOBS`, which launches it and owns the checkpoint format.
 
 Rows (x at a source token, y = what the target should read there):
 - y is the target's own embedding of the same piece of text when the target has that piece as one
@@ -20,16 +21,17 @@ Rows (x at a source token, y = what the target should read there):
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from latentwire.errors import ConfigError
+from latentwire.jobs import (TRAIN_JOBS, TrainJob, is_restart, job_config, launch, load_checkpoint, report,
+                             restored_checkpoint, save_checkpoint)
 
 
 @dataclass
@@ -50,7 +52,7 @@ class AlignConfig:
     num_workers: int = 2
     use_gpu: bool = False
     max_failures: int = 3
-    storage_path: str | None = None
+    storage_path: str | None = None  # None: latentwire.jobs.DEFAULT_STORAGE_PATH
     name: str | None = None
     resume: str | None = None
     out: str | None = None
@@ -60,7 +62,7 @@ class AlignConfig:
 
     def __post_init__(self):
         if self.temperature <= 0 or self.ridge < 0:
-            raise ValueError("temperature must be > 0 and ridge >= 0")
+            raise ConfigError("temperature must be > 0 and ridge >= 0")
 
 
 # ---- rows -----------------------------------------------------------------------------------
@@ -258,18 +260,13 @@ def fit_lexicon(bridge, source, target, slack: float = 4.0) -> dict:
 
 
 # ---- the worker loop ------------------------------------------------------------------------
-def _load_state(d: Path) -> tuple[int, torch.Tensor, torch.Tensor, int]:
-    from latentwire import weights
-
-    tensors, man = weights.load(d / "moments.safetensors", kind="bridge-moments")
-    return int(man["data"]["chunks_done"]), tensors["S"], tensors["B"], int(man["data"]["rows"])
-
-
-def _save_state(d: Path, chunks: int, S: torch.Tensor, B: torch.Tensor, rows: int, cfg: dict) -> None:
-    from latentwire import weights
-
-    weights.save(d / "moments.safetensors", {"S": S, "B": B}, kind="bridge-moments", config=cfg,
-                 data={"chunks_done": chunks, "rows": rows})
+def _write_state(d: Path, chunks: int, S: torch.Tensor, B: torch.Tensor, rows: int, config: dict,
+                 metrics: dict, bridge=None, job: str | None = None) -> None:
+    """A checkpoint: the moments after `chunks` chunks (and, at the end, the fitted bridge)."""
+    if bridge is not None:
+        bridge.save(d / AlignJob.exports, data={"rows": rows, "job": job}, metrics=metrics)
+    save_checkpoint(d, step=chunks, config=config, metrics=metrics, tensors={"moments": {"S": S, "B": B}},
+                    data={"rows": rows})
 
 
 def fit_loop(config: dict) -> None:
@@ -277,14 +274,13 @@ def fit_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
-    from ray.train import Checkpoint
     from transformers.utils import logging as hf_logging
 
     from bridge.data import generate
     from latentwire.runtime import AgentModel
 
     hf_logging.disable_progress_bar()
-    cfg = AlignConfig(**{k: v for k, v in config.items() if k in AlignConfig.__dataclass_fields__})
+    cfg = job_config(config, AlignConfig)
     torch.set_num_threads(cfg.threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -296,15 +292,17 @@ def fit_loop(config: dict) -> None:
     d = source.hidden_size + 1
     S, B, rows, done = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, target.hidden_size,
                                                                              dtype=torch.float64), 0, 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and cfg.resume:
-        ckpt = Checkpoint.from_directory(cfg.resume)
-    if ckpt is not None:
-        with ckpt.as_directory() as cd:
-            done, S, B, rows = _load_state(Path(cd))
+    restarted = is_restart()
+    with restored_checkpoint(config["resume"]) as cd:
+        if cd is not None:
+            state = load_checkpoint(cd)
+            done, rows = int(state["step"]), int(state["data"]["rows"])
+            S, B = state["tensors"]["moments"]["S"], state["tensors"]["moments"]["B"]
+    resumed = cd is not None
     t0 = time.time()
+    config_out = {**asdict(cfg), "layer": layer}
     for c in range(done, len(chunks)):
-        if cfg.fail_at_chunk == c + 1 and ckpt is None and rank == 0:
+        if cfg.fail_at_chunk == c + 1 and not (restarted or resumed) and rank == 0:
             raise RuntimeError(f"injected failure in chunk {c + 1} (test hook)")
         mine = chunks[c][rank::world]
         s_c, b_c, n_c = torch.zeros_like(S), torch.zeros_like(B), torch.zeros((), dtype=torch.float64)
@@ -320,54 +318,33 @@ def fit_loop(config: dict) -> None:
                 dist.all_reduce(t)
         S, B, rows = S + s_c, B + b_c, rows + int(n_c)
         metrics = {"chunk": c + 1, "chunks": len(chunks), "rows": rows, "seconds": round(time.time() - t0, 1)}
-        with tempfile.TemporaryDirectory() as td:
-            if rank == 0:
-                _save_state(Path(td), c + 1, S, B, rows, {**asdict(cfg), "layer": layer})
-                print(json.dumps(metrics))
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(td))
-            else:
-                ray.train.report(metrics)
+        if rank == 0:
+            print(json.dumps(metrics))
+        report(metrics, partial(_write_state, chunks=c + 1, S=S, B=B, rows=rows, config=config_out, metrics=metrics)
+               if rank == 0 else None)
     if rank != 0:  # every worker reports each round (a report is collective); rank 0 alone solves
-        ray.train.report({"chunk": len(chunks), "chunks": len(chunks), "rows": rows})
+        report({"chunk": len(chunks), "chunks": len(chunks), "rows": rows})
         return
     bridge = build_bridge(source, target, cfg, layer, solve(S, B, cfg.ridge), candidate_vocab(source, target))
     lexicon = {} if cfg.lexicon_slack is None else fit_lexicon(bridge, source, target, cfg.lexicon_slack)
     metrics = {"chunk": len(chunks), "chunks": len(chunks), "rows": rows, "seconds": round(time.time() - t0, 1),
                **lexicon, **evaluate(bridge, source, target, generate(cfg.val_items, "val", seed=cfg.seed + 1))}
     print(json.dumps(metrics))
-    with tempfile.TemporaryDirectory() as td:
-        _save_state(Path(td), len(chunks), S, B, rows, {**asdict(cfg), "layer": layer})
-        bridge.save(Path(td) / "bridge.safetensors", data={"rows": rows, "job": ctx.get_experiment_name()},
-                    metrics=metrics)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(td))
+    report(metrics, partial(_write_state, chunks=len(chunks), S=S, B=B, rows=rows, config=config_out,
+                            metrics=metrics, bridge=bridge, job=ctx.get_experiment_name()))
 
 
 # ---- the job --------------------------------------------------------------------------------
 def run(cfg: AlignConfig) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from bridge.aligned import AlignedConfig
     from latentwire import weights
-    from latentwire.raycluster import init_for_training
 
     t_start = time.time()
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": str(cfg.threads), "TOKENIZERS_PARALLELISM": "false"}
-    init_for_training(num_cpus=max(2, cfg.num_workers), env=env)
     name = cfg.name or f"bridge-aligned-{cfg.source}-{cfg.target}-{int(t_start)}"
-    trainer = TorchTrainer(
-        fit_loop, train_loop_config=asdict(cfg),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        run_config=RunConfig(name=name, storage_path=cfg.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env={"env_vars": env}))
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    result = launch(AlignJob, cfg, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, storage_path=cfg.storage_path,
+                    resume=cfg.resume, max_failures=cfg.max_failures, name=name, threads=cfg.threads)
     with result.checkpoint.as_directory() as d:  # sha-checked; the export needs no embedding rows
-        tensors, man = weights.load(Path(d) / "bridge.safetensors", kind="bridge")
+        tensors, man = weights.load(Path(d) / AlignJob.exports, kind="bridge")
     acfg = AlignedConfig(**man["config"])
     summary = {"name": name, "arch": "aligned", "layer": acfg.source_layer, "bridge_id": acfg.bridge_id,
                "total_seconds": round(time.time() - t_start, 1), "checkpoint": result.checkpoint.path,
@@ -382,3 +359,13 @@ def run(cfg: AlignConfig) -> dict:
         Path(cfg.log_json).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.log_json).write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+@TRAIN_JOBS.register("bridge-aligned")
+class AlignJob(TrainJob):
+    """The aligned bridge's ridge fit: a distributed pass summing moments, then one solve."""
+
+    config = AlignConfig
+    exports = "bridge.safetensors"
+    loop = staticmethod(fit_loop)
+    run = staticmethod(run)

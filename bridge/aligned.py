@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from bridge.base import BRIDGES, BridgeBase, StatisticalNormalizer, TrainJob
+from bridge.base import BRIDGES, BridgeBase, StatisticalNormalizer, JobRef
 from latentwire import weights
 from latentwire.runtime import fast_bfloat16
 
@@ -83,7 +83,7 @@ def _widen(d2: torch.Tensor, idx: torch.Tensor, width: int) -> tuple[torch.Tenso
 @BRIDGES.register("aligned")
 class AlignedBridge(BridgeBase):
     config_class = AlignedConfig
-    train_job = TrainJob("bridge.align", "AlignConfig")
+    train_job = JobRef("bridge.align", "bridge-aligned")
 
     def __init__(self, cfg: AlignedConfig, vocab_ids: torch.Tensor, vocab: torch.Tensor):
         super().__init__(cfg)

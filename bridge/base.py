@@ -7,7 +7,7 @@ tokens the target reads as input embeddings. Each architecture is one module tha
     @BRIDGES.register("perceiver")
     class PerceiverBridge(BridgeBase):
         config_class = PerceiverConfig
-        train_job = TrainJob("bridge.train", "TrainConfig", sweep="sweep")
+        train_job = JobRef("bridge.train", "bridge-perceiver")
         def forward(self, hidden, mask=None, token_ids=None): ...
         def num_soft_tokens(self, rows): ...
 
@@ -40,14 +40,13 @@ LEGACY_ARCH = "perceiver"  # bridge files written before the manifest named its 
 
 
 @dataclass(frozen=True)
-class TrainJob:
-    """Where an architecture's training job lives, by module name: the model module never imports
-    its Ray trainer. `config` names the job's config dataclass; the module has `run(cfg)`, and
-    `sweep(cfg, layers, ks, out_json, mode)` when `sweep` names it."""
+class JobRef:
+    """An architecture's training job, by name: `module` registers the job `name` in
+    `latentwire.jobs.TRAIN_JOBS` when imported. Names, so that the model module never imports its
+    Ray trainer."""
 
     module: str
-    config: str
-    sweep: str | None = None
+    name: str
 
 
 class StatisticalNormalizer(nn.Module):
@@ -72,7 +71,7 @@ class BridgeBase(nn.Module, metaclass=abc.ABCMeta):
     """
 
     config_class: ClassVar[type]
-    train_job: ClassVar[TrainJob]
+    train_job: ClassVar[JobRef]
 
     def __init__(self, cfg: Any):
         super().__init__()

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bridge.eval import (chance_em, diversity, exact_match, item_nll, token_f1, transfer_ratio, wire)
-from bridge.model import soft_token_stats
+from bridge.eval import chance_em, diversity, exact_match, item_nll, soft_token_stats, token_f1, transfer_ratio
+from latentwire.codec import wire
 from latentwire.runtime import AgentModel
 from latentwire.selection import Selector, _keep, extract_text, question_attention
 
@@ -180,7 +180,7 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from bridge.data import read_jsonl
-    from bridge.model import default_weights_path, load_bridge
+    from bridge.load import default_weights_path, load_bridge
     from latentwire.selection import make_selector
     from latentwire.settings import Limits
 

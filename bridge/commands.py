@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
+
+from latentwire.cli import add_job_options, add_threads_option, config_from_args
+from latentwire.errors import ConfigError
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -42,8 +44,7 @@ def _index(args: argparse.Namespace) -> int:
     path = args.bridge or default_weights_path()
     bridge = load_bridge(path, search_dtype="auto")
     if not bridge.supports_token_index():
-        raise SystemExit(f"latentwire bridge index: error: {path} is a {bridge.arch} bridge, "
-                         "which takes no token index")
+        raise ConfigError(f"{path} is a {bridge.arch} bridge, which takes no token index")
     source = AgentModel(bridge.cfg.source_model, prefill_dtype="auto")
     # offline prose, and training-split fact contexts (names, numbers): never the held-out split
     texts = text_chunks(args.texts, min_chars=1500) + [
@@ -55,9 +56,6 @@ def _index(args: argparse.Namespace) -> int:
     man = ti.save(out, offsets, rows, bridge, data={"command": command, **stats})
     print(json.dumps({"index": str(out), "sha256": man["sha256"], **stats}))
     return 0
-
-
-SWEEP_FLAGS = ("sweep_layers", "sweep_k", "sweep_json", "sweep_mode")
 
 
 class _ArchChoices:
@@ -76,45 +74,37 @@ class _ArchChoices:
         return iter(self._names())
 
 
-def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, object]:
-    """The job flags given on the command line, by field name."""
-    return {k: v for k, v in vars(args).items() if k in flags and v is not None}
+NOT_CONFIG = {"command", "train_command", "func", "arch"}  # parsed, but not fields of a job config
 
 
-def _config(cls, args: argparse.Namespace, flags: dict[str, str], extra: tuple[str, ...] = ()):
-    """A job config from the flags given; the embedded pair's bridge goes to the packaged path.
-
-    A flag that is neither a field of `cls` nor one of `extra` is an error naming it: the chosen
-    architecture would not read it."""
+def _config(cls, args: argparse.Namespace):
+    """A job config from the options given; the embedded pair's bridge goes to the packaged path.
+    An option the chosen architecture's job does not take is refused, not dropped."""
     from bridge.load import default_weights_path
 
-    given = _given(args, flags)
-    stray = [flags[k] for k in given if k not in cls.__dataclass_fields__ and k not in extra]
-    if stray:
-        raise SystemExit(f"latentwire train bridge: error: --arch {args.arch} does not take "
-                         f"{', '.join(stray)}")
-    cfg = cls(**{k: v for k, v in given.items() if k in cls.__dataclass_fields__})
+    foreign = sorted(k for k, v in vars(args).items()
+                     if v is not None and k not in NOT_CONFIG and k not in cls.__dataclass_fields__)
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        raise ConfigError(f"--arch {args.arch} takes no {flags}")
+    cfg = config_from_args(cls, args)
     if cfg.out is None and cfg.source == "smollm2-135m" and cfg.target == "gemma3-270m":
         cfg.out = str(default_weights_path())
     return cfg
 
 
-def _train(args: argparse.Namespace, flags: dict[str, str]) -> int:
+def _train(args: argparse.Namespace) -> int:
     """The training job of the architecture `--arch` names (its `train_job`, bridge/base.py)."""
     from transformers.utils import logging as hf_logging
 
     from bridge.load import BRIDGES
+    from latentwire.jobs import TRAIN_JOBS
 
     hf_logging.disable_progress_bar()
-    job = BRIDGES.get(args.arch).train_job
-    module = importlib.import_module(job.module)
-    cfg = _config(getattr(module, job.config), args, flags, SWEEP_FLAGS if job.sweep else ())
-    if args.sweep_layers or args.sweep_k:
-        ints = lambda s: [int(x) for x in s.split(",")] if s else []  # noqa: E731
-        getattr(module, job.sweep)(cfg, ints(args.sweep_layers), ints(args.sweep_k),
-                                   args.sweep_json or "results/bridge/sweep.json", args.sweep_mode or "anchor")
-        return 0
-    summary = module.run(cfg)
+    ref = BRIDGES.get(args.arch).train_job
+    importlib.import_module(ref.module)  # registers the job
+    job = TRAIN_JOBS.get(ref.name)
+    summary = job.run(_config(job.config, args))
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1, default=str))
     return 0
 
@@ -148,7 +138,7 @@ def _eval_arguments(p) -> None:
                    help="an aligned bridge's token index, as the bridge service's token_index: auto, none or a path")
     p.add_argument("--prefill-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="the models' prompt forward, as the agents' prefill_dtype (AgentModel.use_prefill_dtype)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    add_threads_option(p)
     p.add_argument("--json", default=None, help="write the result JSON here")
     p.add_argument("--budgets", default=None,
                    help="message budgets M for LATENT and EXTRACT, e.g. 8,16,32,64,128,full: EM against the "
@@ -178,7 +168,7 @@ def register(sub, group) -> None:
     p.add_argument("--texts", type=int, default=400, help="offline text chunks (1500+ characters) to run")
     p.add_argument("--fact-texts", type=int, default=300, help="texts of 8 training-split fact contexts each")
     p.add_argument("--per-row", type=int, default=8, help="nearest vocabulary rows recorded per occurrence")
-    p.add_argument("--threads", type=int, default=None)
+    add_threads_option(p)
     p.add_argument("--out", default=None, help="default: X.index.safetensors beside the bridge X.safetensors")
     p.set_defaults(func=_index)
 
@@ -214,30 +204,12 @@ def register(sub, group) -> None:
     p.add_argument("--wide-vocab", type=float, default=None,
                    help="share of training names/cities/pets/rooms/years from the wide pool (0-1)")
     p.add_argument("--val-items", type=int, default=None, help="held-out items for periodic eval")
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--ckpt-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 2)")
-    p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--use-gpu", action="store_true", default=None)
-    p.add_argument("--max-failures", type=int, default=None)
-    p.add_argument("--storage-path", default=None, help="Ray Train results/checkpoints directory")
     p.add_argument("--cache-dir", default=None, help="cached source states")
-    p.add_argument("--name", default=None)
-    p.add_argument("--resume", default=None, help="checkpoint directory to continue from")
     p.add_argument("--export", default=None, choices=["best", "last"],
                    help="which checkpoint becomes --out: lowest held-out answer NLL (default) or the last")
-    p.add_argument("--out", default=None, help="final bridge .safetensors (default: packaged, for the embedded pair)")
     p.add_argument("--log-json", default=None, help="write a training summary JSON here")
-    p.add_argument("--sweep-layers", default=None, help="e.g. 12,18,24: short runs per source layer")
-    p.add_argument("--sweep-k", default=None, help="e.g. 8,16,32: short runs per K (at the base layer)")
-    p.add_argument("--sweep-mode", default=None, choices=["anchor", "full"],
-                   help="anchor (default): phase A only, in-process (minutes); full: short Ray Train jobs")
-    p.add_argument("--sweep-json", default=None, help="default: results/bridge/sweep.json")
-    # a job flag counts as given when it is not None: all default to None but --source and --target,
-    # which every job takes; --arch picks the job
-    flags = {a.dest: a.option_strings[-1] for a in p._actions if a.option_strings and a.dest not in ("help", "arch")}
-    p.set_defaults(func=functools.partial(_train, flags=flags))
+    add_job_options(p, out_help="final bridge .safetensors (default: packaged, for the embedded pair)")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate fact transfer per mode (latent, text, direct, none)")
     _eval_arguments(p)

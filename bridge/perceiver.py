@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from bridge.base import BRIDGES, BridgeBase, StatisticalNormalizer, TrainJob
+from bridge.base import BRIDGES, BridgeBase, StatisticalNormalizer, JobRef
 
 
 @dataclass
@@ -90,7 +90,7 @@ class OutputScaling(nn.Module):
 @BRIDGES.register("perceiver")
 class PerceiverBridge(BridgeBase):
     config_class = PerceiverConfig
-    train_job = TrainJob("bridge.train", "TrainConfig", sweep="sweep")
+    train_job = JobRef("bridge.train", "bridge-perceiver")
 
     def __init__(self, cfg: PerceiverConfig):
         super().__init__(cfg)

@@ -19,27 +19,29 @@ failure list:
 - RMS: (log soft-token RMS / target embedding RMS)^2, so the learned output scale cannot drift
   away from the target's embedding magnitude.
 Every `eval_every` steps rank 0 generates answers on a held-out subset (EM, diversity, pairwise
-cosine, RMS ratio, LATENT-vs-NONE gap); every `ckpt_every` steps it writes a checkpoint
-(bridge + optimizer safetensors with manifests, train_state.json) reported via `ray.train.report`.
+cosine, RMS ratio, LATENT-vs-NONE gap); every `checkpoint_every` steps it writes a checkpoint
+(bridge.safetensors beside the `latentwire.jobs` checkpoint format) reported via `ray.train.report`.
 Restarts (FailureConfig) and `--resume` continue from the checkpoint's step with the same data order.
 The exported bridge is the checkpoint with the lowest held-out answer NLL (`export="last"`: the final one).
+The job is registered as `bridge-perceiver` in `latentwire.jobs.TRAIN_JOBS`, which launches it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from latentwire.errors import ConfigError
+from latentwire.jobs import (TRAIN_JOBS, TrainJob, is_restart, job_config, launch, load_checkpoint, report,
+                             restored_checkpoint, save_checkpoint)
 
 
 @dataclass
@@ -66,7 +68,7 @@ class TrainConfig:
     wide_vocab: float = 0.0  # share of training entities from the wide pool (bridge.data.wide_vocabulary)
     val_items: int = 32  # periodic eval subset (validation split: held-out templates and vocabulary)
     eval_every: int = 100
-    ckpt_every: int = 100
+    checkpoint_every: int = 100
     max_new_tokens: int = 8
     seed: int = 0
     threads: int = 2  # torch threads per worker
@@ -75,7 +77,7 @@ class TrainConfig:
     max_failures: int = 2
     export: str = "best"  # "best": the checkpoint with the lowest held-out answer NLL; "last": the final one
     cache_dir: str = str(Path.home() / ".cache" / "latentwire" / "bridge-train")
-    storage_path: str = str(Path.home() / ".cache" / "latentwire" / "ray-results")
+    storage_path: str | None = None  # None: latentwire.jobs.DEFAULT_STORAGE_PATH
     name: str | None = None
     resume: str | None = None
     out: str | None = None
@@ -84,7 +86,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.export not in ("best", "last"):
-            raise ValueError(f"export must be 'best' or 'last', got {self.export!r}")
+            raise ConfigError(f"export must be 'best' or 'last', got {self.export!r}")
 
 
 # ---- driver-side preparation (source model, cached states, initial bridge) ------------------
@@ -128,45 +130,6 @@ def prepare(cfg: TrainConfig, layers: list[int] | None = None, progress: bool = 
     return {"root": str(root), "layer": layer, "init": str(init),
             "train_states": str(paths["train"][layer]), "val_states": str(paths["val"][layer]),
             "train_items": str(root / "train.jsonl"), "val_items": str(root / "val.jsonl")}
-
-
-# ---- checkpoints ----------------------------------------------------------------------------
-def save_checkpoint(d: Path, bridge, opt: torch.optim.Optimizer, step: int, cfg: dict, metrics: dict,
-                    data: dict, history: list[dict] | None = None) -> dict:
-    """bridge.safetensors(+json) · optim.safetensors(+json) · train_state.json, all in `d`."""
-    from latentwire import weights
-
-    man = bridge.save(d / "bridge.safetensors", data=data, metrics={**metrics, "step": step})
-    state = opt.state_dict()
-    tensors = {}
-    for pid, st in state["state"].items():
-        for k, v in st.items():
-            tensors[f"{pid}.{k}"] = torch.as_tensor(v).detach().float().reshape(v.shape if torch.is_tensor(v) else ())
-    weights.save(d / "optim.safetensors", tensors, kind="bridge-optimizer",
-                 config={"param_groups": state["param_groups"]}, data={"step": step})
-    (d / "train_state.json").write_text(json.dumps({"step": step, "config": cfg, "metrics": metrics,
-                                                    "history": history or [],
-                                                    "bridge_sha256": man["sha256"]}, indent=1))
-    return man
-
-
-def load_checkpoint(d: Path, bridge, opt: torch.optim.Optimizer | None) -> tuple[int, list[dict]]:
-    """Restore bridge (+ optimizer) weights from a checkpoint dir; return its step and metric history."""
-    from bridge.perceiver import PerceiverBridge
-    from latentwire import weights
-
-    d = Path(d)
-    loaded = PerceiverBridge.load(d / "bridge.safetensors")
-    bridge.load_state_dict(loaded.state_dict())
-    if opt is not None and (d / "optim.safetensors").exists():
-        tensors, man = weights.load(d / "optim.safetensors", kind="bridge-optimizer")
-        state: dict = {}
-        for k, v in tensors.items():
-            pid, name = k.split(".", 1)
-            state.setdefault(int(pid), {})[name] = v
-        opt.load_state_dict({"state": state, "param_groups": man["config"]["param_groups"]})
-    state = json.loads((d / "train_state.json").read_text())
-    return int(state["step"]), state.get("history", [])
 
 
 # ---- the worker loop ------------------------------------------------------------------------
@@ -234,7 +197,8 @@ def anchor_accuracy(target, soft: torch.Tensor, ids: torch.Tensor, mask: torch.T
 def periodic_eval(bridge, target, h, lengths, items, cfg: TrainConfig, none_nll: float | None) -> dict:
     """Generation-based metrics on the held-out subset: what loss alone would hide."""
     from bridge import cache
-    from bridge.eval import diversity, exact_match, soft_token_stats
+    from bridge.eval import diversity, exact_match
+    from bridge.eval import soft_token_stats
     from bridge.objective import answer_nll, build_batch
 
     bridge.eval()
@@ -286,7 +250,6 @@ def train_loop(config: dict) -> None:
     """Runs on each Ray Train worker."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
     from ray.experimental.tqdm_ray import tqdm
     from transformers.utils import logging as hf_logging
 
@@ -298,8 +261,8 @@ def train_loop(config: dict) -> None:
     from latentwire.runtime import AgentModel
 
     hf_logging.disable_progress_bar()
-    paths = config.pop("paths")
-    cfg = TrainConfig(**config)
+    paths = config["paths"]
+    cfg = job_config(config, TrainConfig)
     torch.set_num_threads(cfg.threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -316,12 +279,12 @@ def train_loop(config: dict) -> None:
     opt = torch.optim.AdamW(bridge.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     start, history = 0, []  # history: every report of this run and the runs it continues
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:  # restart after a failure: the latest reported checkpoint
-        with ckpt.as_directory() as d:
-            start, history = load_checkpoint(Path(d), bridge, opt)
-    elif cfg.resume:
-        start, history = load_checkpoint(Path(cfg.resume), bridge, opt)
+    restarted = is_restart()  # after a failure: Ray hands back the latest reported checkpoint
+    with restored_checkpoint(config["resume"]) as d:
+        if d is not None:
+            bridge.load_state_dict(PerceiverBridge.load(d / PerceiverJob.exports).state_dict())
+            state = load_checkpoint(d, opt)
+            start, history = int(state["step"]), state["history"]
     model = ray.train.torch.prepare_model(bridge)  # DDP when world > 1
     anc_e, anc_ids, anc_m = anchor_targets(target, items, bridge.cfg.num_queries)
     if start == 0 and cfg.anchor_steps > 0:
@@ -347,7 +310,7 @@ def train_loop(config: dict) -> None:
     data_info = {"train": paths["train_items"], "val": paths["val_items"], "train_items": len(items),
                  "generator": "bridge.data.generate (seeded; split by template and vocabulary)"}
     for step in range(start, cfg.steps):
-        if cfg.fail_at_step is not None and step == cfg.fail_at_step and ckpt is None and rank == 0:
+        if cfg.fail_at_step is not None and step == cfg.fail_at_step and not restarted and rank == 0:
             raise RuntimeError(f"injected failure at step {step} (test hook)")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -370,7 +333,7 @@ def train_loop(config: dict) -> None:
             bar.update(1)
             bar.set_description(f"{desc} nll={float(nll):.3f} cos={cos_val:.2f} |g|={gnorm:.2f}")
         done = step + 1
-        do_ckpt = done % cfg.ckpt_every == 0 or done == cfg.steps
+        do_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps
         do_eval = done % cfg.eval_every == 0 or do_ckpt  # every checkpoint carries its held-out scores
         if not (do_eval or do_ckpt):
             continue
@@ -382,60 +345,43 @@ def train_loop(config: dict) -> None:
             metrics.update(periodic_eval(bridge, target, vh, vl, val, cfg, none_nll))
             metrics["val_em_none"] = none_em
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
-        if do_ckpt:
-            with tempfile.TemporaryDirectory() as d:
-                if rank == 0:
-                    save_checkpoint(Path(d), bridge, opt, done, {**asdict(cfg), "layer": paths["layer"]},
-                                    {k: v for k, v in metrics.items() if k != "val_examples"}, data_info,
-                                    [{k: v for k, v in m.items() if k != "val_examples"} for m in history])
-                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-                else:
-                    ray.train.report(metrics)
-        else:
-            ray.train.report(metrics)
+        write = None
+        if do_ckpt and rank == 0:
+            plain = [{k: v for k, v in m.items() if k != "val_examples"} for m in history]
+            write = partial(_write_checkpoint, bridge=bridge, opt=opt, step=done, metrics=plain[-1], history=plain,
+                            config={**asdict(cfg), "layer": paths["layer"]}, data=data_info)
+        report(metrics, write)
     if bar is not None:
         bar.close()
+
+
+def _write_checkpoint(d: Path, bridge, opt, step: int, config: dict, metrics: dict, data: dict,
+                      history: list[dict]) -> None:
+    bridge.save(d / PerceiverJob.exports, data=data, metrics={**metrics, "step": step})
+    save_checkpoint(d, step=step, config=config, metrics=metrics, optimizer=opt, data=data, history=history)
 
 
 # ---- the job --------------------------------------------------------------------------------
 def run(cfg: TrainConfig, progress: bool = True) -> dict:
     """Prepare data on the driver, run the TorchTrainer, export the final bridge to `cfg.out`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from bridge.perceiver import PerceiverBridge
-    from latentwire.raycluster import init_for_training
 
     t_start = time.time()
     paths = prepare(cfg, progress=progress)
     t_prep = time.time() - t_start
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": str(cfg.threads), "TOKENIZERS_PARALLELISM": "false"}
-    init_for_training(num_cpus=max(2, cfg.num_workers), env=env)
     name = cfg.name or f"bridge-{cfg.source}-{cfg.target}-L{paths['layer']}-K{cfg.num_queries}-{int(t_start)}"
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={**asdict(cfg), "paths": paths},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        run_config=RunConfig(name=name, storage_path=cfg.storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             # Ray keeps the latest checkpoint too (for restarts); the best one is exported
-                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_nll",
-                                                                checkpoint_score_order="min"),
-                             worker_runtime_env={"env_vars": env}),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    result = launch(PerceiverJob, cfg, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                    storage_path=cfg.storage_path, resume=cfg.resume, max_failures=cfg.max_failures, name=name,
+                    threads=cfg.threads, inputs={"paths": paths})
     with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / "train_state.json").read_text())
+        state = load_checkpoint(d)
     # The held-out NLL rises and falls while the LR is high (32 items, unseen vocabulary); "best"
     # exports the checkpoint where it was lowest rather than whichever came last.
-    best = result.get_best_checkpoint("val_nll", "min") if cfg.export == "best" else None
+    best = result.get_best_checkpoint(PerceiverJob.score, "min") if cfg.export == "best" else None
     exported = best or result.checkpoint
     with exported.as_directory() as d:
-        bridge = PerceiverBridge.load(Path(d) / "bridge.safetensors")
-        exported_state = json.loads((Path(d) / "train_state.json").read_text())
+        bridge = PerceiverBridge.load(Path(d) / PerceiverJob.exports)
+        exported_state = load_checkpoint(d)
     summary = {"name": name, "layer": paths["layer"], "num_queries": cfg.num_queries, "steps": state["step"],
                "prepare_seconds": round(t_prep, 1), "total_seconds": round(time.time() - t_start, 1),
                "checkpoint": result.checkpoint.path, "final_metrics": state["metrics"],
@@ -454,73 +400,13 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
     return summary
 
 
-@torch.no_grad()
-def _anchor_eval(bridge, target, h, lengths, items) -> dict:
-    from bridge import cache
-    from bridge.eval import soft_token_stats
+@TRAIN_JOBS.register("bridge-perceiver")
+class PerceiverJob(TrainJob):
+    """The Perceiver bridge trained by SGD on the target's answer loss; exports the checkpoint with
+    the lowest held-out answer NLL (or the last)."""
 
-    bridge.eval()
-    hb, mask = cache.batch(h, lengths, list(range(len(items))))
-    soft = bridge(hb, mask)
-    e, ids, m = anchor_targets(target, items, soft.shape[1])
-    return {"val_anchor_acc": anchor_accuracy(target, soft, ids, m),
-            "val_anchor_loss": float(anchor_loss(soft, e, m, target.embed_rms())),
-            **{f"val_{k}": v for k, v in soft_token_stats(soft, target.embed_rms()).items()}}
-
-
-def anchor_probe(base: TrainConfig, layer: int, k: int, steps: int) -> dict:
-    """Phase A alone for one (layer, K), in-process (bridge-only, no target forward): how well the
-    packet carries the held-out answer entity. The cheap half of the sweep on a 2-core CPU."""
-    from dataclasses import replace
-
-    from bridge import cache
-    from bridge.data import read_jsonl
-    from bridge.perceiver import PerceiverBridge
-    from latentwire.runtime import AgentModel
-
-    torch.set_num_threads(base.threads)
-    cfg = replace(base, layer=layer, num_queries=k, anchor_steps=steps)
-    paths = prepare(cfg, progress=False)
-    target = AgentModel(cfg.target)
-    h, lengths, _ = cache.load_states(Path(paths["train_states"]))
-    items = read_jsonl(paths["train_items"])
-    vh, vl, _ = cache.load_states(Path(paths["val_states"]))
-    val = read_jsonl(paths["val_items"])
-    torch.manual_seed(cfg.seed)
-    bridge = PerceiverBridge.load(paths["init"]).train()
-    e, _, m = anchor_targets(target, items, k)
-    t0 = time.time()
-    anchor_phase(bridge, h, lengths, e, m, cfg, 0, 1, target.embed_rms(), "cpu")
-    return {"mode": "anchor-only", "layer": layer, "num_queries": k, "anchor_steps": steps,
-            "seconds": round(time.time() - t0, 1), **_anchor_eval(bridge, target, vh, vl, val)}
-
-
-def sweep(base: TrainConfig, layers: list[int], ks: list[int], out_json: str | None = None,
-          mode: str = "anchor") -> list[dict]:
-    """One-factor-at-a-time sweep of source layer and K, recorded as JSON (appending to earlier runs).
-
-    mode "anchor": phase A only (minutes); mode "full": short complete Ray Train jobs."""
-    from dataclasses import replace
-
-    from latentwire import profiles
-
-    layer0 = base.layer or profiles.get_profile(base.source).source_layer
-    k0 = base.num_queries
-    prepare(replace(base, layer=layer0), layers=sorted(set(layers) | {layer0}))  # one source pass for all layers
-    grid = [(layer, k0) for layer in layers] + [(layer0, k) for k in ks if k != k0]
-    old = json.loads(Path(out_json).read_text())["runs"] if out_json and Path(out_json).exists() else []
-    records = []
-    for layer, k in dict.fromkeys(grid):
-        if mode == "anchor":
-            rec = anchor_probe(base, layer, k, base.anchor_steps)
-        else:
-            cfg = replace(base, layer=layer, num_queries=k, out=None, log_json=None, resume=None, name=None)
-            s = run(cfg)
-            rec = {"mode": "full", "layer": layer, "num_queries": k, "steps": s["steps"],
-                   "anchor_steps": cfg.anchor_steps, "seconds": s["total_seconds"], **s["final_metrics"]}
-        records.append(rec)
-        print(json.dumps(rec))
-        if out_json:
-            Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(out_json).write_text(json.dumps({"base": asdict(base), "runs": old + records}, indent=1))
-    return records
+    config = TrainConfig
+    exports = "bridge.safetensors"
+    score = "val_nll"  # Ray keeps the latest checkpoint too (for restarts); the best one is exported
+    loop = staticmethod(train_loop)
+    run = staticmethod(run)

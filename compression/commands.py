@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from latentwire.cli import add_job_options, add_seed_option, add_threads_option
 
 
 def _setup(threads: int | None) -> None:
@@ -30,22 +31,13 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from compression.train import JobConfigError, TrainConfig, run
+    from compression.train import TrainConfig, run
+    from latentwire.cli import config_from_args
 
-    cfg = TrainConfig(model=args.model, data=args.data, windows=[int(w) for w in str(args.window).split(",")],
-                      steps=args.steps, lr=args.lr, batch_windows=args.batch_windows, d_model=args.d_model,
-                      n_blocks=args.blocks, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                      jac_weight=args.jac_weight, force_weight=args.force_weight, threads=args.threads, seed=args.seed,
-                      proportional=args.attention == "proportional", value_norm=args.value_norm,
-                      distill_steps=args.distill_steps, distill_lr=args.distill_lr, distill_window=args.distill_window,
-                      recent=args.recent, distill_context=args.distill_context, distill_tokens=args.distill_tokens,
-                      distill_docs=args.distill_docs, init_weights=args.init_weights)
-    try:
-        result = run(cfg, num_workers=args.workers, use_gpu=args.use_gpu, storage=args.storage, name=args.name,
-                     out=args.out, max_failures=args.max_failures)
-    except JobConfigError as err:  # raised before Ray starts: a one-line reason, nothing written
-        print(f"latentwire train sidecar: error: {err}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(TrainConfig, args, windows=[int(w) for w in str(args.window).split(",")],
+                           proportional=args.attention == "proportional")
+    options = ("num_workers", "use_gpu", "storage_path", "name", "out", "max_failures", "resume")
+    result = run(cfg, **{k: getattr(args, k) for k in options if getattr(args, k) is not None})
     print(json.dumps(result, indent=2))
     return 0
 
@@ -101,8 +93,8 @@ def register(sub, group) -> None:
     p.add_argument("--length", type=int, default=384, help="tokens per text sample")
     p.add_argument("--queries", type=int, default=24, help="future query positions kept per sample")
     p.add_argument("--shard-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    add_seed_option(p, 0)
+    add_threads_option(p, 1)
     p.add_argument("--device", default="cpu", help="where the frozen model runs (cpu, cuda)")
     p.set_defaults(func=_collect)
 
@@ -118,7 +110,7 @@ def register(sub, group) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-windows", type=int, default=1024, help="windows per step per worker")
     p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--n-layers", dest="n_blocks", type=int, default=2, help="sidecar transformer blocks")
     p.add_argument("--jac-weight", type=float, default=1.0)
     p.add_argument("--force-weight", type=float, default=1.0)
     p.add_argument("--value-norm", choices=["fixed", "bounded"], default="fixed",
@@ -134,16 +126,7 @@ def register(sub, group) -> None:
     p.add_argument("--distill-docs", type=int, default=48, help="distillation documents (2 more are held out)")
     p.add_argument("--attention", choices=["proportional", "plain"], default="proportional",
                    help="how the target reads super-tokens: with a log W mass bias (default) or as single tokens")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--storage", default=None, help="Ray Train storage path (default ~/.cache/latentwire/ray_results)")
-    p.add_argument("--name", default=None, help="run name; the same name resumes from its last checkpoint")
-    p.add_argument("--out", default=None, help="final weights (default compression/weights/MODEL.safetensors)")
-    p.add_argument("--max-failures", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    add_job_options(p, out_help="final weights (default compression/weights/MODEL.safetensors)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval-cache", help="FMKVC vs dense and kvpress baselines: perplexity, recall, bytes, speed")
@@ -171,7 +154,7 @@ def register(sub, group) -> None:
     p.add_argument("--timing-only", action="store_true", help="only (re)run that timing and update --json")
     p.add_argument("--resume", action="store_true", help="skip (method, ratio) cells already in --json")
     p.add_argument("--replot", action="store_true", help="only recompute goals and redraw --plot from --json")
-    p.add_argument("--threads", type=int, default=1)
+    add_threads_option(p, 1)
     p.add_argument("--json", required=True)
     p.add_argument("--plot", default=None)
     p.set_defaults(func=_eval)

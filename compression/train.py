@@ -4,26 +4,29 @@ Each worker streams its own trajectory shards (the last shard is held out for ev
 batches of windows from every (layer, kv head) of a sample, and minimises the full-cache losses of
 losses.py. Every `eval_every` steps it evaluates on the held-out shard for every window size (Jacobian
 norm ratio, k/v norm ratios, attention entropy, output cosine, attention-mass ratio) and reports
-through `ray.train.report`; every `checkpoint_every` steps rank 0 attaches a checkpoint (sidecar +
-optimizer state, both safetensors + sha256 manifest). A restarted run (same name, or a worker failure
-under FailureConfig) resumes from the last checkpoint. Ray stays in this file; the model does not
-know about it.
+through `ray.train.report`; every `checkpoint_every` steps rank 0 attaches a checkpoint
+(sidecar.safetensors beside the `latentwire.jobs` checkpoint format). A restarted run (same name,
+a worker failure under FailureConfig, or `--resume DIR`) continues from that checkpoint. The job,
+force matching then (optionally) distillation, is registered as `sidecar` in
+`latentwire.jobs.TRAIN_JOBS`, which launches it. Ray stays in this file and `latentwire.jobs`; the
+model does not know about it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from latentwire.errors import ConfigError
+from latentwire.jobs import (TRAIN_JOBS, TrainJob, job_config, launch, load_checkpoint, report,
+                             restored_checkpoint, save_checkpoint)
 
 
 @dataclass
@@ -131,38 +134,10 @@ def evaluate(sidecar, samples: list[dict], cfg: TrainConfig, info: dict) -> dict
     return out
 
 
-# ---- checkpoints (safetensors + manifest, never pickle) -------------------------------------
-def save_checkpoint(directory: Path, sidecar, opt, step: int, cfg: TrainConfig, metrics: dict) -> None:
-    from latentwire import weights
-
-    sidecar.save(directory / "sidecar.safetensors", data={"trajectories": cfg.data, "step": step},
-                 metrics=metrics)
-    tensors, slots = {}, {}
-    for i, group in enumerate(opt.param_groups):
-        for j, p in enumerate(group["params"]):
-            for key, val in opt.state.get(p, {}).items():
-                if torch.is_tensor(val):
-                    tensors[f"{i}.{j}.{key}"] = val.reshape(-1) if val.ndim == 0 else val
-                    slots[f"{i}.{j}.{key}"] = val.ndim
-    weights.save(directory / "optimizer.safetensors", tensors, kind="fmkvc-optimizer",
-                 config={"step": step, "train": asdict(cfg), "ndim": slots})
-
-
-def load_checkpoint(directory: Path, sidecar, opt) -> int:
-    from latentwire import weights
-
-    tensors, _ = weights.load(directory / "sidecar.safetensors", kind="fmkvc-sidecar")
-    sidecar.load_state_dict(tensors)
-    state, man = weights.load(directory / "optimizer.safetensors", kind="fmkvc-optimizer")
-    for i, group in enumerate(opt.param_groups):
-        for j, p in enumerate(group["params"]):
-            st = {key.split(".", 2)[2]: val for key, val in state.items() if key.startswith(f"{i}.{j}.")}
-            for key, val in st.items():
-                if man["config"]["ndim"][f"{i}.{j}.{key}"] == 0:
-                    st[key] = val.reshape(())
-            if st:
-                opt.state[p] = st
-    return int(man["config"]["step"])
+# ---- checkpoints ----------------------------------------------------------------------------
+def _write_checkpoint(directory: Path, sidecar, opt, step: int, cfg: TrainConfig, metrics: dict) -> None:
+    sidecar.save(directory / SidecarJob.exports, data={"trajectories": cfg.data, "step": step}, metrics=metrics)
+    save_checkpoint(directory, step=step, config=asdict(cfg), metrics=metrics, optimizer=opt)
 
 
 # ---- the Ray Train worker loop --------------------------------------------------------------
@@ -172,8 +147,9 @@ def train_loop(config: dict) -> None:
 
     from compression.sidecar import Sidecar, SidecarConfig
     from compression.trajectories import iter_samples, read_manifest
+    from latentwire import weights
 
-    cfg = TrainConfig(**config["train"])
+    cfg = job_config(config, TrainConfig)
     torch.set_num_threads(cfg.threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -199,11 +175,12 @@ def train_loop(config: dict) -> None:
                                         proportional=cfg.proportional, value_norm=cfg.value_norm))
     opt = torch.optim.AdamW(sidecar.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = resumed_from = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            step = resumed_from = load_checkpoint(Path(d), sidecar, opt)  # before .to(device): CPU tensors
-        print(f"[rank {rank}] resumed from step {step}")
+    with restored_checkpoint(config["resume"]) as d:
+        if d is not None:  # before .to(device): CPU tensors
+            tensors, _ = weights.load(d / SidecarJob.exports, kind="fmkvc-sidecar")
+            sidecar.load_state_dict(tensors)
+            step = resumed_from = int(load_checkpoint(d, opt)["step"])
+            print(f"[rank {rank}] resumed from step {step}")
     device = ray.train.torch.get_device()  # cuda:N with use_gpu, else cpu
     sidecar.to(device)
     for st in opt.state.values():  # restored optimizer state follows its parameters
@@ -228,14 +205,10 @@ def train_loop(config: dict) -> None:
     t0, running = time.time(), {}
     total = cfg.steps + cfg.distill_steps
 
-    def report(step: int, metrics: dict, do_ckpt: bool, optimizer) -> None:
+    def report_step(step: int, metrics: dict, do_ckpt: bool, optimizer) -> None:
         metrics = {"resumed_from": resumed_from, **metrics}
-        if do_ckpt and rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(Path(d), sidecar, optimizer, step, cfg, metrics)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        report(metrics, partial(_write_checkpoint, sidecar=sidecar, opt=optimizer, step=step, cfg=cfg,
+                                metrics=metrics) if do_ckpt and rank == 0 else None)
 
     while step < cfg.steps:
         batch = make_batch(next(data), rng.choice(cfg.windows), cfg.sink, info, cfg.batch_windows, rng)
@@ -263,13 +236,13 @@ def train_loop(config: dict) -> None:
                              f" (mean-pool {metrics.get(f'w{w}/mean_pool_jacobian', float('nan')):.3f}) "
                              f"Jratio {metrics.get(f'w{w}/jacobian_norm_ratio', float('nan')):.3f}"
                              for w in cfg.windows), flush=True)
-        report(step, metrics, do_ckpt, opt)
+        report_step(step, metrics, do_ckpt, opt)
     if step < total:
-        distill_loop(cfg, sidecar, opt, step, total, report, rank, world, device, t0)
+        distill_loop(cfg, sidecar, opt, step, total, report_step, rank, world, device, t0)
 
 
-def distill_loop(cfg: TrainConfig, sidecar, opt, step: int, total: int, report, rank: int, world: int, device,
-                 t0: float) -> None:
+def distill_loop(cfg: TrainConfig, sidecar, opt, step: int, total: int, report_step, rank: int, world: int,
+                 device, t0: float) -> None:
     """Stage 2: KL(dense || compressed) through the frozen model; gradients averaged across workers by
     hand (the sidecar runs once per layer per step, which DDP's one-forward-per-backward rule forbids)."""
     import torch.distributed as dist
@@ -331,11 +304,7 @@ def distill_loop(cfg: TrainConfig, sidecar, opt, step: int, total: int, report, 
             metrics["distill/val_kl"] = held_out_kl()
             print(f"[distill step {step}/{total} {metrics['elapsed_s']}s] kl {running:.4f} held-out kl "
                   f"{metrics['distill/val_kl']:.4f} (at start {start_kl:.4f})", flush=True)
-        report(step, metrics, do_ckpt, dopt)
-
-
-class JobConfigError(ValueError):
-    """A job that cannot run, found before Ray starts (the CLI reports it in one line)."""
+        report_step(step, metrics, do_ckpt, dopt)
 
 
 def check_config(cfg: TrainConfig) -> dict | None:
@@ -346,58 +315,39 @@ def check_config(cfg: TrainConfig) -> dict | None:
     from latentwire.weights import WeightsError
 
     if cfg.steps < 0 or cfg.distill_steps < 0 or cfg.steps + cfg.distill_steps == 0:
-        raise JobConfigError(f"nothing to train: steps={cfg.steps}, distill_steps={cfg.distill_steps}")
+        raise ConfigError(f"nothing to train: steps={cfg.steps}, distill_steps={cfg.distill_steps}")
     if cfg.steps > 0 and not cfg.data:
-        raise JobConfigError("force matching (steps > 0) reads trajectories: give --data "
+        raise ConfigError("force matching (steps > 0) reads trajectories: give --data "
                              "(from `latentwire collect-trajectories`), or --steps 0 to only distill")
     if not cfg.init_weights:
         return None
     try:
         init = Sidecar.load(cfg.init_weights)
     except WeightsError as err:  # missing, or its sha differs from its manifest
-        raise JobConfigError(str(err)) from err
+        raise ConfigError(str(err)) from err
     if init.cfg.model != cfg.model:
-        raise JobConfigError(f"{cfg.init_weights} is a sidecar of {init.cfg.model!r}, not of {cfg.model!r}")
+        raise ConfigError(f"{cfg.init_weights} is a sidecar of {init.cfg.model!r}, not of {cfg.model!r}")
     if cfg.distill_steps and not 1 < cfg.distill_window <= init.cfg.max_window:
         # a window it was not trained for is learnt by the distillation; past max_window it has no positions
-        raise JobConfigError(f"{cfg.init_weights} embeds windows of 2..{init.cfg.max_window} tokens, "
+        raise ConfigError(f"{cfg.init_weights} embeds windows of 2..{init.cfg.max_window} tokens, "
                              f"not the distillation window {cfg.distill_window}")
     return init.manifest
 
 
-def run(cfg: TrainConfig, *, num_workers: int = 1, use_gpu: bool = False, storage: str | None = None,
-        name: str | None = None, out: str | None = None, max_failures: int = 2) -> dict:
-    """Start (or resume) the job on the local/attached Ray cluster; copy the final sidecar to `out`."""
+def run(cfg: TrainConfig, *, num_workers: int = 1, use_gpu: bool = False, storage_path: str | None = None,
+        name: str | None = None, out: str | None = None, max_failures: int = 2, resume: str | None = None) -> dict:
+    """Start (or continue) the job on the local/attached Ray cluster; copy the final sidecar to `out`."""
     init = check_config(cfg)
     # workers run in their own directories: paths given relative to the caller's must not change meaning
     cfg = replace(cfg, data=str(Path(cfg.data).resolve()) if cfg.data else "",
                   init_weights=str(Path(cfg.init_weights).resolve()) if cfg.init_weights else "")
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from compression.sidecar import Sidecar, default_weights_path
     from latentwire import weights
-    from latentwire.raycluster import init_for_training
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    init_for_training(num_cpus=max(2, num_workers))
-    storage = storage or str(Path.home() / ".cache" / "latentwire" / "ray_results")
-    name = name or f"fmkvc-{cfg.model}"
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"train": asdict(cfg)},
-        # Train V2 (Ray 2.60's default): its controller reserves no CPU, so 2 workers fit on 2 cores
-        # (V2 rejects V1's trainer_resources={"CPU": 0} workaround).
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
-                             worker_runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"],
-                                                              "OMP_NUM_THREADS": str(cfg.threads)}}),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training produced no checkpoint: {result.error}")
+    result = launch(SidecarJob, cfg, num_workers=num_workers, use_gpu=use_gpu, storage_path=storage_path,
+                    resume=resume, max_failures=max_failures, name=name or f"fmkvc-{cfg.model}", threads=cfg.threads)
     with result.checkpoint.as_directory() as d:
-        sidecar = Sidecar.load(Path(d) / "sidecar.safetensors")  # sha-verified
+        sidecar = Sidecar.load(Path(d) / SidecarJob.exports)  # sha-verified
         ckpt_manifest = sidecar.manifest
     out_path = Path(out) if out else default_weights_path(cfg.model)
     man = weights.save(out_path, sidecar.state_dict(), kind="fmkvc-sidecar", config=ckpt_manifest["config"],
@@ -408,7 +358,12 @@ def run(cfg: TrainConfig, *, num_workers: int = 1, use_gpu: bool = False, storag
             "metrics": result.metrics}
 
 
-if __name__ == "__main__":  # debugging without Ray: python -m compression.train DATA
-    import sys
+@TRAIN_JOBS.register("sidecar")
+class SidecarJob(TrainJob):
+    """The FMKVC sidecar: force matching on trajectories, then end-to-end distillation (either may be 0 steps)."""
 
-    print(json.dumps(asdict(TrainConfig(data=sys.argv[1]))))
+    config = TrainConfig
+    exports = "sidecar.safetensors"
+    keep_checkpoints = None  # every checkpoint stays: each ends a stage or a stretch of steps
+    loop = staticmethod(train_loop)
+    run = staticmethod(run)

@@ -1,4 +1,5 @@
-"""Errors that carry a gRPC status name, raised by model-side code (which must not depend on gRPC)."""
+"""Errors with a fixed report: a gRPC status name for requests the server refuses (raised by
+model-side code, which must not depend on gRPC), one line on stderr for commands that cannot run."""
 
 from __future__ import annotations
 
@@ -27,3 +28,8 @@ class ResourceExhausted(LatentWireError):
 
 class NotFound(LatentWireError):
     code = "NOT_FOUND"
+
+
+class ConfigError(ValueError):
+    """A command or job that cannot run as configured, found before any work starts. The CLI
+    reports it as `latentwire COMMAND: error: MESSAGE` with exit status 2, like argparse."""

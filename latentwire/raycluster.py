@@ -1,8 +1,8 @@
 """Where a training job's Ray comes from: the cluster it was submitted to, or a local instance.
 
-One place for the three jobs (`train bridge`, `train bridge --arch aligned`, `train sidecar`), so a
-job inside a RayJob or after `ray start` joins that cluster (RAY_ADDRESS; a cluster sizes itself,
-so num_cpus is not passed) and a job on a laptop starts its own instance.
+Called by `latentwire.jobs.launch` for every training job, so a job inside a RayJob or after
+`ray start` joins that cluster (RAY_ADDRESS; a cluster sizes itself, so num_cpus is not passed) and
+a job on a laptop starts its own instance.
 """
 
 from __future__ import annotations

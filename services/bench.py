@@ -83,17 +83,6 @@ def _pct(xs: list[float], q: int) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
 
-def median_ms(f, repeats: int = 5) -> float:
-    """Median wall time of `repeats` calls of f, in ms, after one warm-up call (the result scripts)."""
-    f()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
-
-
 def hardware() -> dict:
     import os
 

@@ -117,7 +117,7 @@ def test_ray_train_job_checkpoints_recovers_and_resumes(ray_cluster, tmp_path):
     from latentwire.weights import sha256_file
 
     cfg = TrainConfig(source="tiny-llama", target="tiny-mistral", num_queries=4, d_model=32, n_layers=1,
-                      steps=4, batch_size=2, train_items=24, val_items=3, eval_every=2, ckpt_every=2,
+                      steps=4, batch_size=2, train_items=24, val_items=3, eval_every=2, checkpoint_every=2,
                       threads=1, num_workers=2, max_failures=1, fail_at_step=3, max_new_tokens=3,
                       anchor_steps=3, anchor_batch=4,
                       cache_dir=str(tmp_path / "cache"), storage_path=str(tmp_path / "ray"),

@@ -20,7 +20,7 @@ def test_two_worker_job_checkpoints_and_resumes(tmp_path, ray_cluster):
                log=lambda *_: None)
     cfg = TrainConfig(model="tiny-llama", data=str(data), windows=[4, 8], steps=2, batch_windows=64, d_model=32,
                       n_heads=2, eval_every=2, checkpoint_every=2, eval_samples=1)
-    kw = dict(num_workers=2, storage=str(tmp_path / "ray"), name="sidecar-test", out=str(tmp_path / "sc"))
+    kw = dict(num_workers=2, storage_path=str(tmp_path / "ray"), name="sidecar-test", out=str(tmp_path / "sc"))
     first = run(cfg, **kw)
     assert first["metrics"]["step"] == 2 and first["metrics"]["resumed_from"] == 0
     assert 0 < first["metrics"]["w8/output_cosine"] <= 1
@@ -90,7 +90,7 @@ def test_a_job_that_cannot_run_is_refused_before_it_starts(tmp_path, change, mes
     change = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in change.items()}
     cfg = TrainConfig(**{"model": "tiny-llama", **change})
     with pytest.raises(ValueError, match=message):
-        run(cfg, storage=str(tmp_path / "ray"), out=str(tmp_path / "out"))
+        run(cfg, storage_path=str(tmp_path / "ray"), out=str(tmp_path / "out"))
     assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "ray").exists()
 
 

@@ -36,11 +36,12 @@ def test_killing_a_training_worker_resumes_from_the_last_checkpoint_with_the_sam
     from ray.util.state import list_actors
 
     from bridge.perceiver import PerceiverBridge
-    from bridge.train import REPO_ROOT, TrainConfig, run
+    from bridge.train import TrainConfig, run
+    from latentwire.jobs import REPO_ROOT
     from tests.serve_cluster import state_address
 
     cfg = TrainConfig(source="tiny-llama", target="tiny-mistral", num_queries=4, d_model=32, n_layers=1, steps=12,
-                      batch_size=2, train_items=24, val_items=3, eval_every=12, ckpt_every=4, anchor_steps=0,
+                      batch_size=2, train_items=24, val_items=3, eval_every=12, checkpoint_every=4, anchor_steps=0,
                       threads=1, num_workers=2, max_failures=2, max_new_tokens=3, cache_dir=str(tmp_path / "cache"),
                       storage_path=str(tmp_path / "ray"))
     env = {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

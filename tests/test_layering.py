@@ -51,12 +51,7 @@ def _imports(name: str, path: Path) -> set[str]:
 
 
 GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
-# Imports the compressor contract of issue 24 removes (the core's refine hook, compression.cache <->
-# compression.refine), left out of the checks below until it lands; the last test fails as soon as
-# one is gone, so that this set only shrinks.
-PENDING = {("latentwire.runtime", "compression.refine"), ("compression.cache", "compression.refine"),
-           ("compression.refine", "compression.cache")}
-CHECKED = {name: {m for m in deps if (name, m) not in PENDING} for name, deps in GRAPH.items()}
+CHECKED = GRAPH
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -111,8 +106,3 @@ def test_the_cycle_finder_finds_a_cycle():
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_every_module_imports(name):
     importlib.import_module(name)
-
-
-def test_pending_imports_are_still_there():
-    gone = sorted(edge for edge in PENDING if edge[1] not in GRAPH[edge[0]])
-    assert not gone, f"{gone} no longer imported: delete them from PENDING"

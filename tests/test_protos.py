@@ -18,7 +18,7 @@ def test_services_and_rpcs_are_declared():
     assert {m.name for m in agent.methods} >= {"Ask", "AskStream", "Receive"}
     assert agent.methods_by_name["AskStream"].server_streaming
     assert [m.name for m in pb.DESCRIPTOR.services_by_name["BridgeService"].methods] == ["Translate"]
-    assert set(pb.Mode.keys()) == {"LATENT", "TEXT", "DIRECT", "NONE"}
+    assert set(pb.Mode.keys()) == {"LATENT", "TEXT", "EXTRACT", "DIRECT", "NONE"}
 
 
 def test_cli_lists_the_commands_of_every_area():

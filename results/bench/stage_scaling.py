@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -25,10 +27,21 @@ import torch
 HERE = Path(__file__).parent
 
 
+def median_ms(f, repeats: int = 5) -> float:
+    """Median wall time of `repeats` calls of f, in ms, after one warm-up call."""
+    f()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
 def main() -> None:
     from latentwire.codec import wire
     from latentwire.runtime import AgentModel
-    from services.bench import hardware, make_items, median_ms
+    from services.bench import hardware, make_items
     from services.bridge_service import BridgeServicer
 
     ap = argparse.ArgumentParser()

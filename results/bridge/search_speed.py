@@ -14,12 +14,25 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).parent
 SETTINGS = [("float32", 64), ("float32", 32), ("bfloat16", 64), ("bfloat16", 32), ("bfloat16", 16)]
+
+
+def median_ms(f, repeats: int = 5) -> float:
+    """Median wall time of `repeats` calls of f, in ms, after one warm-up call."""
+    f()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
 
 
 def packets(n_items: int) -> torch.Tensor:
@@ -42,7 +55,6 @@ def packets(n_items: int) -> torch.Tensor:
 def main() -> None:
     from bridge.load import default_weights_path, load_bridge
     from latentwire.runtime import cpu_amx
-    from services.bench import median_ms
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
