@@ -24,6 +24,7 @@ import argparse
 import importlib
 import random
 import re
+import warnings
 
 from bridge.data import RELATIONS, _value, templates, vocabulary, write_jsonl
 
@@ -52,8 +53,10 @@ def prose(split: str) -> list[str]:
     paras = []
     for name in _DOC_MODULES:
         mod = importlib.import_module(name)
-        docs = [mod.__doc__] + [getattr(getattr(mod, a), "__doc__", None) for a in sorted(vars(mod))
-                                if not a.startswith("_") and callable(getattr(mod, a))]
+        with warnings.catch_warnings():  # typing's deprecated aliases warn when read
+            warnings.simplefilter("ignore", DeprecationWarning)
+            docs = [mod.__doc__] + [getattr(getattr(mod, a), "__doc__", None) for a in sorted(vars(mod))
+                                    if not a.startswith("_") and callable(getattr(mod, a))]
         paras += [p for d in docs if isinstance(d, str) for p in d.split("\n\n") if len(p) > 40 and ">>>" not in p]
     return _sentences(paras)
 

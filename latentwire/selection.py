@@ -153,7 +153,7 @@ class AttentionSelector(Selector):
 
     before: int = 2
     after: int = 8
-    needs_attention_layer: int | None = 8
+    needs_attention_layer: int | None = 24  # SmolLM2: the best of layers 4-28 on training items (results/budget/README.md)
 
     def score(self, view: SourceView) -> torch.Tensor:
         if view.attention is None:

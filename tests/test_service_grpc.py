@@ -63,32 +63,46 @@ def test_every_application_reports_serving(client):
         ("source", "target", "bridge"), "SERVING")
 
 
-@pytest.mark.parametrize("mode", ["latent", "text", "direct", "none"])
-def test_all_four_modes_answer_with_timings_and_bytes(client, mode, tiny_source):
+@pytest.mark.parametrize("mode", ["latent", "text", "extract", "direct", "none"])
+def test_every_mode_answers_with_timings_and_bytes(client, mode, tiny_source):
     reply = client.ask(CONTEXT, QUESTION, mode, max_new_tokens=5)
     t = reply.timings
     assert reply.mode == pb.Mode.Value(mode.upper()) and 0 < reply.answer_tokens <= 5
     assert t.target_prefill_ms > 0 and t.source_total_ms >= t.target_prefill_ms + t.target_decode_ms
     if mode == "latent":
         assert reply.message_tokens == 4 and t.bridge_ms > 0 and t.source_prefill_ms > 0
-        # the context tokens' hidden states (T x 64) in + soft tokens (4 x 96) out, bf16 on the wire
+        # the states of the M = 8 context tokens the source chose (8 x 64) in + soft tokens (4 x 96)
+        # out, bf16 on the wire
         ids, span = tiny_source.source_prompt(CONTEXT, QUESTION)
-        assert reply.source_tokens == len(ids) and span.stop - span.start < len(ids)
-        assert (span.stop - span.start) * 64 * 2 < reply.packet_bytes - 4 * 96 * 2 < len(ids) * 64 * 2
+        assert reply.source_tokens == len(ids) and span.stop - span.start > 8
+        assert 8 * 64 * 2 < reply.packet_bytes - 4 * 96 * 2 < 9 * 64 * 2
     elif mode == "text":
         assert 0 < reply.message_tokens <= 8 and t.source_decode_ms > 0
+    elif mode == "extract":  # the chosen context tokens as text: no generation, no bridge
+        assert reply.message_tokens == 8 and t.source_decode_ms == 0 and t.bridge_ms == 0
+        assert 0 < reply.packet_bytes < len(CONTEXT) + 64
     elif mode == "direct":
         assert reply.packet_bytes >= len(CONTEXT) and t.source_prefill_ms == 0
     else:
         assert reply.packet_bytes == 0 and t.source_prefill_ms == 0
 
 
-def test_latent_with_an_empty_context_sends_the_whole_prompt(client, tiny_source):
-    """No context tokens to send: the packet carries the prompt's states rather than nothing."""
+def test_latent_with_an_empty_context_sends_the_prompt_within_the_budget(client, tiny_source):
+    """No context tokens to send: the packet carries M of the prompt's states rather than nothing."""
     reply = client.ask("", QUESTION, "latent", max_new_tokens=3)
     ids, span = tiny_source.source_prompt("", QUESTION)
-    assert (span.start, span.stop) == (0, len(ids)) and reply.source_tokens == len(ids)
-    assert reply.answer_tokens > 0 and reply.packet_bytes > len(ids) * 64 * 2
+    assert (span.start, span.stop) == (0, len(ids)) and reply.source_tokens == len(ids) > 8
+    assert reply.answer_tokens > 0 and 8 * 64 * 2 < reply.packet_bytes - 4 * 96 * 2 < 9 * 64 * 2
+
+
+@pytest.mark.parametrize("budget", [2, 8, 16])
+def test_the_message_budget_bounds_the_latent_packet_whatever_the_context_length(client, budget):
+    """One budget M bounds every message: a context 4x longer sends no more hidden states."""
+    sizes = [client.ask(" ".join([CONTEXT] * k), QUESTION, "latent", max_new_tokens=2, message_tokens=budget
+                        ).packet_bytes for k in (1, 4)]
+    assert sizes[0] == sizes[1] and budget * 64 * 2 < sizes[0] - 4 * 96 * 2 < (budget + 1) * 64 * 2
+    extract = client.ask(" ".join([CONTEXT] * 4), QUESTION, "extract", max_new_tokens=2, message_tokens=budget)
+    assert extract.message_tokens == budget
 
 
 def test_stream_yields_the_answer_token_by_token(client):
@@ -153,6 +167,8 @@ BAD = {
     "context over the limit": (lambda c: c.ask("lisbon " * 400, QUESTION, "latent"), "RESOURCE_EXHAUSTED", "256"),
     "max_new_tokens too large": (lambda c: c.ask(CONTEXT, QUESTION, "text", max_new_tokens=33),
                                  "INVALID_ARGUMENT", "max_new_tokens"),
+    "message budget over the limit": (lambda c: c.ask(CONTEXT, QUESTION, "latent", message_tokens=257),
+                                      "INVALID_ARGUMENT", "message_tokens"),
     "unknown agent": (lambda c: c.ask(CONTEXT, QUESTION, "latent", target_agent="bob"), "NOT_FOUND", "bob"),
     "unknown mode": (lambda c: c.ask(request=pb.AskRequest(question=QUESTION, mode=7)), "INVALID_ARGUMENT", "mode"),
     "bad request id": (lambda c: c.ask(CONTEXT, QUESTION, request_id="a b/c"), "INVALID_ARGUMENT", "request_id"),
@@ -185,6 +201,10 @@ BAD = {
                                       "FAILED_PRECONDITION", "bridge_id"),
     "latent Inf": (lambda c: c.receive(latent_request(soft=codec.encode(torch.full((4, 96), float("inf")), "float32"))),
                    "INVALID_ARGUMENT", "NaN or Inf"),
+    "latent over the message budget": (lambda c: c.receive(latent_request(soft=codec.encode(torch.randn(257, 96)))),
+                                       "RESOURCE_EXHAUSTED", "latent.soft_tokens.shape"),
+    "extract without its text": (lambda c: c.receive(pb.ReceiveRequest(mode=pb.EXTRACT, question=QUESTION)),
+                                 "INVALID_ARGUMENT", "payload"),
     "payload does not fit the mode": (lambda c: c.receive(pb.ReceiveRequest(mode=pb.LATENT, question=QUESTION,
                                                                             text=pb.TextPacket(text="hi"))),
                                       "INVALID_ARGUMENT", "payload"),
