@@ -93,9 +93,9 @@ def decode(msg: pb.Tensor, *, field: str = "tensor", ndim: int | None = None,
     n = math.prod(shape)
     if n > max_elements:
         raise ResourceExhausted(f"{n} elements exceed the limit of {max_elements}", f"{field}.shape")
-    if last_dim is not None and shape[-1] != last_dim:
-        raise InvalidArgument(f"last dimension is {shape[-1]}, the receiver expects {last_dim}",
-                              f"{field}.shape")
+    if last_dim is not None and (not shape or shape[-1] != last_dim):
+        raise InvalidArgument(f"last dimension is {shape[-1] if shape else 'missing'}, the receiver "
+                              f"expects {last_dim}", f"{field}.shape")
     dtype = _FROM_PB[msg.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(msg.data) != n * itemsize:

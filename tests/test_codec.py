@@ -44,6 +44,7 @@ def _msg(shape=(2, 3), dtype=pb.FLOAT32, nbytes=None, fill=1.0):
     (_msg(shape=(2, 3)), {"ndim": 3}, "tensor.shape"),
     (_msg(shape=(2, 0)), {}, "tensor.shape"),
     (_msg(shape=(2, 3)), {"last_dim": 4}, "tensor.shape"),
+    (_msg(shape=()), {"last_dim": 4}, "tensor.shape"),
     (_msg(nbytes=23), {}, "tensor.data"),
     (_msg(nbytes=25), {}, "tensor.data"),
     (_msg(fill=float("nan")), {}, "tensor.data"),
