@@ -71,7 +71,8 @@ def encode(t: torch.Tensor, dtype: str | torch.dtype = "bfloat16") -> pb.Tensor:
 
 def wire(t: torch.Tensor, dtype: str | None) -> torch.Tensor:
     """`t` rounded as `encode(t, dtype)` then `decode` would give it back (fp32), without the bytes:
-    what evaluation and fitting feed the bridge so that they see the packets serving sees."""
+    what evaluation and fitting feed the bridge so that they see the packets serving sees. The int8
+    code is computed on a detached copy: no gradient flows through it."""
     if dtype in (None, "float32"):
         return t
     if dtype == "int8":
