@@ -7,6 +7,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+# the packets' wire encoding (latentwire.codec.WIRE_DTYPES): int8 is a quarter of float32's bytes
+WireDType = Literal["bfloat16", "float16", "float32", "int8"]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a config is an error, not a silent default
 
@@ -82,7 +86,7 @@ class AgentSettings(_Strict):
     source_layer: int | None = None  # None: the profile's default
     message_tokens: int = Field(64, gt=0)  # the message budget M of TEXT, EXTRACT and LATENT
     selection: PacketSelection = PacketSelection()  # which context tokens a LATENT/EXTRACT message carries
-    wire_dtype: str = "bfloat16"
+    wire_dtype: WireDType = "bfloat16"
     device: str = "cpu"
     dtype: str | None = None
     threads: int | None = None  # torch intra-op threads in this actor
@@ -116,7 +120,7 @@ class BridgeSettings(_Strict):
     # None: the target profile's own (the converted embedded model, or the hub cache)
     target_path: str | None = None
     device: str = "cpu"
-    wire_dtype: str = "bfloat16"
+    wire_dtype: WireDType = "bfloat16"
     threads: int | None = None
     # dtype an aligned bridge scores its vocabulary in to pick each soft token's nearest rows (their
     # mix stays float32); auto: bfloat16 on a GPU or an AMX CPU, float32 elsewhere

@@ -18,6 +18,7 @@ import struct
 
 import grpc
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -65,32 +66,47 @@ TEXT = st.one_of(st.text(max_size=64), st.sampled_from(["", " ", "\n\t", "<s>", 
                  st.text(min_size=3000, max_size=6000))
 
 
+SCALES = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, -1.0, 1e38, 3.4e38, 1e-45, 1.0]
+
+
 @st.composite
 def tensors(draw, rows=None, width=None) -> pb.Tensor:
-    dtype = draw(st.one_of(st.sampled_from([pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16]), st.sampled_from([0, 4, 99]),
-                           INT32))
+    dtype = draw(st.one_of(st.sampled_from([pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.INT8]),
+                           st.sampled_from([0, 5, 99]), INT32))
     if draw(st.booleans()):  # a well-formed 2-D tensor (the right width half of the time)
         shape = [draw(st.integers(1, 12)) if rows is None else rows, width if width and draw(st.booleans())
                  else draw(DIM)]
     else:
         shape = draw(st.lists(DIM, max_size=5))
-    item = {pb.FLOAT32: 4, pb.FLOAT16: 2, pb.BFLOAT16: 2}.get(dtype, 4)
+    item = {pb.FLOAT32: 4, pb.FLOAT16: 2, pb.BFLOAT16: 2, pb.INT8: 1}.get(dtype, 4)
     n = math.prod(shape) if shape and all(0 < d < 1 << 20 for d in shape) else None
     how = draw(st.sampled_from(["exact", "random", "short", "long"]))
     if how == "exact" and n is not None and n * item <= 1 << 20:
         k = min(n, 512)  # hypothesis draws at most a few thousand list items: tile a drawn block
-        block = draw(st.lists(st.one_of(st.floats(width=32), st.sampled_from(SPECIAL)), min_size=k, max_size=k))
-        values = (block * (n // k + 1))[:n]
-        fmt = "<%df" % n if item == 4 else "<%de" % n
-        try:
-            data = struct.pack(fmt, *values)
-        except (OverflowError, struct.error):
-            data = b"\x7f" * (n * item)
+        if dtype == pb.INT8:
+            block = draw(st.binary(min_size=k, max_size=k))
+            data = (block * (n // k + 1))[:n]
+        else:
+            block = draw(st.lists(st.one_of(st.floats(width=32), st.sampled_from(SPECIAL)), min_size=k, max_size=k))
+            values = (block * (n // k + 1))[:n]
+            fmt = "<%df" % n if item == 4 else "<%de" % n
+            try:
+                data = struct.pack(fmt, *values)
+            except (OverflowError, struct.error):
+                data = b"\x7f" * (n * item)
     elif how in ("short", "long") and n is not None and n * item <= 1 << 20:
         data = bytes(draw(st.integers(0, 255)) for _ in range(1)) * max(n * item + (-1 if how == "short" else 1), 0)
     else:
         data = draw(st.binary(max_size=4096))
-    return pb.Tensor(shape=shape, dtype=dtype, data=data)
+    scale = []
+    if dtype == pb.INT8 or draw(st.integers(0, 9)) == 0:  # INT8 scales; now and then scales on a float tensor
+        m = n // shape[-1] if n is not None else 0
+        count = draw(st.sampled_from(["rows", "rows", "rows", "random"]))
+        count = min(m, 4096) if count == "rows" else draw(st.integers(0, 64))
+        value = draw(st.one_of(st.floats(min_value=1e-30, max_value=1e30), st.sampled_from(SCALES)))
+        scale = [value] * count if count > 64 or draw(st.booleans()) else draw(
+            st.lists(st.one_of(st.floats(width=32), st.sampled_from(SCALES)), min_size=count, max_size=count))
+    return pb.Tensor(shape=shape, dtype=dtype, data=data, scale=scale)
 
 
 @st.composite
@@ -175,6 +191,46 @@ def invoke(client, rpc: str, request, auth: str | None) -> str:
 
 
 # ---- the properties --------------------------------------------------------------------------------
+@settings(settings.get_profile("latentwire-fuzz"))
+@given(msg=tensors(width=96), ndim=st.sampled_from([None, 2]), last_dim=st.sampled_from([None, 96]))
+def test_codec_decode_refuses_clearly_or_returns_finite_values(msg, ndim, last_dim):
+    """The codec alone (no cluster): every tensor decodes to finite values of its shape or is refused
+    with InvalidArgument / ResourceExhausted naming a field of the tensor."""
+    from latentwire import codec
+    from latentwire.errors import InvalidArgument, ResourceExhausted
+
+    try:
+        t = codec.decode(msg, field="t", ndim=ndim, last_dim=last_dim, max_elements=1 << 20)
+    except (InvalidArgument, ResourceExhausted) as err:
+        assert err.field in {"t.dtype", "t.shape", "t.data", "t.scale"}
+        return
+    assert list(t.shape) == list(msg.shape) and bool(torch.isfinite(t).all())
+
+
+@settings(settings.get_profile("latentwire-fuzz"))
+@given(rows=st.integers(1, 8), width=st.integers(1, 64), exp=st.integers(-30, 30),
+       special=st.sampled_from([None, float("nan"), float("inf"), 0.0]), seed=st.integers(0, 2**31 - 1))
+def test_codec_int8_round_trip_is_bounded_or_refused(rows, width, exp, special, seed):
+    """Any float32 tensor through the int8 code: within half a step of its row's absmax, or (a
+    non-finite value) refused at the receiver naming the scale."""
+    from latentwire import codec
+    from latentwire.errors import InvalidArgument
+
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(seed)) * 10.0 ** exp
+    if special is not None:
+        x[rows // 2, width // 2] = special
+    msg = pb.Tensor.FromString(codec.encode(x, "int8").SerializeToString())
+    if not bool(torch.isfinite(x).all()):
+        with pytest.raises(InvalidArgument) as err:
+            codec.decode(msg)
+        assert err.value.field == "tensor.scale"
+        return
+    y = codec.decode(msg, ndim=2, last_dim=width)
+    assert torch.equal(y, codec.wire(x, "int8"))
+    step = x.abs().amax(dim=1, keepdim=True) / 127
+    assert ((y - x).abs() <= step / 2 * (1 + 1e-5) + 1e-45).all()
+
+
 @pytest.fixture(scope="module")
 def before(client):
     client.ask("Alice keeps the red key in Lisbon.", "Where is the key?", "latent", max_new_tokens=2)
