@@ -131,7 +131,7 @@ def _eval_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--message-tokens", type=int, default=64, help="text relay budget M")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--wire-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--wire-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "int8"])
     p.add_argument("--search-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="an aligned bridge's nearest-row scoring, as the bridge service's search_dtype")
     p.add_argument("--token-index", default="auto",
