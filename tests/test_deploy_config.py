@@ -76,8 +76,8 @@ def test_agent_prefills_in_the_dtype_its_settings_name():
 
     fast = AgentServicer(dict(profile="tiny-mistral", threads=1, prefill_dtype="bfloat16")).model
     plain = AgentServicer(dict(profile="tiny-mistral", threads=1, prefill_dtype="float32")).model
-    assert fast.prefill_dtype == torch.bfloat16 and fast._prefill_model is not None
-    assert plain.prefill_dtype == torch.float32 and plain._prefill_model is None
+    assert fast.prefill_dtype == torch.bfloat16 and fast.engine.prefill_model is not None
+    assert plain.prefill_dtype == torch.float32 and plain.engine.prefill_model is None
     with pytest.raises(ValueError, match="dense cache"):  # a compressed cache keeps float32 keys
         AgentServicer(dict(profile="tiny-mistral", threads=1, prefill_dtype="bfloat16",
                            kv_compression={"method": "mean_pool", "window": 4, "sink": 2, "recent": 8}))

@@ -17,7 +17,7 @@ def test_target_inputs_start_with_bos_and_wrap_the_payload(tiny_target):
     n_prefix = m.prefix_embeds().shape[0]
     assert torch.equal(embeds[n_prefix:n_prefix + 5], soft)
     # the primer sits right before the payload, identically for every request
-    prefix_text = m.tok.decode(m.tokenize(m._target_template("?")[0]))
+    prefix_text = m.tok.decode(m.tokenize(m.prompts.target_template("?")[0]))
     assert prefix_text.endswith(m.profile.primer)
 
 
@@ -144,8 +144,8 @@ def test_a_token_budget_splits_a_batch_without_changing_its_answers(tiny_target)
     calls = []
     prompt = len(m.target_inputs(*jobs[0][:2])[0])
     capped = AgentModel(m.profile, model=m.model, tokenizer=m.tok, batch_tokens=2 * prompt)
-    run = capped.generate_batch
-    capped.generate_batch = lambda embeds, n: calls.append(len(embeds)) or run(embeds, n)
+    run = capped.engine.generate_batch
+    capped.engine.generate_batch = lambda embeds, n: calls.append(len(embeds)) or run(embeds, n)
     split = capped.answer_batch(jobs)
     assert calls == [2, 2]  # two padded batches of two instead of one of four
     assert [s.token_ids for s in split] == [w.token_ids for w in whole]
@@ -180,12 +180,12 @@ def test_bfloat16_prefill_fills_a_float32_cache_and_keeps_float32_logits(which, 
     tok = base.tok if base else tiny_target.tok
     ref = AgentModel(which if base else "tiny-mistral", model=model, tokenizer=tok)
     fast = AgentModel(ref.profile, model=model, tokenizer=tok, prefill_dtype="bfloat16")
-    assert ref.prefill_dtype == torch.float32 and ref._prefill_model is None
+    assert ref.prefill_dtype == torch.float32 and ref.engine.prefill_model is None
     assert fast.prefill_dtype == torch.bfloat16
-    assert {p.dtype for p in fast._prefill_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fast.engine.prefill_model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # the served model is untouched
     assert model.get_input_embeddings() is not None  # and the copy has no second table:
-    assert not any(isinstance(mod, torch.nn.Embedding) for mod in fast._prefill_model.modules())
+    assert not any(isinstance(mod, torch.nn.Embedding) for mod in fast.engine.prefill_model.modules())
 
     torch.manual_seed(0)
     n = 90
@@ -194,8 +194,8 @@ def test_bfloat16_prefill_fills_a_float32_cache_and_keeps_float32_logits(which, 
     mask, pos = torch.ones(1, n, dtype=torch.long), torch.arange(n)[None]
     caches = [DynamicCache(config=model.config), DynamicCache(config=model.config)]
     with torch.no_grad():
-        want = ref._prefill(x, mask, pos, caches[0]).logits[0, -1]
-        got = fast._prefill(x, mask, pos, caches[1]).logits[0, -1]
+        want = ref.engine.prefill(x, mask, pos, caches[0]).logits[0, -1]
+        got = fast.engine.prefill(x, mask, pos, caches[1]).logits[0, -1]
     assert got.dtype == torch.float32
     assert all(layer.keys.dtype == torch.float32 for layer in caches[1].layers)
     assert caches[1].get_seq_length() == caches[0].get_seq_length() == n

@@ -28,7 +28,7 @@ ATTENTIONS = ("sdpa", "banded_sdpa")
 
 
 def use(target, name: str) -> None:
-    for model in (target.model, target._prefill_model):  # the bfloat16 prefill copy has its own config
+    for model in (target.model, target.engine.prefill_model):  # the bfloat16 prefill copy has its own config
         if model is not None:
             model.set_attn_implementation(name)
 
@@ -38,7 +38,7 @@ def last_logits(target, embeds: torch.Tensor) -> torch.Tensor:
 
     n = embeds.shape[0]
     with torch.no_grad():
-        out = target._prefill(embeds[None], torch.ones(1, n, dtype=torch.long), torch.arange(n)[None],
+        out = target.engine.prefill(embeds[None], torch.ones(1, n, dtype=torch.long), torch.arange(n)[None],
                               DynamicCache(config=target.model.config))
     return out.logits[0, -1].float()
 
