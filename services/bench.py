@@ -165,9 +165,16 @@ def summarize(records: list[dict], repeats: int) -> dict:
     # LATENT vs TEXT speedup of p50, per repeat (items split into `repeats` rounds) -> spread; and
     # DIRECT vs TEXT: the target reading the context itself, the ceiling of a bridge that sends one
     # soft token per context token (LATENT = DIRECT + source states + bridge)
-    for fast, key in (("latent", "speedup_latent_vs_text"), ("direct", "speedup_direct_vs_text")):
-        for target, sp in _speedups(ok, fast, "text", repeats).items():
-            out.setdefault(key, {})[target] = sp
+    for fast, slow in (("latent", "text"), ("direct", "text"), ("latent", "direct"), ("extract", "text")):
+        for target, sp in _speedups(ok, fast, slow, repeats).items():
+            out.setdefault(f"speedup_{fast}_vs_{slow}", {})[target] = sp
+    # the budget's promise at the target: its own stage (prefill + decode) for a packet of at most M
+    # soft tokens against reading the whole context (DIRECT)
+    for key, m in out["modes"].items():
+        direct = out["modes"].get(f"direct/{m['target']}")
+        if m["mode"] != "direct" and direct:
+            own = lambda x: x["stages_mean_ms"]["target_prefill_ms"] + x["stages_mean_ms"]["target_decode_ms"]  # noqa: E731
+            m["target_stage_vs_direct"] = own(m) / own(direct) if own(direct) else float("nan")
     return out
 
 
@@ -252,9 +259,11 @@ def table(report: dict) -> str:
                          f"{m['p95_ms']:.0f}", f"{m['p99_ms']:.0f}", f"{m['requests_per_s']:.2f}",
                          f"{100 * m['grpc_and_codec_share']:.1f}", f"{m['bytes_per_request']:.0f}",
                          "/".join(f"{m['batch_mean'][f]:.1f}" for f in BATCHES), f"{m['exact_match']:.2f}"])
-        for key, name in (("speedup_latent_vs_text", "LATENT"), ("speedup_direct_vs_text", "DIRECT")):
-            for target, sp in s["summary"].get(key, {}).items():
-                rows.append([str(s["context_tokens"]), str(s["concurrency"]), f"{name} vs TEXT ({target})", "",
+        for key in sorted(k for k in s["summary"] if k.startswith("speedup_")):
+            fast, slow = key.removeprefix("speedup_").split("_vs_")
+            for target, sp in s["summary"][key].items():
+                rows.append([str(s["context_tokens"]), str(s["concurrency"]),
+                             f"{fast.upper()} vs {slow.upper()} ({target})", "",
                              f"{sp['p50_ratio']:.2f}x", f"[{sp['min']:.2f}-{sp['max']:.2f}]", "", "", "", "", "", ""])
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w[i]) if i != 2 else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)

@@ -12,7 +12,7 @@ DEMO_ITEMS = [
     ("The meeting about the bridge repair moved to Friday. It will be held in room Amber on floor 9.",
      "In which room will the meeting be held?", "Amber"),
 ]
-MODES = ["latent", "text", "direct", "none"]
+MODES = ["latent", "text", "extract", "direct", "none"]
 
 
 def run_demo(config: dict, *, max_new_tokens: int = 16, warmup: bool = True, ray_logs: bool = False) -> list[dict]:

@@ -46,6 +46,20 @@ def test_direct_vs_text_is_reported_beside_latent_vs_text_per_repeat():
     assert "DIRECT vs TEXT (default)" in table and f"{d['p50_ratio']:.2f}x" in table
 
 
+def test_latent_against_direct_and_the_target_stage_share_are_reported():
+    """The budget's goals: LATENT's p50 against DIRECT's, and the target's own stage time for a packet
+    of M soft tokens against reading the whole context."""
+    records = [_record(i, "direct", 4000.0, 0) for i in range(4)] + [_record(i, "latent", 1000.0, 64) for i in range(4)]
+    for r in records:
+        r["target_prefill_ms"] = 3000.0 if r["mode"] == "direct" else 300.0
+    s = bench.summarize(records, repeats=2)
+    assert s["speedup_latent_vs_direct"]["default"]["p50_ratio"] == 4.0
+    assert s["modes"]["latent/default"]["target_stage_vs_direct"] == (300.0 + 1.0) / (3000.0 + 1.0)
+    assert "target_stage_vs_direct" not in s["modes"]["direct/default"]
+    table = bench.table({"settings": [{"context_tokens": 4096, "concurrency": 1, "summary": s}]})
+    assert "LATENT vs DIRECT (default)" in table and "4.00x" in table
+
+
 def test_percentiles_of_tiny_samples():
     assert bench._pct([], 50) != bench._pct([], 50)  # nan
     assert bench._pct([7.0], 99) == 7.0

@@ -45,6 +45,21 @@ def test_latent_mode_runs_end_to_end_with_the_packaged_bridge(client):
     assert reply.packet_bytes >= reply.message_tokens * (576 + 640) * 2
 
 
+def test_a_long_context_travels_as_at_most_m_soft_tokens_and_the_target_prefills_only_those(client):
+    """~700 tokens of prose with planted records: LATENT and EXTRACT send M = 64 tokens, and the
+    target's cache holds the primer, the packet, the question and the answer, not the context."""
+    from bridge.records import generate
+
+    item = generate(1, "val", seed=3, tokens=700)[0]
+    direct = client.ask(item["context"], item["question"], "direct", max_new_tokens=8)
+    latent = client.ask(item["context"], item["question"], "latent", max_new_tokens=8)
+    extract = client.ask(item["context"], item["question"], "extract", max_new_tokens=8)
+    assert latent.source_tokens > 700 and latent.message_tokens == extract.message_tokens == 64
+    assert latent.packet_bytes < 64 * (576 + 640) * 2 + 4096  # states in, soft tokens out, bf16
+    assert direct.kv_cache_tokens > 700 and latent.kv_cache_tokens < 64 + 80 and extract.kv_cache_tokens < 64 + 120
+    assert latent.timings.target_prefill_ms < direct.timings.target_prefill_ms
+
+
 def test_latent_packets_carry_the_facts_of_the_demo_items(client):
     """The packaged bridge passes each demo item's fact on; the previous Perceiver bridge got none."""
     for context, question, expected in DEMO_ITEMS:
