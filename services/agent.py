@@ -20,7 +20,7 @@ from latentwire.runtime import AgentModel, now_ms
 from latentwire.settings import AgentSettings, grpc_channel_options
 from protos.latentwire.v1 import latentwire_pb2 as pb
 from protos.latentwire.v1 import latentwire_pb2_grpc as pb_grpc
-from services import packets
+from services import metrics, packets
 from services.auth import BearerAuth
 from services.batching import Batcher
 from services.status import HopError, rpc
@@ -247,10 +247,10 @@ class AgentServicer:
         tm.packet_decode_ms += rr.packet_decode_ms
         tm.target_prefill_ms, tm.target_decode_ms, tm.target_batch = rr.prefill_ms, rr.decode_ms, rr.batch_size
         tm.source_total_ms = now_ms() - t_start
-        return pb.AskReply(request_id=rid, answer=rr.answer, mode=mode, timings=tm, packet_bytes=wire,
+        return metrics.reply(pb.AskReply(request_id=rid, answer=rr.answer, mode=mode, timings=tm, packet_bytes=wire,
                            source_tokens=source_tokens, message_tokens=message_tokens,
                            answer_tokens=rr.answer_tokens, source_model=self.model.name,
-                           target_model=rr.target_model, target_agent=name, kv_cache_tokens=rr.kv_cache_tokens)
+                           target_model=rr.target_model, target_agent=name, kv_cache_tokens=rr.kv_cache_tokens))
 
 
 def _stream(run, text_chunk, reply_chunk):

@@ -15,6 +15,7 @@ import re
 import grpc
 
 from latentwire.errors import LatentWireError
+from services import metrics
 
 log = logging.getLogger("latentwire.services")
 
@@ -23,6 +24,7 @@ class HopError(Exception):
     """A call to another service failed; `code` is its grpc.StatusCode."""
 
     def __init__(self, hop: str, err: grpc.RpcError):
+        self.hop = hop
         self.code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNAVAILABLE
         details = err.details() if hasattr(err, "details") else str(err)
         if self.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and REPLICA_DIED.search(details or ""):
@@ -47,10 +49,11 @@ def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); see the replica log"
 
 
-def _set(ctx, exc: Exception) -> None:
+def _set(ctx, exc: Exception, method: str) -> None:
     code, details = _status(exc)
     if ctx is None:  # called directly (not through gRPC): surface the exception as is
         raise exc
+    metrics.refusal(method, code, getattr(exc, "field", None) or getattr(exc, "hop", None))
     ctx.set_code(code)
     ctx.set_details(details)
 
@@ -87,7 +90,7 @@ def rpc(reply_type):
                     async for item in fn(self, request, grpc_context):
                         yield item
                 except Exception as exc:  # noqa: BLE001
-                    _set(grpc_context, exc)
+                    _set(grpc_context, exc, fn.__name__)
                     raise StreamFailed(str(exc)) from exc
             return astream
 
@@ -98,7 +101,7 @@ def rpc(reply_type):
                     _authenticate(self, grpc_context)
                     return await fn(self, request, grpc_context)
                 except Exception as exc:  # noqa: BLE001
-                    _set(grpc_context, exc)
+                    _set(grpc_context, exc, fn.__name__)
                     return reply_type()
             return aunary
 
@@ -109,7 +112,7 @@ def rpc(reply_type):
                     _authenticate(self, grpc_context)
                     yield from fn(self, request, grpc_context)
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-                    _set(grpc_context, exc)
+                    _set(grpc_context, exc, fn.__name__)
                     raise StreamFailed(str(exc)) from exc
             return stream
 
@@ -119,7 +122,7 @@ def rpc(reply_type):
                 _authenticate(self, grpc_context)
                 return fn(self, request, grpc_context)
             except Exception as exc:  # noqa: BLE001
-                _set(grpc_context, exc)
+                _set(grpc_context, exc, fn.__name__)
                 return reply_type()
         return unary
 

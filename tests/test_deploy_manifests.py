@@ -8,7 +8,9 @@
   a pydantic model of the fields used.
 Cross-checks: every replica's GPU and custom resources fit some worker group / node type; auth is
 on with the token from a Secret; the training jobs' commands parse with the real CLI and write
-the weights the Serve config loads.
+the weights the Serve config loads. The control plane is closed: Ray's token auth from a Secret on
+every Ray pod, the dashboard never on a public address, NetworkPolicies that admit only gRPC from
+outside, read-only weights, non-root pods without privileges on a read-only root filesystem.
 """
 
 from __future__ import annotations
@@ -61,10 +63,14 @@ class Container(_Loose):
     resources: dict[str, dict[str, str | int]] = {}
     env: list[EnvVar] = []
     ports: list[dict] = []
+    securityContext: dict = {}
+    volumeMounts: list[dict] = []
 
 
 class PodSpec(_Loose):
     containers: list[Container] = Field(min_length=1)
+    securityContext: dict = {}
+    volumes: list[dict] = []
 
 
 class PodTemplate(_Strict):
@@ -111,9 +117,18 @@ class WorkerGroupSpec(_Strict):
             raise ValueError(f"{self.groupName}: need minReplicas <= replicas <= maxReplicas")
 
 
+class AuthOptions(_Strict):
+    """KubeRay v1.5.1+ (`secretName` v1.6+): Ray's token authentication, managed by the operator."""
+
+    mode: Literal["disabled", "token"]
+    secretName: str | None = None
+    enableK8sTokenAuth: bool | None = None
+
+
 class RayClusterSpec(_Strict):
     rayVersion: str
     enableInTreeAutoscaling: bool | None = None
+    authOptions: AuthOptions | None = None
     headGroupSpec: HeadGroupSpec
     workerGroupSpecs: list[WorkerGroupSpec] = Field(min_length=1)
 
@@ -152,6 +167,7 @@ class RayJobSpec(_Strict):
     backoffLimit: int | None = Field(None, ge=0)
     submissionMode: Literal["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"] | None = None
     runtimeEnvYAML: str | None = None
+    submitterPodTemplate: PodTemplate | None = None
     rayClusterSpec: RayClusterSpec
 
 
@@ -204,6 +220,26 @@ def fits(demand: dict[str, float], supply: dict[str, float]) -> bool:
 
 def cli_commands(entrypoint: str) -> list[list[str]]:
     return [shlex.split(part)[1:] for part in entrypoint.split("&&") if part.strip().startswith("latentwire ")]
+
+
+def ray_manifests(kind: str) -> list[tuple[str, Any, RayClusterSpec]]:
+    """(name, validated spec, its Ray cluster) of every RayService or RayJob."""
+    model = RayService if kind == "RayService" else RayJob
+    out = []
+    for _, d in by_kind(kind):
+        spec = model.model_validate(d).spec
+        out.append((d["metadata"]["name"], spec, spec.rayClusterConfig if kind == "RayService" else spec.rayClusterSpec))
+    return out
+
+
+def pod_templates(kind: str) -> list[PodTemplate]:
+    """Every pod template of the RayServices or RayJobs: head, worker groups, job submitter."""
+    out = []
+    for _, spec, cluster in ray_manifests(kind):
+        out += [cluster.headGroupSpec.template] + [g.template for g in cluster.workerGroupSpecs]
+        if getattr(spec, "submitterPodTemplate", None) is not None:
+            out.append(spec.submitterPodTemplate)
+    return out
 
 
 CLUSTER = local.load_config(DEPLOY / "cluster-gpu.yaml")
@@ -283,8 +319,15 @@ def test_every_pod_gets_the_token_from_a_secret_and_the_proxy_message_cap():
 
 def test_grpc_service_exposes_port_9000_of_the_serve_pods():
     (_, svc), = by_kind("Service")
-    assert svc["apiVersion"] == "v1" and svc["spec"]["selector"] == {"ray.io/serve": "true"}
+    selector = svc["spec"]["selector"]
+    assert svc["apiVersion"] == "v1" and selector["ray.io/serve"] == "true"
+    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
     assert [p["port"] for p in svc["spec"]["ports"]] == [CLUSTER["grpc_options"]["port"]]
+    # tight: it selects the RayService's pods (once KubeRay marks their proxy healthy) and no job's pod
+    serving = [{**t.metadata["labels"], "ray.io/serve": "true"} for t in pod_templates("RayService")]
+    assert serving and all(selector.items() <= labels.items() for labels in serving)
+    assert not [t for t in pod_templates("RayJob")
+                if {k: v for k, v in selector.items() if k != "ray.io/serve"}.items() <= t.metadata["labels"].items()]
 
 
 @pytest.mark.parametrize("name", ["latentwire-train-bridge", "latentwire-train-sidecar"])
@@ -389,3 +432,141 @@ def test_the_manifests_run_the_image_the_dockerfile_builds_with_the_pinned_ray()
     versions = {(d["spec"].get("rayClusterConfig") or d["spec"]["rayClusterSpec"])["rayVersion"]
                 for _, d in by_kind("RayService") + by_kind("RayJob")}
     assert versions == {ray.__version__}
+
+
+# ---- the control plane is closed (docs/deploy.md, "Control plane") ------------------------------------
+RAY_SECRET_KEY = "auth_token"  # the key KubeRay's authOptions reads from its Secret
+
+
+@pytest.mark.parametrize("kind", ["RayService", "RayJob"])
+def test_every_ray_pod_runs_rays_token_auth_with_the_token_from_a_secret(kind):
+    clients_secret = {e.valueFrom["secretKeyRef"]["name"] for t in pod_templates("RayService")
+                      for e in t.spec.containers[0].env if e.name == "LATENTWIRE_AUTH_TOKEN"}
+    for name, _, cluster in ray_manifests(kind):
+        auth = cluster.authOptions
+        assert auth is not None and auth.mode == "token" and auth.secretName, name  # the operator knows the token
+        assert auth.secretName not in clients_secret  # Ray's admin token is not the clients' token
+        for tmpl in pod_templates(kind):
+            for c in tmpl.spec.containers:
+                env = {e.name: e for e in c.env}
+                assert env["RAY_AUTH_MODE"].value == "token", (name, c.name)
+                ref = env["RAY_AUTH_TOKEN"].valueFrom or {}
+                assert env["RAY_AUTH_TOKEN"].value is None and ref.get("secretKeyRef") == {
+                    "name": auth.secretName, "key": RAY_SECRET_KEY}, (name, c.name)
+
+
+def test_launcher_runs_rays_token_auth_and_keeps_the_dashboard_on_localhost():
+    cfg = Launcher.model_validate(launcher())
+    fetch = next(c for c in cfg.setup_commands if "~/.ray/auth_token" in c)
+    assert "secretsmanager get-secret-value" in fetch and "chmod 600 ~/.ray/auth_token" in fetch
+    for cmds in (cfg.head_start_ray_commands, cfg.worker_start_ray_commands):
+        start = next(c for c in cmds if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start and "RAY_AUTH_TOKEN=" not in start  # the token stays in the file
+    head = next(c for c in cfg.head_start_ray_commands if "ray start" in c)
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+
+
+def test_launcher_weights_are_read_only_to_the_ray_processes():
+    cfg = Launcher.model_validate(launcher())
+    sync = next(c for c in cfg.setup_commands if "/mnt/models" in c and "s3 sync" in c)
+    assert "chown -R root:root /mnt/models" in sync and "go-w" in sync  # Ray runs as ubuntu
+
+
+@pytest.mark.parametrize("kind", ["RayService", "RayJob"])
+def test_the_dashboard_is_set_explicitly_and_never_exposed_by_a_service(kind):
+    for name, _, cluster in ray_manifests(kind):
+        head = cluster.headGroupSpec
+        host = (head.rayStartParams.model_extra or {}).get("dashboard-host")
+        # 127.0.0.1 would lock out the KubeRay operator, which drives the cluster through the
+        # dashboard: it stays on the pod network, behind token auth and the NetworkPolicy below
+        assert host in ("127.0.0.1", "0.0.0.0"), name
+        assert head.serviceType in (None, "ClusterIP"), name
+    for _, svc in by_kind("Service"):
+        assert 8265 not in {p.get("targetPort", p["port"]) for p in svc["spec"]["ports"]}
+
+
+def policies_for(labels: dict[str, str]) -> list[dict]:
+    return [d["spec"] for _, d in by_kind("NetworkPolicy")
+            if d["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()]
+
+
+def rule_ports(rule: dict) -> set[int] | None:
+    """The ports a rule admits; None: every port."""
+    return {p["port"] for p in rule["ports"]} if rule.get("ports") else None
+
+
+@pytest.mark.parametrize("kind", ["RayService", "RayJob"])
+def test_network_policies_admit_only_grpc_from_outside_and_ray_traffic_between_ray_pods(kind):
+    grpc_port = CLUSTER["grpc_options"]["port"]
+    for d in (d for _, d in by_kind("NetworkPolicy")):
+        assert d["apiVersion"] == "networking.k8s.io/v1" and "Ingress" in d["spec"]["policyTypes"]
+    for tmpl in pod_templates(kind):
+        labels = (tmpl.metadata or {}).get("labels", {})
+        policies = policies_for(labels)
+        assert policies, f"no NetworkPolicy selects the {kind} pods {labels}"
+        for spec in policies:
+            for rule in spec["ingress"]:
+                peers, ports = rule.get("from"), rule_ports(rule)
+                if not peers:  # open to every source: the gRPC port of the serving pods only
+                    assert kind == "RayService" and ports == {grpc_port}, rule
+                    continue
+                for peer in peers:
+                    if "namespaceSelector" in peer or "ipBlock" in peer:
+                        # from another namespace: one named port each (operator -> dashboard, Prometheus -> metrics)
+                        assert ports and len(ports) == 1 and grpc_port not in ports, rule
+                    else:  # all ports only between the Ray pods of this kind
+                        assert peer["podSelector"]["matchLabels"] == labels, rule
+        dashboard_from = [p for s in policies for r in s["ingress"] if r.get("from") and rule_ports(r) == {8265}
+                          for p in r["from"]]
+        assert dashboard_from and all(p["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+                                      for p in dashboard_from)
+
+
+def model_mounts(tmpl: PodTemplate) -> tuple[list[dict], dict]:
+    pvc = {v["name"]: v for v in tmpl.spec.volumes if "persistentVolumeClaim" in v}
+    return [m for c in tmpl.spec.containers for m in c.volumeMounts if m["name"] in pvc], pvc
+
+
+def test_serving_pods_mount_the_weights_read_only():
+    for tmpl in pod_templates("RayService"):
+        mounts, pvc = model_mounts(tmpl)
+        assert mounts and all(m.get("readOnly") is True for m in mounts)
+        assert all(v["persistentVolumeClaim"].get("readOnly") is True for v in pvc.values())
+
+
+def test_training_pods_write_only_their_outputs():
+    for name, spec, cluster in ray_manifests("RayJob"):
+        for tmpl in [cluster.headGroupSpec.template] + [g.template for g in cluster.workerGroupSpecs]:
+            mounts, _ = model_mounts(tmpl)
+            env = {e.name: e.value for e in tmpl.spec.containers[0].env}
+            hf = [m for m in mounts if m["mountPath"] == env["HF_HOME"]]
+            assert hf and hf[0].get("readOnly") is True, name  # the frozen models
+            writable = [m["mountPath"] for m in mounts if not m.get("readOnly")]
+            assert writable == ["/mnt/models/latentwire"], name
+        outs = [a for argv in cli_commands(spec.entrypoint) for a in argv if a.startswith("/mnt/models/")]
+        assert outs and all(o.startswith(("/mnt/models/latentwire/", "/mnt/models/hf")) for o in outs)
+
+
+@pytest.mark.parametrize("kind", ["RayService", "RayJob"])
+def test_every_pod_runs_as_non_root_without_privileges_on_a_read_only_root(kind):
+    for tmpl in pod_templates(kind):
+        pod = tmpl.spec.securityContext
+        assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 0) != 0
+        empty = {v["name"] for v in tmpl.spec.volumes if "emptyDir" in v}
+        for c in tmpl.spec.containers:
+            sc = c.securityContext
+            assert sc.get("allowPrivilegeEscalation") is False, c.name
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"] and not sc["capabilities"].get("add"), c.name
+            assert sc.get("readOnlyRootFilesystem") is True and not sc.get("privileged"), c.name
+            # Ray's session dir, sockets and spilled objects live under /tmp: a writable emptyDir
+            assert [m for m in c.volumeMounts if m["mountPath"] == "/tmp" and m["name"] in empty], c.name
+
+
+def test_serves_grpc_options_cannot_choose_a_host():
+    """Serve 2.60's gRPC proxy binds [::]:port (docs/deploy.md says so, and deploy/local.yaml's
+    loopback binding holds for HTTP only): fail here once Serve can bind the gRPC proxy elsewhere,
+    so that the local config then binds it to loopback."""
+    from ray.serve.config import gRPCOptions
+
+    assert "host" not in gRPCOptions.model_fields
+    assert local.load_config()["http_options"]["host"] == "127.0.0.1"
