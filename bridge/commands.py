@@ -148,6 +148,8 @@ def _eval_arguments(p) -> None:
     p.add_argument("--selector-params", default=None, help='with --budgets: its parameters as JSON, e.g. {"after": 12}')
     p.add_argument("--max-context-tokens", type=int, default=8192, help="with --budgets: the models' context limit")
     p.add_argument("--plot", default=None, help="with --budgets: write the EM-vs-budget PNG here")
+    p.add_argument("--no-nll", action="store_true",
+                   help="with --budgets: skip the answer NLL (a second target forward per payload)")
 
 
 def register(sub, group) -> None:

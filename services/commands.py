@@ -153,9 +153,10 @@ def register(sub, group) -> None:
     p.add_argument("--requests", type=int, default=12, help="items per setting (each sent in every mode)")
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--context-tokens", default="256")
-    p.add_argument("--message-tokens", type=int, default=64, help="text relay budget M")
+    p.add_argument("--message-tokens", type=int, default=64,
+                   help="the message budget M of TEXT, EXTRACT and LATENT")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap")
-    p.add_argument("--modes", default="latent,text,direct")
+    p.add_argument("--modes", default="latent,text,extract,direct", help="any of latent,text,extract,direct,none")
     p.add_argument("--targets", default="default", help="target agents, e.g. default,fmkvc (FMKVC off/on)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="rounds the items are split into for the spread")
