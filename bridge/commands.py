@@ -129,7 +129,7 @@ def _eval_arguments(p) -> None:
     p.add_argument("--source", default="smollm2-135m", help="source profile when no bridge is used")
     p.add_argument("--target", default="gemma3-270m", help="target profile when no bridge is used")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--message-tokens", type=int, default=64, help="text relay budget M")
+    p.add_argument("--message-tokens", type=int, default=64, help="the message budget M of TEXT and LATENT")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--wire-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "int8"])
     p.add_argument("--search-dtype", default="auto", choices=["auto", "float32", "bfloat16"],

@@ -46,6 +46,7 @@ from bridge.load import default_weights_path, load_bridge
 from bridge.objective import answer_nll, build_batch
 from latentwire.codec import wire
 from latentwire.runtime import AgentModel
+from latentwire.selection import Selector, make_selector, plan_message
 
 MODES = ("latent", "text", "direct", "none")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
@@ -110,11 +111,14 @@ def soft_token_stats(soft: torch.Tensor | list[torch.Tensor], target_rms: float)
 # ---- evaluation ----------------------------------------------------------------------------
 @torch.no_grad()
 def soft_tokens(source: AgentModel, bridge: BridgeBase, context: str, question: str,
-                wire_dtype: str | None = "bfloat16") -> torch.Tensor:
-    """The LATENT packet for one item, exactly as serving computes it: (K, d_tgt)."""
-    ids, span = source.source_prompt(context, question)
-    h = wire(source.hidden_states(ids, bridge.cfg.source_layer)[span].float(), wire_dtype)
-    return wire(bridge(h[None], token_ids=ids[span][None])[0], wire_dtype)
+                wire_dtype: str | None = "bfloat16", budget: int | None = None,
+                selector: Selector | None = None) -> torch.Tensor:
+    """The LATENT packet for one item, exactly as serving computes it: the states of the at most
+    `budget` context tokens `selector` keeps (default: every context token; lexical) -> (K, d_tgt)."""
+    msg = plan_message(source, context, question, budget, selector or make_selector("lexical"),
+                       state_layer=bridge.cfg.source_layer)
+    h = wire(msg.states.float(), wire_dtype)
+    return wire(bridge(h[None], token_ids=msg.token_ids[None])[0], wire_dtype)
 
 
 @torch.no_grad()
@@ -141,7 +145,7 @@ def evaluate(items: list[dict], modes: list[str], source: AgentModel | None, tar
             rec = per_mode[mode]
             t0 = time.perf_counter()
             if mode == "latent":
-                payload = soft_tokens(source, bridge, ctx, q, wire_dtype)
+                payload = soft_tokens(source, bridge, ctx, q, wire_dtype, budget=message_tokens)
                 softs.append(payload)
             elif mode == "text":
                 msg = source.write_message(source.source_ids(ctx, q), message_tokens)

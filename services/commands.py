@@ -48,7 +48,8 @@ def _ask(args: argparse.Namespace) -> int:
     ca = open(args.ca_cert, "rb").read() if args.ca_cert else None
     with LatentWireClient(args.address, source_app=args.app, token=args.token, tls=args.tls or bool(ca),
                           root_certificates=ca) as client:
-        kw = dict(max_new_tokens=args.max_new_tokens, target_agent=args.target_agent, request_id=args.request_id)
+        kw = dict(max_new_tokens=args.max_new_tokens, target_agent=args.target_agent, request_id=args.request_id,
+                  message_tokens=args.message_tokens)
         t0 = time.perf_counter()
         try:
             if args.stream and not args.json:
@@ -129,6 +130,8 @@ def register(sub, group) -> None:
     p.add_argument("--app", default="source", help="Serve application of the source agent")
     p.add_argument("--target-agent", default="", help="named target agent (default: the source's default)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0: the server default")
+    p.add_argument("--message-tokens", type=int, default=0,
+                   help="the message budget M of TEXT, EXTRACT and LATENT (0: the server's setting)")
     p.add_argument("--request-id", default="", help="idempotency key (a retry returns the same reply)")
     p.add_argument("--token", default=None, help="bearer token, when the ingress requires one "
                    "(default: $LATENTWIRE_AUTH_TOKEN)")
