@@ -48,7 +48,7 @@ def test_sidecars_saved_before_proportional_attention_load_as_plain(tmp_path):
 
     _sidecar().save(tmp_path / "old.safetensors")
     manifest = json.loads((tmp_path / "old.json").read_text())
-    for key in ("proportional", "value_norm"):  # what a session-2 manifest lacked
+    for key in ("proportional", "value_norm"):  # keys a manifest written before these options existed lacks
         del manifest["config"][key]
     (tmp_path / "old.json").write_text(json.dumps(manifest))
     old = Sidecar.load(tmp_path / "old.safetensors")

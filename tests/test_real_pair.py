@@ -61,7 +61,8 @@ def test_a_long_context_travels_as_at_most_m_soft_tokens_and_the_target_prefills
 
 
 def test_latent_packets_carry_the_facts_of_the_demo_items(client):
-    """The packaged bridge passes each demo item's fact on; the previous Perceiver bridge got none."""
+    """The packaged bridge passes each demo item's fact on (the Perceiver bridge of docs/bridge.md's
+    table, held-out EM 0.14, got none of them)."""
     for context, question, expected in DEMO_ITEMS:
         reply = client.ask(context, question, "latent", max_new_tokens=8)
         assert expected.lower() in reply.answer.lower(), (question, reply.answer)

@@ -51,7 +51,7 @@ def run(recent_, keep, W_, sup):
 def fit(recent_, W_):
     T = CONTEXT; m = (T - sink - recent_) // W_; rest = T - sink - m * W_
     return BUDGET - sink - m - rest
-# 768 tokens: 155 entries, the budget of the session-20 figures (eval-cache gives the pruning presses 159)
+# 768 tokens: 155 entries, the budget of the 768-token probe_hybrid row in README.md (eval-cache gives the pruning presses 159)
 BUDGET = 155 if CONTEXT == 768 else nominal_budget(CONTEXT, 8, sink, 64)
 if CONTEXT == 4096:
     run(64, BUDGET - sink - 64, 32, None)  # SnapKV-style alone
