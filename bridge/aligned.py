@@ -11,7 +11,8 @@ lexical map, and so copies names it never saw. Why the projection: the regressio
 are shrunken averages off the embedding manifold, and the target misreads them although their
 nearest embeddings are right (97% of answer tokens, EM 0.43 on 60 held-out items); a convex
 combination of real embeddings is read like text (EM 0.83) and stays continuous and
-differentiable (no codebook: the discrete bottlenecks of DESIGN.md collapsed).
+differentiable (no codebook: discrete bottlenecks such as VQ and FSQ collapsed in earlier work on
+latent channels).
 
 A per-token lexicon (`set_lexicon`, fitted by `bridge.align.fit_lexicon`) corrects the map where
 it is lexical but wrong: the source tokens whose mapped state lands nearer another token's row than

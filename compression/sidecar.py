@@ -48,7 +48,7 @@ class SidecarConfig:
     model: str = ""  # profile name of the host model
     # super-tokens read with proportional attention (a log W bias, compression/attention.py); trained so
     proportional: bool = True
-    # "fixed": |v~| = window mean |v| (DESIGN's form); "bounded": |v~| <= window mean |v|, the pooled
+    # "fixed": |v~| = window mean |v| (hard normalisation, the form that held against soft penalties); "bounded": |v~| <= window mean |v|, the pooled
     # value's own norm, which shrinks as the window's values disagree, like an attention average does
     value_norm: str = "fixed"
 

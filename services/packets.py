@@ -1,4 +1,5 @@
-"""Packet building and checking: provenance rules of DESIGN.md, shared by all three services."""
+"""Packet building and checking, shared by all three services: a packet whose provenance (models, layer,
+hidden sizes, bridge) does not match its receiver is refused with a status that names the field."""
 
 from __future__ import annotations
 
