@@ -18,24 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
 from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: results.timing
+from results.timing import median_ms  # noqa: E402
 
 import torch
 
 HERE = Path(__file__).parent
-
-
-def median_ms(f, repeats: int = 5) -> float:
-    """Median wall time of `repeats` calls of f, in ms, after one warm-up call."""
-    f()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def main() -> None:
