@@ -136,15 +136,8 @@ class MeanPoolPress(WindowPress):
 
 @dataclass
 class FMKVCPress(WindowPress):
-    """FMKVC: force-matched KV cache compression (compression/methods/fmkvc.py, docs/fmkvc.md).
-
-    Parameters
-    ----------
-    profile : str
-        Model profile whose packaged sidecar to use (compression/weights/PROFILE.safetensors).
-    weights : str
-        Explicit sidecar weights (.safetensors with manifest); overrides `profile`.
-    """
+    """FMKVC: force-matched KV cache compression (docs/fmkvc.md); `profile` and `weights` pick the
+    sidecar as the method's own fields do (compression/methods/fmkvc.py: FMKVC)."""
 
     method: str = "fmkvc"
     profile: str | None = None
