@@ -3,7 +3,7 @@
 Serve's gRPC proxy routes a call to the deployment method named like the RPC, so `A2AServicer` is a
 mixin whose methods are the A2A RPCs, and `A2AAgentServicer` (what `services.app.agent_app` deploys)
 is the agent servicer with it mixed in. The types and the servicer registration
-(`a2a.types.a2a_pb2_grpc.add_A2AServiceServicer_to_server`, listed in each config's
+(`services.a2a_wire.add_A2AServiceServicer_to_server`, listed in each config's
 `grpc_servicer_functions`) come from `a2a-sdk`; its server plumbing (request handlers, task store,
 event queue) does not run here: it owns the gRPC server, and Serve's proxy owns ours.
 
@@ -29,14 +29,13 @@ import asyncio
 import collections
 import uuid
 
-from a2a.types import a2a_pb2 as a2a
 from google.protobuf import empty_pb2, json_format, struct_pb2
 
 from latentwire.envelope import MEDIA_TYPE, from_envelope
 from latentwire.errors import FailedPrecondition, InvalidArgument, NotFound
-from latentwire.runtime import now_ms
 from protos.latentwire.v1 import latentwire_pb2 as pb
 from services import packets
+from services.a2a_wire import a2a_pb2 as a2a  # with the pickling alias Serve needs
 from services.agent import AgentServicer
 from services.status import rpc
 

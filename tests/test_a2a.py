@@ -79,7 +79,7 @@ def data(**fields) -> a2a.Part:
 
 
 def ask(mode: str, **metadata) -> a2a.SendMessageRequest:
-    return message(a2a.Part(text=QUESTION), data(context=CONTEXT), mode=mode, max_new_tokens=5, **metadata)
+    return message(a2a.Part(text=QUESTION), data(context=CONTEXT), **{"mode": mode, "max_new_tokens": 5, **metadata})
 
 
 def answer_of(task: a2a.Task) -> tuple[str, dict]:
