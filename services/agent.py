@@ -163,6 +163,35 @@ class AgentServicer:
             self._bridge_stub = pb_grpc.BridgeServiceStub(self._channel)
         return self._agent_stub, self._bridge_stub
 
+    def _route(self, target_agent: str):
+        """The (name, route) of a target agent this source knows; "" is the default one."""
+        name = target_agent or "default"
+        route = self.settings.targets.get(name)
+        if route is None:
+            raise NotFound(f"unknown agent {name!r}; this source knows {sorted(self.settings.targets)}",
+                           "target_agent")
+        return name, route
+
+    async def _deliver(self, out: pb.ReceiveRequest, name: str, route, emit) -> pb.ReceiveReply:
+        """The target's reply to `out`: its Receive, or its ReceiveStream with each piece passed to `emit`."""
+        agent_stub, _ = self._stubs()
+        meta = (("application", route.app),) + self.auth.metadata()
+        timeout = self.settings.hop_timeout_s
+        try:
+            if emit is None:
+                return await agent_stub.Receive(out, metadata=meta, timeout=timeout)
+            rr = None
+            async for chunk in agent_stub.ReceiveStream(out, metadata=meta, timeout=timeout):
+                if chunk.HasField("reply"):
+                    rr = chunk.reply
+                elif chunk.text:
+                    emit(chunk.text)
+            if rr is None:
+                raise InvalidArgument("target stream ended without a reply", "target")
+            return rr
+        except grpc.RpcError as err:
+            raise HopError(f"target {name!r}", err) from None
+
     async def _ask(self, req: pb.AskRequest, emit) -> pb.AskReply:
         t_start = now_ms()
         rid = packets.request_id(req.request_id)
@@ -174,12 +203,8 @@ class AgentServicer:
         if budget > self.limits.max_message_tokens:
             raise InvalidArgument(f"must be at most {self.limits.max_message_tokens} (max_message_tokens), "
                                   f"got {budget}", "message_tokens")
-        name = req.target_agent or "default"
-        route = self.settings.targets.get(name)
-        if route is None:
-            raise NotFound(f"unknown agent {name!r}; this source knows {sorted(self.settings.targets)}",
-                           "target_agent")
-        agent_stub, bridge_stub = self._stubs()
+        name, route = self._route(req.target_agent)
+        _, bridge_stub = self._stubs()
         tm = pb.Timings()
         out = pb.ReceiveRequest(request_id=rid, mode=mode, question=req.question, max_new_tokens=max_new)
         prov = pb.Provenance(request_id=rid, source_model=self.model.name)
@@ -227,21 +252,7 @@ class AgentServicer:
             wire += out.text.ByteSize()
 
         t4 = now_ms()
-        meta = (("application", route.app),) + self.auth.metadata()
-        try:
-            if emit is None:
-                rr = await agent_stub.Receive(out, metadata=meta, timeout=timeout)
-            else:
-                rr = None
-                async for chunk in agent_stub.ReceiveStream(out, metadata=meta, timeout=timeout):
-                    if chunk.HasField("reply"):
-                        rr = chunk.reply
-                    elif chunk.text:
-                        emit(chunk.text)
-                if rr is None:
-                    raise InvalidArgument("target stream ended without a reply", "target")
-        except grpc.RpcError as err:
-            raise HopError(f"target {name!r}", err) from None
+        rr = await self._deliver(out, name, route, emit)
         t5 = now_ms()
         tm.target_hop_ms = (t5 - t4) - rr.total_ms
         tm.packet_decode_ms += rr.packet_decode_ms

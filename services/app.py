@@ -15,10 +15,10 @@ _LOCAL = dict(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16, heal
 
 
 def agent_app(args: dict) -> serve.Application:
-    from services.agent import AgentServicer
+    from services.a2a import A2AAgentServicer  # AgentServicer plus the A2A RPCs (services.a2a)
 
     settings = AgentSettings.model_validate(args)
-    return serve.deployment(AgentServicer, name="Agent", **_LOCAL).bind(settings.model_dump())
+    return serve.deployment(A2AAgentServicer, name="Agent", **_LOCAL).bind(settings.model_dump())
 
 
 def bridge_app(args: dict) -> serve.Application:
