@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from services import packets
+
 DEMO_ITEMS = [
     ("The courier for the northern route is Helena Varga. She leaves from Lisbon every Tuesday.",
      "Who is the courier for the northern route?", "Helena Varga"),
@@ -12,7 +14,7 @@ DEMO_ITEMS = [
     ("The meeting about the bridge repair moved to Friday. It will be held in room Amber on floor 9.",
      "In which room will the meeting be held?", "Amber"),
 ]
-MODES = ["latent", "text", "extract", "direct", "none"]
+MODES = list(packets.MODES)
 
 
 def run_demo(config: dict, *, max_new_tokens: int = 16, warmup: bool = True, ray_logs: bool = False) -> list[dict]:

@@ -10,7 +10,7 @@ from latentwire.errors import FailedPrecondition, InvalidArgument
 from protos.latentwire.v1 import latentwire_pb2 as pb
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-MODES = {"latent": pb.LATENT, "text": pb.TEXT, "extract": pb.EXTRACT, "direct": pb.DIRECT, "none": pb.NONE}
+MODES = {name.lower(): value for name, value in pb.Mode.items()}  # the proto's modes, by their lower-case names
 
 
 def mode_name(mode: int) -> str:
