@@ -129,3 +129,13 @@ class SessionCaches(Sessions):
                 raise
             s.turns, s.tokens, s.last_used = turn + 1, gen.cache_tokens, self.clock()
         return gen, s
+
+
+@dataclass
+class TurnLog:
+    """The source's record of one session: each turn's relayed request (payload kind and payload,
+    question, budget) and its answer, enough to rebuild the session on a target that lost it."""
+
+    requests: list[bytes] = field(default_factory=list)  # serialized ReceiveRequests, turn by turn
+    answers: list[str] = field(default_factory=list)
+    lock: Any = None  # the source's asyncio.Lock: one turn of the session at a time
