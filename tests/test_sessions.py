@@ -95,8 +95,8 @@ def cluster(tiny_bridge_path):
     cfg = tiny_config(tiny_bridge_path, free_port(), free_port())
     apps = {a["name"]: a for a in cfg["applications"]}
     # the target holds 2 sessions, the source logs 8: a session the target evicted is rebuilt
-    apps["target"]["args"]["sessions"] = {"max_sessions": 2, "max_tokens": 400}
-    apps["source"]["args"]["sessions"] = {"max_sessions": 8, "max_tokens": 400}
+    apps["target"]["args"]["sessions"] = {"max_sessions": 2, "max_tokens": 600}
+    apps["source"]["args"]["sessions"] = {"max_sessions": 8, "max_tokens": 600}
     local.deploy(cfg, address="local", ray_init=RAY_INIT)
     yield local.grpc_address(cfg)
     local.shutdown()
