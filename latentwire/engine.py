@@ -216,29 +216,41 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int,
-                 on_token: Callable[[str], None] | None = None) -> Generation:
+                 on_token: Callable[[str], None] | None = None, cache=None) -> Generation:
         """Greedy decoding from embeddings with an explicit attention mask and positions.
 
         A hand-written loop rather than `model.generate` so that prefill and decode are timed
         apart, tokens can be streamed, and a compressed cache whose length differs from the
         token position still gets the right positions.
+
+        `cache`: a session's dense cache holding its earlier turns (latentwire.sessions). The prompt
+        then continues it (positions and mask after its entries), and the turn's last token (the
+        answer's end, or its last word when `max_new_tokens` cut it) is fed too, so the cache holds
+        the whole turn for the next one.
         """
         n = inputs_embeds.shape[1]
-        cache = self.new_cache()
+        session = cache is not None
+        cache = cache if session else self.new_cache()
+        past = cache.get_seq_length() if session else 0
         # the cache hook: a cache may rework itself once the prompt is in (FMKVC refits its
         # super-tokens on the prompt's tail); it says how many positions' logits it reads, and gets
         # them after the prefill
         hook = getattr(cache, "after_prefill", None)
         tail = max(cache.tail_tokens(n), 1) if hook is not None else 1
         t0 = now_ms()
-        out = self.prefill(inputs_embeds, torch.ones(1, n, dtype=torch.long, device=self.device),
-                           torch.arange(n, device=self.device)[None], cache, logits_to_keep=tail)
+        mask = torch.ones(1, past + n, dtype=torch.long, device=self.device)
+        pos = torch.arange(past, past + n, device=self.device)[None]
+        if past:  # the prefill copy would append its own dtype to the cache's entries: the model's own forward
+            out = self.model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos,
+                             past_key_values=cache, use_cache=True, logits_to_keep=tail)
+        else:
+            out = self.prefill(inputs_embeds, mask, pos, cache, logits_to_keep=tail)
         if hook is not None:
             hook(self.model, out, inputs_embeds=inputs_embeds)
         t1 = now_ms()
         ids: list[int] = []
         text_so_far = ""
-        pos = n
+        pos = past + n
         while True:
             nxt = int(out.logits[0, -1].argmax())
             if nxt in self.eos_ids:
@@ -257,6 +269,10 @@ class Engine:
                              position_ids=torch.tensor([[pos]], device=self.device),
                              past_key_values=cache, use_cache=True)
             pos += 1
+        if session:
+            self.model(input_ids=torch.tensor([[nxt]], device=self.device),
+                       attention_mask=torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long, device=self.device),
+                       position_ids=torch.tensor([[pos]], device=self.device), past_key_values=cache, use_cache=True)
         t2 = now_ms()
         # a compressed cache reports tokens seen as its length (for positions); kv_lengths: entries held
         held = cache.kv_lengths()[0] if hasattr(cache, "kv_lengths") else cache.get_seq_length()

@@ -133,8 +133,9 @@ class AgentModel:
         return self.engine.new_cache()
 
     def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int,
-                 on_token: Callable[[str], None] | None = None) -> Generation:
-        return self.engine.generate(inputs_embeds, max_new_tokens, on_token=on_token)
+                 on_token: Callable[[str], None] | None = None, cache=None) -> Generation:
+        """`Engine.generate`; with `cache` (a session's) the prompt continues it."""
+        return self.engine.generate(inputs_embeds, max_new_tokens, on_token=on_token, cache=cache)
 
     def generate_batch(self, embeds: list[torch.Tensor], max_new_tokens: list[int]) -> list[Generation]:
         return self.engine.generate_batch(embeds, max_new_tokens)

@@ -70,6 +70,16 @@ class KVCompression(_Strict):
     refine_lr: float = Field(3e-4, gt=0, le=1.0)
 
 
+class SessionLimits(_Strict):
+    """What one agent replica keeps of its sessions (latentwire.sessions): a target the sessions' KV
+    caches, a source the log of their turns. A new session past `max_sessions` evicts the least
+    recently used one; a session unused for `idle_s` seconds expires."""
+
+    max_sessions: int = Field(64, gt=0)  # sessions held per replica
+    max_tokens: int = Field(8192, gt=0)  # KV entries of one session; a turn that would pass it is refused
+    idle_s: float = Field(900.0, gt=0)
+
+
 class PacketSelection(_Strict):
     """How a source spends the message budget M (latentwire.selection): a registered selector
     (`prefix`, `lexical`, `attention`) and its parameters (`before`, `after`, `needs_attention_layer`...)."""
@@ -97,6 +107,7 @@ class AgentSettings(_Strict):
     targets: dict[str, TargetRoute] = {"default": TargetRoute()}  # agent name -> its Serve apps
     hop_timeout_s: float = Field(120.0, gt=0)  # deadline of each call to the bridge / target
     kv_compression: KVCompression | None = None  # None: transformers' dense cache
+    sessions: SessionLimits = SessionLimits()  # conversations whose turns share a KV cache
     # Concurrent requests share one forward (services.batching): the source's LATENT states and
     # TEXT messages, the target's answers. A batch takes all that queued while the model was busy;
     # an idle model waits `batch_wait_timeout_s` for company. Under load the queue fills batches by

@@ -15,15 +15,16 @@ import grpc
 import torch
 
 from latentwire import codec, selection
-from latentwire.errors import InvalidArgument, NotFound, ResourceExhausted
+from latentwire.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from latentwire.runtime import AgentModel, now_ms
+from latentwire.sessions import SessionCaches, Sessions, TurnLog, check_turn
 from latentwire.settings import AgentSettings, grpc_channel_options
 from protos.latentwire.v1 import latentwire_pb2 as pb
 from protos.latentwire.v1 import latentwire_pb2_grpc as pb_grpc
 from services import metrics, packets
 from services.auth import BearerAuth
 from services.batching import Batcher
-from services.status import HopError, rpc
+from services.status import HopError, log, rpc
 
 
 class AgentServicer:
@@ -60,6 +61,16 @@ class AgentServicer:
             Batcher(fn, s.max_batch_size, s.batch_wait_timeout_s)
             for fn in (self.model.answer_batch, lambda jobs: selection.plan_messages(self.model, jobs, self.selector),
                        self.model.write_messages))
+        # Sessions (latentwire.sessions): as a target, each session's KV cache; as a source, each
+        # session's turn log, replayed to rebuild a session its target lost
+        self.sessions = SessionCaches(s.sessions)
+        self.session_logs = Sessions(s.sessions)
+
+    async def hold_session(self, session_id: str) -> str:
+        """Called before each session turn this replica answers. Served (services.app), it is Serve's
+        multiplexed loader: the replica then reports the session id, and the router sends the
+        session's later turns (gRPC metadata `multiplexed_model_id`) here."""
+        return session_id
 
     # ---- health (grpc.health.v1.Health/Check) ----------------------------------------------------
     def Check(self, request, grpc_context=None):
@@ -73,7 +84,11 @@ class AgentServicer:
         t0 = now_ms()
         payload, max_new = self._check_receive(request)
         t1 = now_ms()
-        gen, batch = await self.answers.submit((payload, request.question, max_new))
+        if request.session_id:  # a session's turn: alone, from and into its own cache
+            await self.hold_session(request.session_id)
+            gen, batch = await asyncio.to_thread(self._session_turn, request, payload, max_new), 1
+        else:
+            gen, batch = await self.answers.submit((payload, request.question, max_new))
         return self._receive_reply(request, gen, t0, t1, batch)
 
     @rpc(pb.ReceiveChunk)
@@ -82,7 +97,9 @@ class AgentServicer:
             t0 = now_ms()
             payload, max_new = self._check_receive(request)
             t1 = now_ms()
-            return self._receive_reply(request, self.model.answer(payload, request.question, max_new, emit), t0, t1)
+            gen = (self._session_turn(request, payload, max_new, emit) if request.session_id
+                   else self.model.answer(payload, request.question, max_new, emit))
+            return self._receive_reply(request, gen, t0, t1)
 
         yield from _stream(run, lambda text: pb.ReceiveChunk(text=text), lambda r: pb.ReceiveChunk(reply=r))
 
@@ -92,11 +109,20 @@ class AgentServicer:
                                            self.limits.max_new_tokens)
         return self._payload(req), max_new
 
+    def _session_turn(self, req: pb.ReceiveRequest, payload, max_new: int, emit=None):
+        if self.model.cache_factory is not None:
+            raise FailedPrecondition("sessions keep transformers' dense cache; this agent compresses its "
+                                     "cache (kv_compression)", "session_id")
+        gen, _ = self.sessions.answer(self.model, req.session_id, req.session_turn, payload, req.question,
+                                      max_new, on_token=emit)
+        return gen
+
     def _receive_reply(self, req: pb.ReceiveRequest, gen, t0: float, t1: float, batch: int = 1) -> pb.ReceiveReply:
         return pb.ReceiveReply(request_id=req.request_id, answer=gen.text, answer_tokens=len(gen.token_ids),
                                packet_decode_ms=t1 - t0, prefill_ms=gen.prefill_ms, decode_ms=gen.decode_ms,
                                total_ms=now_ms() - t0, target_model=self.model.name,
-                               kv_cache_tokens=gen.cache_tokens, batch_size=batch)
+                               kv_cache_tokens=gen.cache_tokens, batch_size=batch, session_id=req.session_id,
+                               session_turns=req.session_turn + 1 if req.session_id else 0)
 
     def _payload(self, req: pb.ReceiveRequest):
         mode, which = packets.check_mode(req.mode), req.WhichOneof("payload")
@@ -172,10 +198,11 @@ class AgentServicer:
                            "target_agent")
         return name, route
 
-    async def _deliver(self, out: pb.ReceiveRequest, name: str, route, emit) -> pb.ReceiveReply:
-        """The target's reply to `out`: its Receive, or its ReceiveStream with each piece passed to `emit`."""
+    async def _deliver(self, out: pb.ReceiveRequest, name: str, route, emit, meta=()) -> pb.ReceiveReply:
+        """The target's reply to `out`: its Receive, or its ReceiveStream with each piece passed to `emit`
+        (`meta`: more gRPC metadata, such as the session's `multiplexed_model_id`)."""
         agent_stub, _ = self._stubs()
-        meta = (("application", route.app),) + self.auth.metadata()
+        meta = (("application", route.app),) + self.auth.metadata() + tuple(meta)
         timeout = self.settings.hop_timeout_s
         try:
             if emit is None:
@@ -252,7 +279,11 @@ class AgentServicer:
             wire += out.text.ByteSize()
 
         t4 = now_ms()
-        rr = await self._deliver(out, name, route, emit)
+        replayed = 0
+        if req.session_id:
+            rr, replayed = await self._session_receive(req, out, name, route, emit)
+        else:
+            rr = await self._deliver(out, name, route, emit)
         t5 = now_ms()
         tm.target_hop_ms = (t5 - t4) - rr.total_ms
         tm.packet_decode_ms += rr.packet_decode_ms
@@ -261,7 +292,43 @@ class AgentServicer:
         return metrics.reply(pb.AskReply(request_id=rid, answer=rr.answer, mode=mode, timings=tm, packet_bytes=wire,
                            source_tokens=source_tokens, message_tokens=message_tokens,
                            answer_tokens=rr.answer_tokens, source_model=self.model.name,
-                           target_model=rr.target_model, target_agent=name, kv_cache_tokens=rr.kv_cache_tokens))
+                           target_model=rr.target_model, target_agent=name, kv_cache_tokens=rr.kv_cache_tokens,
+                           session_id=req.session_id, session_turns=rr.session_turns, replayed_turns=replayed))
+
+    async def _session_receive(self, req: pb.AskRequest, out: pb.ReceiveRequest, name: str, route,
+                               emit) -> tuple[pb.ReceiveReply, int]:
+        """Relay turn `req.session_turn` of a session to the target replica that holds it, and log it.
+
+        A target that lost the session (NOT_FOUND: its replica restarted or evicted it) or holds
+        another turn count (FAILED_PRECONDITION: a stale copy) gets the logged turns replayed from
+        turn 0, then this turn: the session continues as if nothing was lost. Returns the reply
+        and the number of turns replayed."""
+        s = self.session_logs.open(req.session_id, req.session_turn)
+        if s.state is None:
+            s.state = TurnLog(lock=asyncio.Lock())
+        async with s.state.lock:
+            check_turn(s, req.session_turn)  # a concurrent turn of the same number got here first
+            out.session_id, out.session_turn = req.session_id, req.session_turn
+            meta = (("multiplexed_model_id", req.session_id),)  # Serve routes to the replica holding it
+            replayed = 0
+            try:
+                rr = await self._deliver(out, name, route, emit, meta)
+            except HopError as err:
+                if not (err.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+                        and "session_id" in str(err)) or not s.state.requests:
+                    raise
+                for turn, (data, answer) in enumerate(zip(s.state.requests, s.state.answers)):
+                    again = pb.ReceiveRequest.FromString(data)
+                    again.session_turn = turn
+                    got = await self._deliver(again, name, route, None, meta)
+                    if got.answer != answer:  # greedy and alone: only a changed model answers otherwise
+                        log.warning("session %r turn %d replayed to a different answer", req.session_id, turn)
+                replayed = len(s.state.requests)
+                rr = await self._deliver(out, name, route, emit, meta)
+            s.state.requests.append(out.SerializeToString())
+            s.state.answers.append(rr.answer)
+            s.turns, s.tokens = req.session_turn + 1, rr.kv_cache_tokens
+        return rr, replayed
 
 
 def _stream(run, text_chunk, reply_chunk):

@@ -17,8 +17,21 @@ _LOCAL = dict(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16, heal
 def agent_app(args: dict) -> serve.Application:
     from services.a2a import A2AAgentServicer  # AgentServicer plus the A2A RPCs (services.a2a)
 
+    class Agent(A2AAgentServicer):
+        """The agent servicer with its sessions routed by Serve's model multiplexing: each session
+        turn loads its session id as a multiplexed "model" on this replica (LRU, as many as
+        `sessions.max_sessions`), so calls carrying the id as `multiplexed_model_id` come here."""
+
+        def __init__(self, settings: dict):
+            super().__init__(settings)
+
+            async def hold(session_id: str) -> str:
+                return session_id
+
+            self.hold_session = serve.multiplexed(max_num_models_per_replica=self.settings.sessions.max_sessions)(hold)
+
     settings = AgentSettings.model_validate(args)
-    return serve.deployment(A2AAgentServicer, name="Agent", **_LOCAL).bind(settings.model_dump())
+    return serve.deployment(Agent, name="Agent", **_LOCAL).bind(settings.model_dump())
 
 
 def bridge_app(args: dict) -> serve.Application:

@@ -124,7 +124,7 @@ class Timings(_message.Message):
     def __init__(self, source_prefill_ms: _Optional[float] = ..., source_decode_ms: _Optional[float] = ..., packet_encode_ms: _Optional[float] = ..., bridge_hop_ms: _Optional[float] = ..., bridge_ms: _Optional[float] = ..., target_hop_ms: _Optional[float] = ..., packet_decode_ms: _Optional[float] = ..., target_prefill_ms: _Optional[float] = ..., target_decode_ms: _Optional[float] = ..., source_total_ms: _Optional[float] = ..., source_batch: _Optional[int] = ..., bridge_batch: _Optional[int] = ..., target_batch: _Optional[int] = ...) -> None: ...
 
 class AskRequest(_message.Message):
-    __slots__ = ("request_id", "context", "question", "mode", "max_new_tokens", "target_agent", "message_tokens")
+    __slots__ = ("request_id", "context", "question", "mode", "max_new_tokens", "target_agent", "message_tokens", "session_id", "session_turn")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,8 @@ class AskRequest(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TARGET_AGENT_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TURN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     context: str
     question: str
@@ -139,10 +141,12 @@ class AskRequest(_message.Message):
     max_new_tokens: int
     target_agent: str
     message_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., target_agent: _Optional[str] = ..., message_tokens: _Optional[int] = ...) -> None: ...
+    session_id: str
+    session_turn: int
+    def __init__(self, request_id: _Optional[str] = ..., context: _Optional[str] = ..., question: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_new_tokens: _Optional[int] = ..., target_agent: _Optional[str] = ..., message_tokens: _Optional[int] = ..., session_id: _Optional[str] = ..., session_turn: _Optional[int] = ...) -> None: ...
 
 class AskReply(_message.Message):
-    __slots__ = ("request_id", "answer", "mode", "timings", "packet_bytes", "source_tokens", "message_tokens", "answer_tokens", "source_model", "target_model", "target_agent", "kv_cache_tokens")
+    __slots__ = ("request_id", "answer", "mode", "timings", "packet_bytes", "source_tokens", "message_tokens", "answer_tokens", "source_model", "target_model", "target_agent", "kv_cache_tokens", "session_id", "session_turns", "replayed_turns")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +159,9 @@ class AskReply(_message.Message):
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     TARGET_AGENT_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TURNS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_TURNS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     answer: str
     mode: Mode
@@ -167,7 +174,10 @@ class AskReply(_message.Message):
     target_model: str
     target_agent: str
     kv_cache_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., packet_bytes: _Optional[int] = ..., source_tokens: _Optional[int] = ..., message_tokens: _Optional[int] = ..., answer_tokens: _Optional[int] = ..., source_model: _Optional[str] = ..., target_model: _Optional[str] = ..., target_agent: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ...) -> None: ...
+    session_id: str
+    session_turns: int
+    replayed_turns: int
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., packet_bytes: _Optional[int] = ..., source_tokens: _Optional[int] = ..., message_tokens: _Optional[int] = ..., answer_tokens: _Optional[int] = ..., source_model: _Optional[str] = ..., target_model: _Optional[str] = ..., target_agent: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., session_id: _Optional[str] = ..., session_turns: _Optional[int] = ..., replayed_turns: _Optional[int] = ...) -> None: ...
 
 class AskChunk(_message.Message):
     __slots__ = ("text", "reply")
@@ -178,23 +188,27 @@ class AskChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., reply: _Optional[_Union[AskReply, _Mapping]] = ...) -> None: ...
 
 class ReceiveRequest(_message.Message):
-    __slots__ = ("request_id", "mode", "question", "max_new_tokens", "latent", "text")
+    __slots__ = ("request_id", "mode", "question", "max_new_tokens", "latent", "text", "session_id", "session_turn")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LATENT_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TURN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     mode: Mode
     question: str
     max_new_tokens: int
     latent: LatentPacket
     text: TextPacket
-    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., question: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., latent: _Optional[_Union[LatentPacket, _Mapping]] = ..., text: _Optional[_Union[TextPacket, _Mapping]] = ...) -> None: ...
+    session_id: str
+    session_turn: int
+    def __init__(self, request_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., question: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., latent: _Optional[_Union[LatentPacket, _Mapping]] = ..., text: _Optional[_Union[TextPacket, _Mapping]] = ..., session_id: _Optional[str] = ..., session_turn: _Optional[int] = ...) -> None: ...
 
 class ReceiveReply(_message.Message):
-    __slots__ = ("request_id", "answer", "answer_tokens", "packet_decode_ms", "prefill_ms", "decode_ms", "total_ms", "target_model", "kv_cache_tokens", "batch_size")
+    __slots__ = ("request_id", "answer", "answer_tokens", "packet_decode_ms", "prefill_ms", "decode_ms", "total_ms", "target_model", "kv_cache_tokens", "batch_size", "session_id", "session_turns")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     ANSWER_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +219,8 @@ class ReceiveReply(_message.Message):
     TARGET_MODEL_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TURNS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     answer: str
     answer_tokens: int
@@ -215,7 +231,9 @@ class ReceiveReply(_message.Message):
     target_model: str
     kv_cache_tokens: int
     batch_size: int
-    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., answer_tokens: _Optional[int] = ..., packet_decode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., target_model: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    session_id: str
+    session_turns: int
+    def __init__(self, request_id: _Optional[str] = ..., answer: _Optional[str] = ..., answer_tokens: _Optional[int] = ..., packet_decode_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., target_model: _Optional[str] = ..., kv_cache_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ..., session_id: _Optional[str] = ..., session_turns: _Optional[int] = ...) -> None: ...
 
 class ReceiveChunk(_message.Message):
     __slots__ = ("text", "reply")
