@@ -103,7 +103,9 @@ def test_the_message_budget_bounds_the_latent_packet_whatever_the_context_length
     """One budget M bounds every message: a context 4x longer sends no more hidden states."""
     sizes = [client.ask(" ".join([CONTEXT] * k), QUESTION, "latent", max_new_tokens=2, message_tokens=budget
                         ).packet_bytes for k in (1, 4)]
-    assert sizes[0] == sizes[1] and budget * 64 * 2 < sizes[0] - 4 * 96 * 2 < budget * 64 * 2 + PROTO_OVERHEAD
+    # the same tensors; only the rows' source token ids (varints of 1-2 bytes here) may differ
+    assert abs(sizes[0] - sizes[1]) <= budget
+    assert all(budget * 64 * 2 < size - 4 * 96 * 2 < budget * 64 * 2 + PROTO_OVERHEAD for size in sizes)
     extract = client.ask(" ".join([CONTEXT] * 4), QUESTION, "extract", max_new_tokens=2, message_tokens=budget)
     assert extract.message_tokens == budget
 
