@@ -65,6 +65,15 @@ def tiny_bridge_path(tmp_path_factory, tiny_source, tiny_target):
 
 
 @pytest.fixture(scope="module")
+def client(cluster):
+    """A gRPC client of the module's `cluster` fixture (the gRPC address of a served stack)."""
+    from services.client import LatentWireClient
+
+    with LatentWireClient(cluster, timeout_s=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray cluster for Ray Train jobs (2 CPUs: the jobs' two workers), unless one is running."""
     from pathlib import Path

@@ -47,14 +47,6 @@ def cluster(tiny_bridge_path):
     local.shutdown()
 
 
-@pytest.fixture(scope="module")
-def client(cluster):
-    from services.client import LatentWireClient
-
-    with LatentWireClient(cluster, timeout_s=60) as c:
-        yield c
-
-
 def good_ask(client) -> pb.AskReply:
     reply = client.ask(CONTEXT, QUESTION, "latent", max_new_tokens=4)
     assert reply.answer_tokens > 0 and reply.target_model == "tiny-mistral"

@@ -102,14 +102,6 @@ def cluster(tiny_bridge_path):
     local.shutdown()
 
 
-@pytest.fixture(scope="module")
-def client(cluster):
-    from services.client import LatentWireClient
-
-    with LatentWireClient(cluster, timeout_s=60) as c:
-        yield c
-
-
 def turn(client, session, n, mode="latent", context=CONTEXT, question=QUESTION, max_new_tokens=4):
     req = client.request(context, question, mode, max_new_tokens=max_new_tokens)
     req.session_id, req.session_turn = session, n
