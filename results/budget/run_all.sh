@@ -4,9 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 run() { .venv/bin/latentwire eval --selector lexical --threads 2 --no-nll --max-new-tokens 10 --text-budgets 64 "$@"; }
-run --data results/budget/val_700_plain.jsonl --limit 12 --budgets 8,16,32,64,128,full \
+run --data results/budget/val_700_plain.jsonl --limit 24 --budgets 8,16,32,64,128,full \
   --json results/budget/val_700_plain.json --plot results/budget/val_700_plain.png
-run --data results/budget/val_2000_plain.jsonl --limit 8 --budgets 8,16,32,64,128,full \
+run --data results/budget/val_2000_plain.jsonl --limit 16 --budgets 8,16,32,64,128,full \
   --json results/budget/val_2000_plain.json --plot results/budget/val_2000_plain.png
 run --data results/budget/val_700_lookalike.jsonl --limit 10 --budgets 8,16,32,64,128,full \
   --json results/budget/val_700_lookalike.json --plot results/budget/val_700_lookalike.png
