@@ -30,6 +30,12 @@ class NotFound(LatentWireError):
     code = "NOT_FOUND"
 
 
+class Unimplemented(LatentWireError):
+    """A method this application does not serve (it belongs to another one behind the same proxy)."""
+
+    code = "UNIMPLEMENTED"
+
+
 class ConfigError(ValueError):
     """A command or job that cannot run as configured, found before any work starts. The CLI
     reports it as `latentwire COMMAND: error: MESSAGE` with exit status 2, like argparse."""

@@ -24,7 +24,7 @@ from protos.latentwire.v1 import latentwire_pb2_grpc as pb_grpc
 from services import metrics, packets
 from services.auth import BearerAuth
 from services.batching import Batcher
-from services.status import HopError, log, rpc
+from services.status import HopError, log, rpc, wrong_app
 
 
 class AgentServicer:
@@ -77,6 +77,10 @@ class AgentServicer:
         from grpc_health.v1 import health_pb2
 
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    @rpc(pb.TranslateReply)
+    async def Translate(self, request, grpc_context=None):  # BridgeService routed to an agent
+        raise wrong_app("Translate", "the bridge's application")
 
     # ---- receiving side (target) -------------------------------------------------------------
     @rpc(pb.ReceiveReply)

@@ -13,7 +13,7 @@ from protos.latentwire.v1 import latentwire_pb2 as pb
 from services import packets
 from services.auth import BearerAuth
 from services.batching import Batcher
-from services.status import rpc
+from services.status import rpc, wrong_app
 
 
 class BridgeServicer:
@@ -34,6 +34,15 @@ class BridgeServicer:
         from grpc_health.v1 import health_pb2
 
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    # AgentService methods routed here (the `application` metadata named the bridge): refused plainly
+    @rpc(pb.AskReply)
+    async def Ask(self, request, grpc_context=None):
+        raise wrong_app("Ask", "the source agent's application")
+
+    @rpc(pb.ReceiveReply)
+    async def Receive(self, request, grpc_context=None):
+        raise wrong_app("Receive", "a target agent's application")
 
     @rpc(pb.TranslateReply)
     async def Translate(self, packet: pb.HiddenStatePacket, grpc_context=None) -> pb.TranslateReply:

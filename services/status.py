@@ -14,7 +14,7 @@ import re
 
 import grpc
 
-from latentwire.errors import LatentWireError
+from latentwire.errors import LatentWireError, Unimplemented
 from services import metrics
 
 log = logging.getLogger("latentwire.services")
@@ -66,6 +66,13 @@ def _authenticate(servicer, ctx) -> None:
     auth = getattr(servicer, "auth", None)
     if auth is not None and ctx is not None:
         auth.check(ctx.invocation_metadata())
+
+
+def wrong_app(method: str, where: str) -> Unimplemented:
+    """The refusal of a method sent to an application that does not serve it: UNIMPLEMENTED, naming
+    where it is served, rather than an internal error listing this replica's methods."""
+    return Unimplemented(f"{method} is not served by this application; send it to {where} "
+                         f"(gRPC metadata `application`)", "application")
 
 
 class StreamFailed(Exception):
