@@ -2,8 +2,7 @@
 
 For each item the source reads its prompt once (`latentwire.selection`: the selector's attention
 layer and the bridge's layer in one forward); then, for every budget M,
-- LATENT@M: the bridge's soft tokens of the at most M context tokens the selector keeps (an aligned
-  bridge maps each row alone, so its soft tokens of all rows are computed once and indexed),
+- LATENT@M: the bridge's soft tokens of the at most M context tokens the selector keeps,
 - EXTRACT@M: the same kept tokens sent as text (the extractive relay, no generation),
 - TEXT@M (`--text-budgets`): a message of at most M tokens the source writes,
 beside DIRECT (the target reads the whole context) and NONE (only the question). `full` is the
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from bridge.eval import chance_em, diversity, exact_match, item_nll, soft_token_stats, token_f1, transfer_ratio
 from latentwire.codec import wire
 from latentwire.runtime import AgentModel
-from latentwire.selection import Selector, _keep, extract_text, question_attention
+from latentwire.selection import Selector, extract_text, keep_tokens, question_attention
 
 FULL = None  # the budget of the unbudgeted packet
 
@@ -78,27 +77,18 @@ def evaluate(items: list[dict], source: AgentModel, target: AgentModel, bridge, 
         attention, states = (question_attention(source, ids, asked, span, attn_layer, layer) if attn_layer
                              else (None, source.hidden_states(ids, layer)))
         n = span.stop - span.start
-        per_row = getattr(bridge, "per_position", False)
-        all_soft = None
-        if per_row:
-            h = wire(states[span].float(), wire_dtype)
-            all_soft = wire(bridge(h[None], token_ids=ids[span][None])[0], wire_dtype)
         t_source = time.perf_counter() - t0
         for b in budgets:
             t1 = time.perf_counter()
-            msg = _keep(source, prompt, q, b, selector, attention, states)
-            rows = msg.positions - span.start
-            if per_row:
-                soft = all_soft[rows]
-            else:
-                soft = wire(bridge(wire(msg.states.float(), wire_dtype)[None], token_ids=msg.token_ids[None])[0],
-                            wire_dtype)
+            msg = keep_tokens(source, prompt, q, b, selector, attention, states)
+            soft = wire(bridge(wire(msg.states.float(), wire_dtype)[None], token_ids=msg.token_ids[None])[0],
+                        wire_dtype)
             name = budget_name(b)
             softs[f"latent@{name}"].append(soft)
             # the source's shared read is charged to every budget, as serving would pay it
             score(f"latent@{name}", soft, it, t1 - t_source, len(soft))
             if extract and b is not None:
-                score(f"extract@{name}", extract_text(source, msg), it, time.perf_counter(), len(rows))
+                score(f"extract@{name}", extract_text(source, msg), it, time.perf_counter(), len(msg.positions))
         for b in text_budgets:
             t1 = time.perf_counter()
             gen = source.write_message(ids, b)

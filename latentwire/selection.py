@@ -278,10 +278,13 @@ def plan_prompt(agent, prompt: Prompt, question: str, budget: int | None, select
     layer = selector.needs_attention_layer if budget is not None and budget < span.stop - span.start else None
     attention, states = (question_attention(agent, ids, asked, span, layer, state_layer) if layer
                          else (None, agent.hidden_states(ids, state_layer) if state_layer else None))
-    return _keep(agent, prompt, question, budget, selector, attention, states)
+    return keep_tokens(agent, prompt, question, budget, selector, attention, states)
 
 
-def _keep(agent, prompt: Prompt, question, budget, selector, attention, states) -> Message:
+def keep_tokens(agent, prompt: Prompt, question: str, budget: int | None, selector: Selector,
+                attention: torch.Tensor | None, states: torch.Tensor | None) -> Message:
+    """The message of a prompt already read: the selector's choice of at most `budget` context
+    tokens (None: all) given the attention it needs, with their rows of `states` (T x d) if any."""
     ids, span, asked = prompt
     n = span.stop - span.start
     if budget is None or budget >= n:
@@ -315,5 +318,5 @@ def plan_messages(agent, jobs: list[tuple[Prompt, str, int | None, int | None]],
         return [plan_prompt(agent, prompt, q, budget, selector, layer) for prompt, q, budget, layer in jobs]
     want = [i for i, job in enumerate(jobs) if job[3]]
     states = dict(zip(want, agent.hidden_states_many([(jobs[i][0][0], jobs[i][3]) for i in want])))
-    return [_keep(agent, prompt, q, budget, selector, None, states.get(i))
+    return [keep_tokens(agent, prompt, q, budget, selector, None, states.get(i))
             for i, (prompt, q, budget, _) in enumerate(jobs)]
