@@ -21,7 +21,9 @@ failure list:
 Every `eval_every` steps rank 0 generates answers on a held-out subset (EM, diversity, pairwise
 cosine, RMS ratio, LATENT-vs-NONE gap); every `checkpoint_every` steps it writes a checkpoint
 (bridge.safetensors beside the `latentwire.jobs` checkpoint format) reported via `ray.train.report`.
-Restarts (FailureConfig) and `--resume` continue from the checkpoint's step with the same data order.
+Restarts (FailureConfig) and `--resume` continue from the checkpoint's step with the same data order;
+every report carries `resumed_from`, the step its attempt started at (0: from scratch), and the
+summary lists `started_at_steps`, one per attempt.
 The exported bridge is the checkpoint with the lowest held-out answer NLL (`export="last"`: the final one).
 The job is registered as `bridge-perceiver` in `latentwire.jobs.TRAIN_JOBS`, which launches it.
 """
@@ -337,7 +339,7 @@ def train_loop(config: dict) -> None:
         do_eval = done % cfg.eval_every == 0 or do_ckpt  # every checkpoint carries its held-out scores
         if not (do_eval or do_ckpt):
             continue
-        metrics = {"step": done, "train_nll": run_loss / run_n, "lr": lr_at(step, cfg), "grad_norm": gnorm,
+        metrics = {"step": done, "resumed_from": start, "train_nll": run_loss / run_n, "lr": lr_at(step, cfg), "grad_norm": gnorm,
                    "train_pairwise_cosine": cos_val, "train_anchor": float(anc), "seconds_per_step": (time.time() - t0) / run_n}
         run_loss, run_n, t0 = 0.0, 0, time.time()
         history.append(metrics)  # the same dict: eval metrics below land in it too
@@ -386,7 +388,11 @@ def run(cfg: TrainConfig, progress: bool = True) -> dict:
                "prepare_seconds": round(t_prep, 1), "total_seconds": round(time.time() - t_start, 1),
                "checkpoint": result.checkpoint.path, "final_metrics": state["metrics"],
                "exported_checkpoint": exported.path, "exported_step": exported_state["step"],
-               "exported_metrics": exported_state["metrics"], "history": state.get("history", [])}
+               "exported_metrics": exported_state["metrics"], "history": state.get("history", []),
+               # the step each attempt of the job started at (0: from scratch; more: a restart or
+               # --resume that loaded the checkpoint of that step), in order
+               "started_at_steps": sorted({int(m.get("resumed_from", 0)) for m in state.get("history", [])}),
+               "resumed_from": int(state["metrics"].get("resumed_from", 0))}
     if cfg.out:
         man = bridge.save(cfg.out, data={"train": "bridge.data.generate train split", "items": cfg.train_items,
                                          "seed": cfg.seed, "job": name},

@@ -5,7 +5,8 @@ deduplicated by request id on the source agent, and the client fills in a reques
 caller gave none), so a call that fails with UNAVAILABLE (a replica died or is restarting, the
 proxy is not up yet) or with Serve's backpressure RESOURCE_EXHAUSTED is retried with
 exponential backoff and jitter, within one overall deadline: the call never outlives `timeout`,
-and when it runs out the caller sees the last status (UNAVAILABLE) or DEADLINE_EXCEEDED.
+and when it runs out the caller sees the last status (UNAVAILABLE) or DEADLINE_EXCEEDED. A stream
+is retried the same way, also after it started: the retry's repeated text is not passed on twice.
 """
 
 from __future__ import annotations
@@ -74,6 +75,24 @@ def call_with_retries(call: Callable[[float], object], timeout: float, policy: R
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+class StreamDiverged(grpc.RpcError):
+    """A retried stream's text differs from the text the caller already has (ABORTED, not retried)."""
+
+    def __init__(self, sent: str, got: str):
+        super().__init__()
+        self._details = (f"a retried stream answered differently from the stream it replaces "
+                         f"({sent[:80]!r} then {got[:80]!r})")
+
+    def code(self):
+        return grpc.StatusCode.ABORTED
+
+    def details(self):
+        return self._details
+
+    def __str__(self):
+        return self._details
+
+
 class LatentWireClient:
     """`with LatentWireClient("127.0.0.1:9000") as c: c.ask(context, question, mode="latent")`."""
 
@@ -83,6 +102,7 @@ class LatentWireClient:
         self.address, self.source_app, self.timeout_s, self.retry = address, source_app, timeout_s, retry
         # the bearer token: given, or the one the services read (LATENTWIRE_AUTH_TOKEN by default)
         self.retries = 0  # retried attempts so far (all calls of this client)
+        self.stream_resumes = 0  # of which: streams retried after some of their text reached the caller
         self._count_lock = threading.Lock()
         self.token = token if token is not None else os.environ.get(AuthSettings().token_env) or None
         options = grpc_channel_options(limits or Limits())
@@ -131,24 +151,41 @@ class LatentWireClient:
 
     def ask_stream(self, context: str = "", question: str = "", mode: str | int = "latent", *,
                    request: pb.AskRequest | None = None, timeout: float | None = None, **kw) -> Iterator[pb.AskChunk]:
-        """Stream an answer; retried only until the first chunk arrives (a stream cannot resume)."""
+        """Stream an answer, retried like `ask` even after it started (a replica died mid-stream).
+
+        A retry asks again with the same request (and request id) from the start; the answer is a
+        pure function of the request (greedy decoding), so the retried stream repeats the text already
+        passed to the caller, which is skipped: the caller sees each piece of the answer once, then
+        the final reply. Should a retry's text ever differ from what was passed on (a changed model),
+        the stream fails with ABORTED rather than splice two answers."""
         req = self._with_id(request or self.request(context, question, mode, **kw))
         meta, total = self.metadata(self.source_app), timeout or self.timeout_s
         deadline = time.monotonic() + total
+        sent = ""  # the text passed to the caller so far, over all attempts
         for attempt in range(self.retry.attempts):
             stream = self.agent.AskStream(req, metadata=meta, timeout=max(deadline - time.monotonic(), 0.001))
-            started = False
+            got = ""  # this attempt's text
             try:
                 for chunk in stream:
-                    started = True
-                    yield chunk
+                    if chunk.HasField("reply"):
+                        yield chunk
+                        continue
+                    got += chunk.text
+                    if not (got.startswith(sent) or sent.startswith(got)):
+                        raise StreamDiverged(sent, got)
+                    if len(got) > len(sent):
+                        piece, sent = got[len(sent):], got
+                        yield pb.AskChunk(text=piece)
                 return
             except grpc.RpcError as err:
                 pause = self.retry.backoff(attempt)
-                if (started or not retryable(err) or attempt == self.retry.attempts - 1
+                if (not retryable(err) or attempt == self.retry.attempts - 1
                         or time.monotonic() + pause >= deadline):
                     raise
                 self._count_retry(err)
+                if sent:
+                    with self._count_lock:
+                        self.stream_resumes += 1
                 time.sleep(pause)
             finally:
                 stream.cancel()

@@ -1,10 +1,14 @@
 """Property-based fuzz (hypothesis) over the real gRPC API of a real local cluster (tiny pair).
 
 Random shapes, dtypes, byte lengths, NaN/Inf, huge dimensions, wrong provenance and random strings
-for Ask, AskStream, Receive and Translate (auth on: a few examples carry a random authorization
-value instead of the token). Every call must end in a deliberate status, never INTERNAL or UNKNOWN;
-afterwards the replicas are the same actors with the same pids (no restart) and a good request
-succeeds. Examples: the `ci` profile runs 300; LATENTWIRE_FUZZ_EXAMPLES=1000 runs more.
+for Ask, AskStream, Receive, ReceiveStream, Translate and health Check, each now and then sent to an
+application that does not serve it (auth on: a few examples carry a random authorization value
+instead of the token); then every method on every wrong application, and a handful of ~10 MB
+strings. Every call must end in a deliberate status within its deadline: never INTERNAL or UNKNOWN,
+and never DEADLINE_EXCEEDED (a hang fails). Afterwards the replicas are the same actors with the same
+pids (no restart) and a good request succeeds; a good request's latency while malformed traffic
+runs is at most twice its latency alone. Examples: at least 1000 refused requests in CI (the
+property runs LATENTWIRE_FUZZ_EXAMPLES, default 1200, examples; about one in eight is well formed).
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import json
 import math
 import os
 import secrets
+import statistics
 import struct
+import threading
+import time
 
 import grpc
 import pytest
@@ -27,13 +34,19 @@ from tests.conftest import free_port
 from tests.serve_cluster import TINY_BRIDGE_ID, replicas, start_ray, tiny_config
 
 TOKEN = secrets.token_hex(16)
-EXAMPLES = int(os.environ.get("LATENTWIRE_FUZZ_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("LATENTWIRE_FUZZ_EXAMPLES", "1200"))
+MIN_REFUSED = 1000  # malformed requests CI must send (and see refused) at the least
 settings.register_profile("latentwire-fuzz", max_examples=EXAMPLES, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                                  HealthCheck.data_too_large])
-FORBIDDEN = {"INTERNAL", "UNKNOWN"}
-OUTCOMES: collections.Counter = collections.Counter()  # (rpc, status) -> count, for the record
+settings.register_profile("latentwire-codec", max_examples=300, deadline=None, database=None)
+FORBIDDEN = {"INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED"}  # a hang is a failure, not a pass
+CALL_TIMEOUT_S = 30.0  # each call's deadline
+OUTCOMES: collections.Counter = collections.Counter()  # (rpc@app, status) -> count, for the record
 FAILURES: list = []
+REPLAY: list = []  # cheaply refused calls of the property, sent again as background traffic
+APPS = {"Translate": "bridge", "Receive": "target", "ReceiveStream": "target", "Ask": "source",
+        "AskStream": "source"}
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +146,7 @@ def mostly(good, bad):
 
 
 MODE = mostly(st.integers(0, 3), INT32)
-NEW_TOKENS = mostly(st.integers(0, 40), UINT32)
+NEW_TOKENS = mostly(st.integers(0, 4), UINT32)  # well-formed answers stay short: the fuzz is about refusals
 QUESTION = mostly(st.text(min_size=1, max_size=200), TEXT)
 
 
@@ -151,7 +164,14 @@ def receive_calls(draw):
         req.latent.CopyFrom(pb.LatentPacket(soft_tokens=draw(tensors(width=96)), provenance=draw(provenances(GOOD_LATENT))))
     elif payload == "text":
         req.text.CopyFrom(pb.TextPacket(text=draw(TEXT), num_tokens=draw(UINT32)))
-    return "Receive", req
+    return draw(st.sampled_from(["Receive", "Receive", "ReceiveStream"])), req
+
+
+@st.composite
+def health_calls(draw):
+    from grpc_health.v1 import health_pb2
+
+    return "Check", health_pb2.HealthCheckRequest(service=draw(TEXT))
 
 
 @st.composite
@@ -163,35 +183,42 @@ def ask_calls(draw):
     return draw(st.sampled_from(["Ask", "Ask", "AskStream"])), req
 
 
-CALLS = st.one_of(translate_calls(), receive_calls(), ask_calls())
+CALLS = st.one_of(translate_calls(), receive_calls(), ask_calls(), health_calls())
+# the application a call is sent to: one in eight draws a random one (mostly one that does not serve it)
+APP = st.one_of(*[st.none()] * 7, st.sampled_from(["source", "target", "bridge", "nowhere", ""]))
 AUTH = st.one_of(st.just(None), st.just(None), st.just(None), st.just(None), st.just(None), st.just(None),
                  st.just(None), st.just(None), st.just(None),
                  st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80))
 
 
-def invoke(client, rpc: str, request, auth: str | None) -> str:
-    meta = client.metadata({"Translate": "bridge", "Receive": "target"}.get(rpc, "source"))
+def invoke(client, rpc: str, request, auth: str | None = None, app: str | None = None) -> str:
+    """Send one call (to `app`, default the one serving `rpc`) and return its status name; a
+    forbidden status is recorded in FAILURES."""
+    from grpc_health.v1 import health_pb2_grpc
+
+    meta = client.metadata(app if app is not None else APPS.get(rpc, "source"))
     if auth is not None:  # replace the token with a random authorization value
         meta = tuple(m for m in meta if m[0] != "authorization") + (("authorization", auth),)
+    kw = dict(metadata=meta, timeout=CALL_TIMEOUT_S)
     try:
         if rpc == "Translate":
-            client.bridge.Translate(request, metadata=meta, timeout=60)
-        elif rpc == "Receive":
-            client.agent.Receive(request, metadata=meta, timeout=60)
-        elif rpc == "Ask":
-            client.agent.Ask(request, metadata=meta, timeout=60)
-        else:
-            for _ in client.agent.AskStream(request, metadata=meta, timeout=60):
+            client.bridge.Translate(request, **kw)
+        elif rpc == "Check":
+            health_pb2_grpc.HealthStub(client.channel).Check(request, **kw)
+        elif rpc in ("Receive", "Ask"):
+            getattr(client.agent, rpc)(request, **kw)
+        else:  # AskStream, ReceiveStream
+            for _ in getattr(client.agent, rpc)(request, **kw):
                 pass
         return "OK"
     except grpc.RpcError as err:
         if err.code().name in FORBIDDEN:
-            FAILURES.append((rpc, err.code().name, err.details(), str(request)[:300]))
+            FAILURES.append((rpc, app, err.code().name, err.details(), str(request)[:300]))
         return err.code().name
 
 
 # ---- the properties --------------------------------------------------------------------------------
-@settings(settings.get_profile("latentwire-fuzz"))
+@settings(settings.get_profile("latentwire-codec"))
 @given(msg=tensors(width=96), ndim=st.sampled_from([None, 2]), last_dim=st.sampled_from([None, 96]))
 def test_codec_decode_refuses_clearly_or_returns_finite_values(msg, ndim, last_dim):
     """The codec alone (no cluster): every tensor decodes to finite values of its shape or is refused
@@ -207,7 +234,7 @@ def test_codec_decode_refuses_clearly_or_returns_finite_values(msg, ndim, last_d
     assert list(t.shape) == list(msg.shape) and bool(torch.isfinite(t).all())
 
 
-@settings(settings.get_profile("latentwire-fuzz"))
+@settings(settings.get_profile("latentwire-codec"))
 @given(rows=st.integers(1, 8), width=st.integers(1, 64), exp=st.integers(-30, 30),
        special=st.sampled_from([None, float("nan"), float("inf"), 0.0]), seed=st.integers(0, 2**31 - 1))
 def test_codec_int8_round_trip_is_bounded_or_refused(rows, width, exp, special, seed):
@@ -231,28 +258,138 @@ def test_codec_int8_round_trip_is_bounded_or_refused(rows, width, exp, special, 
     assert ((y - x).abs() <= step / 2 * (1 + 1e-5) + 1e-45).all()
 
 
+GOOD = ("Alice keeps the red key in Lisbon.", "Where is the key?")
+
+
 @pytest.fixture(scope="module")
 def before(client):
-    client.ask("Alice keeps the red key in Lisbon.", "Where is the key?", "latent", max_new_tokens=2)
+    client.ask(*GOOD, "latent", max_new_tokens=2)
     return {a.actor_id: a.pid for a in replicas()}
 
 
 @settings(settings.get_profile("latentwire-fuzz"))
-@given(call=CALLS, auth=AUTH)
-def test_no_input_gets_internal_or_unknown(client, before, call, auth):
+@given(call=CALLS, auth=AUTH, app=APP)
+def test_no_input_gets_internal_or_unknown_or_hangs(client, before, call, auth, app):
     rpc, request = call
-    status = invoke(client, rpc, request, auth)
-    OUTCOMES[f"{rpc}:{status}"] += 1
+    t0 = time.monotonic()
+    status = invoke(client, rpc, request, auth, app)
+    elapsed = time.monotonic() - t0
+    OUTCOMES[f"{rpc}@{app or APPS.get(rpc, 'source')}:{status}"] += 1
     assert status not in FORBIDDEN, FAILURES[-1]
+    if status != "OK" and elapsed < 0.25 and len(REPLAY) < 400:
+        REPLAY.append((rpc, request, auth, app))
+
+
+# every method on every application that does not serve it (the agents serve every AgentService
+# method; the bridge serves Translate; health everywhere)
+WRONG_APP = [(rpc, app) for rpc in ("Ask", "AskStream", "Receive", "ReceiveStream") for app in ("bridge",)] + [
+    ("Translate", "source"), ("Translate", "target")]
+
+
+@pytest.mark.parametrize("rpc, app", WRONG_APP)
+def test_a_method_on_an_application_that_does_not_serve_it_is_unimplemented(client, before, rpc, app):
+    request = {"Translate": pb.HiddenStatePacket(), "Receive": pb.ReceiveRequest(question="Q?", mode=pb.NONE),
+               "ReceiveStream": pb.ReceiveRequest(question="Q?", mode=pb.NONE)}.get(rpc) or pb.AskRequest(
+        context=GOOD[0], question=GOOD[1], mode=pb.NONE)
+    status = invoke(client, rpc, request, None, app)
+    OUTCOMES[f"{rpc}@{app}:{status}"] += 1
+    assert status == "UNIMPLEMENTED", (status, FAILURES[-1:] or "")
+
+
+BIG = 10 * 1000 * 1000  # ~10 MB strings: a handful, each refused before any model work
+
+
+def _big_calls():
+    s = "lisbon " * (BIG // 7)
+    x = lambda: "x" * BIG  # noqa: E731
+    return [
+        ("Ask", "context", pb.AskRequest(context=s, question="Where?", mode=pb.LATENT, max_new_tokens=2)),
+        ("AskStream", "context", pb.AskRequest(context=s, question="Where?", mode=pb.DIRECT, max_new_tokens=2)),
+        ("Ask", "question", pb.AskRequest(context="c", question=x(), mode=pb.NONE, max_new_tokens=2)),
+        ("Ask", "target_agent", pb.AskRequest(context="c", question="q", target_agent=x(), max_new_tokens=2)),
+        ("Ask", "request_id", pb.AskRequest(context="c", question="q", request_id=x(), max_new_tokens=2)),
+        ("Receive", "text.text", pb.ReceiveRequest(mode=pb.DIRECT, question="q", text=pb.TextPacket(text=s))),
+        ("ReceiveStream", "text.text", pb.ReceiveRequest(mode=pb.TEXT, question="q", text=pb.TextPacket(text=s))),
+        ("Translate", "provenance.source_model", pb.HiddenStatePacket(provenance=pb.Provenance(source_model=x()))),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_big_calls())), ids=[f"{r}-{f}" for r, f, _ in _big_calls()])
+def test_ten_megabyte_strings_are_refused_quickly_with_a_bounded_message(client, before, i):
+    rpc, field, request = _big_calls()[i]
+    t0 = time.monotonic()
+    meta = client.metadata(APPS[rpc])
+    try:
+        if rpc.endswith("Stream"):
+            for _ in getattr(client.agent, rpc)(request, metadata=meta, timeout=CALL_TIMEOUT_S):
+                pass
+        else:
+            stub = client.bridge if rpc == "Translate" else client.agent
+            getattr(stub, rpc)(request, metadata=meta, timeout=CALL_TIMEOUT_S)
+        code, details = "OK", ""
+    except grpc.RpcError as err:
+        code, details = err.code().name, err.details() or ""
+    elapsed = time.monotonic() - t0
+    OUTCOMES[f"{rpc}@{APPS[rpc]}:{code}"] += 1
+    print(f"\n10 MB {rpc} {field}: {code} in {elapsed:.2f} s: {details[:160]!r}")
+    assert code in {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "NOT_FOUND"}, (code, details[:500])
+    assert len(details) < 2000, len(details)  # the refusal does not echo the input
+    assert elapsed < 10.0, elapsed  # refused before tokenising or any model work
+
+
+def _median_latency(client, n: int = 5) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        assert client.ask(*GOOD, "latent", max_new_tokens=4, timeout=CALL_TIMEOUT_S).answer_tokens > 0
+        times.append(time.monotonic() - t0)
+    return statistics.median(times)
+
+
+def test_malformed_traffic_delays_a_good_request_at_most_twice(client, before):
+    """A good LATENT request's latency (median of 5) alone, then while 2 threads replay the property's
+    refused requests as fast as they are answered."""
+    assert len(REPLAY) >= 50, len(REPLAY)
+    _median_latency(client, 2)  # warm
+    alone = _median_latency(client)
+    stop, sent, bad = threading.Event(), collections.Counter(), []
+
+    def flood(k: int):
+        j = k
+        while not stop.is_set():
+            rpc, request, auth, app = REPLAY[j % len(REPLAY)]
+            status = invoke(client, rpc, request, auth, app)
+            sent[status] += 1
+            if status in FORBIDDEN or status == "OK":
+                bad.append((rpc, status))
+            j += 2
+
+    threads = [threading.Thread(target=flood, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        loaded = _median_latency(client)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    print("\nlatency under fuzz:", json.dumps(dict(alone_s=round(alone, 3), loaded_s=round(loaded, 3),
+                                                  ratio=round(loaded / alone, 2), fuzz_sent=sum(sent.values()))))
+    assert not bad, bad[:5]
+    assert sum(sent.values()) >= 20, sent  # the traffic did run alongside
+    assert loaded <= 2.0 * alone, (loaded, alone)
 
 
 def test_no_replica_restarted_and_a_good_request_succeeds(client, before):
     after = {a.actor_id: a.pid for a in replicas()}
     total = sum(OUTCOMES.values())
-    print("\nfuzz:", json.dumps(dict(examples=total, by_status=dict(sorted(OUTCOMES.items())),
-                                     internal_or_unknown=len(FAILURES), replicas_before=len(before),
+    refused = sum(n for k, n in OUTCOMES.items() if not k.endswith(":OK"))
+    print("\nfuzz:", json.dumps(dict(calls=total, refused=refused, by_status=dict(sorted(OUTCOMES.items())),
+                                     forbidden=len(FAILURES), replicas_before=len(before),
                                      restarted=len(set(before.items()) ^ set(after.items())))))
-    assert total >= min(EXAMPLES, 100)  # the fuzz ran
+    assert not FAILURES, FAILURES[:5]
+    assert refused >= min(MIN_REFUSED, EXAMPLES * 3 // 4), (refused, total)  # the fuzz ran, malformed
     assert after == before  # same actors, same processes: no input killed a replica
-    reply = client.ask("Alice keeps the red key in Lisbon.", "Where is the key?", "latent", max_new_tokens=4)
+    reply = client.ask(*GOOD, "latent", max_new_tokens=4)
     assert reply.answer_tokens > 0
