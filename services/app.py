@@ -10,8 +10,10 @@ from ray import serve
 
 from latentwire.settings import AgentSettings, BridgeSettings
 
-# Replica defaults for a laptop-sized local cluster; configs override them per deployment.
-_LOCAL = dict(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16, health_check_period_s=10)
+# Replica defaults for a laptop-sized local cluster; configs override them per deployment. Serve's
+# controller learns that a replica died (and starts its replacement) from a failed health check only:
+# every 2 s rather than Serve's 10, so a killed replica is replaced seconds sooner while requests wait.
+_LOCAL = dict(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16, health_check_period_s=2)
 
 
 def agent_app(args: dict) -> serve.Application:

@@ -172,6 +172,15 @@ def _kind(i: int) -> tuple[str, bool]:
     return ("text" if i % 10 == 3 else "none" if i % 10 == 7 else "latent"), i % 2 == 0
 
 
+def running(app: str) -> bool:
+    """Serve reports the app's one replica RUNNING (its constructor done, health checks passing)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    return bool(status) and all(d.replica_states.get("RUNNING", 0) == 1 and len(d.replica_states) == 1
+                                for d in status.deployments.values())
+
+
 def test_killing_each_replica_under_load_loses_no_request(cluster):
     """The source, the bridge and the target replica are each killed once (SIGKILL-like `ray.kill`)
     while 200 requests run 8 at a time, half of them streams; the source and target kills land
@@ -191,6 +200,7 @@ def test_killing_each_replica_under_load_loses_no_request(cluster):
     killed: dict = {}
     details: dict = {}  # one message per non-OK status, for the record
     kinds: collections.Counter = collections.Counter()
+    failed: list = []  # (request, started at s, lasted s) of each failure, for the record
 
     def one(i: int, client: LatentWireClient):
         mode, streaming = _kind(i)
@@ -214,6 +224,7 @@ def test_killing_each_replica_under_load_loses_no_request(cluster):
         except grpc.RpcError as err:
             status = err.code().name
             details.setdefault(status, err.details())
+            failed.append((i, round(t0 - t_start, 1), round(time.monotonic() - t0, 1)))
         elapsed = time.monotonic() - t0
         with lock:
             mid_stream.pop(i, None)
@@ -235,7 +246,12 @@ def test_killing_each_replica_under_load_loses_no_request(cluster):
             with lock:
                 killed[app] = dict(actor_id=actor.actor_id, after=sum(outcomes.values()),
                                    streams_mid_way=len(mid_stream))
+            t_kill = time.monotonic()
             ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace), no_restart=True)
+            # for the record: how long the app had no replica serving
+            wait_for(lambda: [a for a in replicas(app) if a.actor_id != actor.actor_id] and running(app), 120,
+                     f"a running replacement {app} replica", poll_s=0.2)
+            killed[app].update(at_s=round(t_kill - t_start, 1), replaced_s=round(time.monotonic() - t_kill, 1))
 
     t_start = time.monotonic()
     with LatentWireClient(cluster, timeout_s=DEADLINE_S) as client:
@@ -253,7 +269,7 @@ def test_killing_each_replica_under_load_loses_no_request(cluster):
     record = dict(requests=REQUESTS, concurrency=CONCURRENCY, killed=killed, outcomes=dict(outcomes),
                   by_kind=dict(sorted(kinds.items())), retries=client.retries,
                   streams_resumed_mid_way=client.stream_resumes, over_deadline=len(over_deadline),
-                  wall_s=round(wall, 1), details=details)
+                  wall_s=round(wall, 1), details=details, failed=failed)
     print("\nkill test:", json.dumps(record))
     assert set(killed) == set(apps)  # each replica was killed once, during the load
     assert all(0 < k["after"] < REQUESTS for k in killed.values()), killed
