@@ -302,14 +302,15 @@ class AlignedBridge(BridgeBase):
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", *, target_path: str | None = None,
-             search_dtype: str = "float32", embeddings: torch.Tensor | None = None) -> "AlignedBridge":
+             search_dtype: str = "float32", embeddings: torch.Tensor | None = None,
+             sha256: str | None = None) -> "AlignedBridge":
         """`embeddings`: the target's (unscaled) input embedding matrix, if the caller has it;
         otherwise it is read from the target model's weights (`target_path` or its profile).
         `search_dtype`: see `use_search_dtype` (the bridge service and `latentwire eval` pass "auto"; the
         fit's own held-out check keeps float32)."""
         from latentwire import profiles
 
-        tensors, manifest = weights.load(path, kind="bridge")
+        tensors, manifest = weights.load(path, kind="bridge", sha256=sha256)
         cfg = cls.config_from_manifest(manifest)
         if embeddings is None:
             embeddings = profiles.input_embeddings(cfg.target_model, local_path=target_path)

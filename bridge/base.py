@@ -128,11 +128,12 @@ class BridgeBase(nn.Module, metaclass=abc.ABCMeta):
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", *, target_path: str | None = None,
-             search_dtype: str = "float32") -> BridgeBase:
-        """The bridge at `path`, sha-verified, in eval mode on `device`. `target_path`: the target
-        model's weights, for a kind that reads rows of them; `search_dtype`: the precision of a
-        vocabulary search. A kind that needs neither (this default) ignores them."""
-        tensors, manifest = weights.load(path, kind="bridge")
+             search_dtype: str = "float32", sha256: str | None = None) -> BridgeBase:
+        """The bridge at `path`, sha-verified (against its manifest and `sha256`, when the config pins
+        one), in eval mode on `device`. `target_path`: the target model's weights, for a kind that reads
+        rows of them; `search_dtype`: the precision of a vocabulary search. A kind that needs neither
+        (this default) ignores them."""
+        tensors, manifest = weights.load(path, kind="bridge", sha256=sha256)
         bridge = cls(cls.config_from_manifest(manifest))
         bridge.load_state_dict({k: v.float() for k, v in tensors.items()})
         bridge.sha256 = manifest["sha256"]

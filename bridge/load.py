@@ -20,16 +20,17 @@ def default_weights_path() -> Path:
 
 
 def load_bridge(path: str | Path, device: str = "cpu", target_path: str | None = None,
-                search_dtype: str = "float32", token_index: str = "none") -> BridgeBase:
+                search_dtype: str = "float32", token_index: str = "none", sha256: str | None = None) -> BridgeBase:
     """The bridge at `path`, of the kind its manifest names.
 
     `target_path` and `search_dtype` go to the kind's `load` (the aligned bridge reads its vocabulary
     rows from the target's weights and scores them in that dtype, `AlignedBridge.use_search_dtype`).
     `token_index`: "auto" = the index beside the weights if there is one, a path, or "none"
     (bridge/token_index.py); a path for a bridge without `supports_token_index` is an error, "auto"
-    leaves such a bridge as it is."""
+    leaves such a bridge as it is. `sha256`: the digest the deployment pins; the weights' bytes must
+    match it as well as their manifest."""
     bridge = BRIDGES.get(manifest_arch(path)).load(path, device=device, target_path=target_path,
-                                                   search_dtype=search_dtype)
+                                                   search_dtype=search_dtype, sha256=sha256)
     if token_index == "none":
         return bridge
     if not bridge.supports_token_index():

@@ -107,17 +107,26 @@ class WindowPress(BasePress):
         if m:
             layer.keys, layer.values = keys, values
             log_count = merge_log_count(log_count, n_final - m, m, self.window, compressor)
-            if proportional(compressor):
-                layer._fmkvc_layer_idx = module.layer_idx
-                layer.__class__ = ProportionalDynamicLayer  # it now holds super-tokens; see that class
+            if proportional(compressor) and not isinstance(layer, ProportionalDynamicLayer):
+                # it now holds super-tokens: the cache's slot gets a layer that publishes their counts
+                layer = cache.layers[module.layer_idx] = ProportionalDynamicLayer.holding(layer, module.layer_idx)
         layer._fmkvc_log_count = log_count
         return output
 
 
 class ProportionalDynamicLayer(DynamicLayer):
     """A transformers `DynamicLayer` holding super-tokens: before each attention call it publishes its
-    entries' log-counts (compression/attention.py). The press retypes the layers it compresses, so the
-    bias outlives the press's `with` block, e.g. while kvpress's pipeline decodes the answer."""
+    entries' log-counts (compression/attention.py). The press puts one in the cache in place of each
+    layer it compresses, so the bias outlives the press's `with` block, e.g. while kvpress's pipeline
+    decodes the answer."""
+
+    @classmethod
+    def holding(cls, layer: DynamicLayer, layer_idx: int) -> "ProportionalDynamicLayer":
+        """A new layer with `layer`'s state (keys, values, the press's bookkeeping), for `layer_idx`."""
+        new = cls()
+        new.__dict__.update(vars(layer))  # a DynamicLayer's whole state is its attributes
+        new._fmkvc_layer_idx = layer_idx
+        return new
 
     def update(self, key_states, value_states, cache_kwargs=None):
         attention.publish(self._fmkvc_layer_idx, self._fmkvc_log_count)

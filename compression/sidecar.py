@@ -124,10 +124,10 @@ class Sidecar(nn.Module):
         return weights.save(path, self.state_dict(), kind=KIND, config=asdict(self.cfg), data=data, metrics=metrics)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Sidecar":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", sha256: str | None = None) -> "Sidecar":
         from latentwire import weights
 
-        tensors, manifest = weights.load(path, kind=KIND)
+        tensors, manifest = weights.load(path, kind=KIND, sha256=sha256)
         # sidecars saved before proportional attention existed were trained without it
         model = cls(SidecarConfig(**{"proportional": False, "value_norm": "fixed", **manifest["config"]}))
         model.load_state_dict(tensors)

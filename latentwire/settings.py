@@ -59,6 +59,8 @@ class KVCompression(_Strict):
     # factory (compression.cache.factory), since this core package cannot import compression/
     method: str = "fmkvc"
     weights: str | None = None  # sidecar .safetensors; None: the packaged one for the agent's profile
+    # the sidecar's sha256, pinned by the deployment: the bytes loaded must match it (and the manifest)
+    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     window: int = Field(8, ge=2)  # W cached tokens -> 1 super-token (the nominal reduction)
     sink: int = Field(4, ge=0)  # first tokens kept dense
     recent: int = Field(64, ge=1)  # newest tokens kept dense
@@ -127,6 +129,9 @@ class AgentSettings(_Strict):
 
 class BridgeSettings(_Strict):
     weights: str | None = None  # path to .safetensors (manifest beside it); None: the packaged default
+    # the bridge's sha256, pinned by the deployment: the bytes loaded must match it (and the manifest,
+    # which sits beside the weights and could be rewritten with them)
+    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     # an aligned bridge reads its vocabulary rows from the target's weights: a safetensors directory,
     # None: the target profile's own (the converted embedded model, or the hub cache)
     target_path: str | None = None

@@ -1,7 +1,10 @@
 """Weights on disk: `NAME.safetensors` + `NAME.json` manifest (config, data, metrics, sha256).
 
-Loading verifies the file's sha256 against its manifest and refuses anything else; nothing is
-ever unpickled. Writes are atomic (temp file + rename) so a crash never leaves a torn checkpoint.
+Loading reads the file once, hashes those bytes and parses the same bytes, so what is verified is
+what is loaded (a file swapped between a hash pass and a load pass cannot slip through). The digest
+must match the manifest beside the weights and, when the caller pins one (`sha256=`, from the Serve
+config), that pin too: a manifest on the same volume as the weights can be rewritten with them, a
+digest in the deployment's config cannot. Nothing is ever unpickled. Writes are atomic (temp file + rename) so a crash never leaves a torn checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 
 
 class WeightsError(ValueError):
@@ -59,8 +63,10 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], *, kind: str, confi
     return manifest
 
 
-def load(path: str | Path, *, kind: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load safetensors whose sha256 matches the manifest; raise WeightsError otherwise."""
+def load(path: str | Path, *, kind: str | None = None, sha256: str | None = None
+         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load safetensors whose sha256 matches the manifest (and `sha256`, when pinned); raise
+    WeightsError otherwise. The bytes hashed are the bytes parsed."""
     path = Path(path)
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
@@ -70,10 +76,14 @@ def load(path: str | Path, *, kind: str | None = None) -> tuple[dict[str, torch.
     if not path.exists() or not man_path.exists():
         raise WeightsError(f"{path}: weights or manifest {man_path.name} missing")
     manifest = json.loads(man_path.read_text())
-    digest = sha256_file(path)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     if manifest.get("sha256") != digest:
         raise WeightsError(f"{path}: sha256 {digest[:12]}… does not match the manifest "
                            f"({str(manifest.get('sha256'))[:12]}…); refusing to load")
+    if sha256 is not None and sha256.lower() != digest:
+        raise WeightsError(f"{path}: sha256 {digest[:12]}… does not match the digest pinned in the "
+                           f"configuration ({sha256[:12]}…); refusing to load")
     if kind is not None and manifest.get("kind") != kind:
         raise WeightsError(f"{path}: manifest kind {manifest.get('kind')!r}, expected {kind!r}")
-    return load_file(str(path)), manifest
+    return load_bytes(data), manifest

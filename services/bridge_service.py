@@ -22,7 +22,8 @@ class BridgeServicer:
         if s.threads:
             torch.set_num_threads(s.threads)
         self.bridge = load_bridge(s.weights or default_weights_path(), device=s.device, target_path=s.target_path,
-                                  search_dtype=s.search_dtype, token_index=s.token_index)
+                                  search_dtype=s.search_dtype, token_index=s.token_index,
+                                  sha256=s.weights_sha256)
         self.cfg = self.bridge.cfg
         self.limits = s.limits
         self.auth = BearerAuth.of(s)  # checked by @rpc

@@ -89,6 +89,9 @@ def rpc(reply_type):
     """
 
     def wrap(fn):
+        return metrics.track(_mapped(fn), fn.__name__)  # counted in flight, refusals included
+
+    def _mapped(fn):
         if inspect.isasyncgenfunction(fn):
             @functools.wraps(fn)
             async def astream(self, request, grpc_context=None):

@@ -34,7 +34,11 @@ def tiny_config(bridge_path, grpc_port: int, http_port: int, *, token: str | Non
     apps["source"]["args"].update(profile="tiny-llama", source_layer=2, threads=1, message_tokens=8,
                                   limits={"max_context_tokens": 256, "max_new_tokens": 32})
     apps["target"]["args"].update(profile="tiny-mistral", threads=1, accepted_bridges=[TINY_BRIDGE_ID])
-    apps["bridge"]["args"].update(weights=str(bridge_path))
+    import json
+    from pathlib import Path
+
+    digest = json.loads(Path(bridge_path).with_suffix(".json").read_text())["sha256"]
+    apps["bridge"]["args"].update(weights=str(bridge_path), weights_sha256=digest)  # pinned, as deployed
     for app in apps.values():  # one replica an app: the fault tests kill "the" replica of an app
         app["deployments"][0]["num_replicas"] = 1
     if token is not None:  # the token reaches the replicas through their environment only

@@ -121,3 +121,16 @@ def test_a_wider_window_layout_keeps_the_budget_and_spends_the_rest_on_recent_to
     assert entries == [nominal_budget(n, 32, cfg.sink, recent)] * model.config.num_hidden_layers
     with pytest.raises(ValueError, match="does not fit"):
         window_layout(EvalConfig(sink=4, recent=16, window=512), ratio, n)
+
+
+def test_a_serving_cache_refuses_a_sidecar_that_differs_from_the_pinned_digest(tmp_path):
+    from compression.cache import cache_factory
+    from latentwire.weights import WeightsError
+
+    model, _ = profiles.load("tiny-llama")
+    sc = Sidecar(SidecarConfig(head_dim=16, n_layers=4, n_kv_heads=2, d_model=32, n_heads=2))
+    digest = sc.save(tmp_path / "sc.safetensors")["sha256"]
+    opts = dict(method="fmkvc", weights=str(tmp_path / "sc.safetensors"), window=4, sink=4, recent=16)
+    assert cache_factory(model, **opts, weights_sha256=digest).layers  # the pinned bytes load
+    with pytest.raises(WeightsError, match="pinned"):
+        cache_factory(model, **opts, weights_sha256="0" * 64)

@@ -106,5 +106,56 @@ def test_a_real_cluster_exports_stage_metrics_and_refusals(tiny_bridge_path):
             assert in_bucket(text, "ray_latentwire_packet_bytes", reply.packet_bytes, mode=mode), mode
             assert in_bucket(text, "ray_latentwire_message_tokens", reply.message_tokens, mode=mode), mode
         assert replies["latent"].packet_bytes > 0 and replies["latent"].message_tokens > 0
+        # every call has ended: each method that ran reports none in flight, on the app that served it
+        assert samples(text, "ray_latentwire_in_flight", method="Ask", application="source") == [0.0]
+        assert samples(text, "ray_latentwire_in_flight", method="Receive", application="target") == [0.0]
     finally:
         local.shutdown()
+
+
+def test_the_dashboard_plots_every_exported_metric_and_nothing_else():
+    """deploy/grafana-dashboard.json queries exactly the metrics services/metrics.py exports, so a
+    metric renamed or added without its panel fails here rather than on an operator's screen."""
+    import json
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count|total)$", "", m) for e in exprs for m in re.findall(r"ray_latentwire_\w+", e)}
+    assert used == {"ray_" + name for name in metrics.NAMES.values()}
+    assert all("histogram_quantile" in e or "_bucket" not in e for e in exprs)  # buckets only through quantiles
+
+
+def test_a_call_is_counted_in_flight_while_it_runs_and_after_a_refusal_is_not():
+    import asyncio
+
+    from latentwire.errors import InvalidArgument
+    from services.status import rpc
+
+    seen = []
+
+    class Servicer:
+        @rpc(pb.AskReply)
+        async def Ask(self, request, grpc_context=None):
+            seen.append(metrics._serving["Ask"])
+            if request.question == "bad":
+                raise InvalidArgument("bad question", "question")
+            return pb.AskReply(answer="ok")
+
+        @rpc(pb.AskChunk)
+        async def AskStream(self, request, grpc_context=None):
+            yield pb.AskChunk(text=str(metrics._serving["AskStream"]))
+
+    class Ctx:
+        def set_code(self, code): pass
+        def set_details(self, details): pass
+        def invocation_metadata(self): return ()
+
+    async def go():
+        s = Servicer()
+        assert (await s.Ask(pb.AskRequest(question="q"), Ctx())).answer == "ok"
+        assert (await s.Ask(pb.AskRequest(question="bad"), Ctx())).answer == ""  # refused, counted out too
+        return [c.text async for c in s.AskStream(pb.AskRequest(), Ctx())]
+
+    assert asyncio.run(go()) == ["1"]
+    assert seen == [1, 1] and metrics._serving["Ask"] == 0 and metrics._serving["AskStream"] == 0

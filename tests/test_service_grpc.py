@@ -35,7 +35,7 @@ def cluster(tiny_bridge_path):
     apps["source"]["args"].update(profile="tiny-llama", source_layer=2, threads=1, message_tokens=8,
                                   limits={"max_context_tokens": 256, "max_new_tokens": 32})
     apps["target"]["args"].update(profile="tiny-mistral", threads=1, accepted_bridges=[TINY_BRIDGE_ID])
-    apps["bridge"]["args"].update(weights=str(tiny_bridge_path))
+    apps["bridge"]["args"].update(weights=str(tiny_bridge_path), weights_sha256=None)  # not the packaged file
     # a second target whose KV cache is compressed (mean-pooling: needs no trained sidecar)
     pooled = {"name": "target-pooled", "route_prefix": "/target-pooled", "import_path": "services.app:agent_app",
               "args": dict(apps["target"]["args"], kv_compression={"method": "mean_pool", "window": 4, "sink": 2,

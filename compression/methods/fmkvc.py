@@ -19,13 +19,13 @@ from compression.refine import RefineConfig
 _SIDECARS: dict[str, object] = {}
 
 
-def load_sidecar(path: str | Path, device="cpu"):
-    """One loaded sidecar per (file, device), shared by every cache that uses it."""
+def load_sidecar(path: str | Path, device="cpu", sha256: str | None = None):
+    """One loaded sidecar per (file, device, pinned digest), shared by every cache that uses it."""
     from compression.sidecar import Sidecar
 
-    key = f"{Path(path).resolve()}:{device}"
+    key = f"{Path(path).resolve()}:{device}:{sha256}"
     if key not in _SIDECARS:
-        _SIDECARS[key] = Sidecar.load(path, device=device)
+        _SIDECARS[key] = Sidecar.load(path, device=device, sha256=sha256)
     return _SIDECARS[key]
 
 
@@ -39,6 +39,9 @@ class FMKVC(Compressor):
         Model profile whose packaged sidecar to use (compression/weights/PROFILE.safetensors).
     weights : str
         Explicit sidecar weights (.safetensors with manifest); overrides `profile`.
+    weights_sha256 : str
+        The digest the deployment pins for those weights (or the packaged ones): loading refuses
+        bytes that do not match it, whatever the manifest beside them says.
     refine_steps, refine_lr
         Test-time refinement after each prefill: optimiser steps (0: off) and Adam step.
     sidecar
@@ -48,6 +51,7 @@ class FMKVC(Compressor):
 
     profile: str | None = None
     weights: str | Path | None = None
+    weights_sha256: str | None = None
     refine_steps: int = 0
     refine_lr: float = 3e-4
     sidecar: object = field(default=None, repr=False)
@@ -62,7 +66,7 @@ class FMKVC(Compressor):
                 if self.profile is None:
                     raise ValueError("fmkvc needs `weights` or `profile` (to find the packaged sidecar)")
                 weights = default_weights_path(self.profile)
-            self.sidecar = load_sidecar(weights, str(next(model.parameters()).device))
+            self.sidecar = load_sidecar(weights, str(next(model.parameters()).device), self.weights_sha256)
         super().bind(model, schedule)
 
     def pool(self, keys, values, layer_idx):
