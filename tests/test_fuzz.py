@@ -333,30 +333,30 @@ def test_ten_megabyte_strings_are_refused_quickly_with_a_bounded_message(client,
     OUTCOMES[f"{rpc}@{APPS[rpc]}:{code}"] += 1
     print(f"\n10 MB {rpc} {field}: {code} in {elapsed:.2f} s: {details[:160]!r}")
     assert code in {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "NOT_FOUND"}, (code, details[:500])
-    assert len(details) < 2000, len(details)  # the refusal does not echo the input
+    # the refusal names the field and does not echo the input (an echo of 10 MB overflows gRPC's
+    # metadata limit: the caller then sees "Stream removed", not the refusal)
+    assert field in details and len(details) < 2000, (len(details), details[:500])
     assert elapsed < 10.0, elapsed  # refused before tokenising or any model work
 
 
-def _median_latency(client, n: int = 5) -> float:
-    times = []
-    for _ in range(n):
-        t0 = time.monotonic()
-        assert client.ask(*GOOD, "latent", max_new_tokens=4, timeout=CALL_TIMEOUT_S).answer_tokens > 0
-        times.append(time.monotonic() - t0)
-    return statistics.median(times)
+def _latency(client) -> float:
+    t0 = time.monotonic()
+    assert client.ask(*GOOD, "latent", max_new_tokens=4, timeout=CALL_TIMEOUT_S).answer_tokens > 0
+    return time.monotonic() - t0
 
 
 def test_malformed_traffic_delays_a_good_request_at_most_twice(client, before):
-    """A good LATENT request's latency (median of 5) alone, then while 2 threads replay the property's
-    refused requests as fast as they are answered."""
+    """A good LATENT request's latency alone and while 2 threads replay the property's refused
+    requests as fast as they are answered: medians of 9 each, taken in 3 alternating rounds of 3 so
+    that the machine's own drift falls on both sides."""
     assert len(REPLAY) >= 50, len(REPLAY)
-    _median_latency(client, 2)  # warm
-    alone = _median_latency(client)
-    stop, sent, bad = threading.Event(), collections.Counter(), []
+    stop, flooding, sent, bad = threading.Event(), threading.Event(), collections.Counter(), []
 
     def flood(k: int):
         j = k
         while not stop.is_set():
+            if not flooding.wait(0.05):
+                continue
             rpc, request, auth, app = REPLAY[j % len(REPLAY)]
             status = invoke(client, rpc, request, auth, app)
             sent[status] += 1
@@ -367,18 +367,26 @@ def test_malformed_traffic_delays_a_good_request_at_most_twice(client, before):
     threads = [threading.Thread(target=flood, args=(k,)) for k in range(2)]
     for t in threads:
         t.start()
+    alone, loaded = [], []
     try:
-        time.sleep(0.5)
-        loaded = _median_latency(client)
+        _latency(client)  # warm
+        for _ in range(3):
+            alone += [_latency(client) for _ in range(3)]
+            flooding.set()
+            time.sleep(0.3)
+            loaded += [_latency(client) for _ in range(3)]
+            flooding.clear()
+            time.sleep(0.3)  # the replayed calls in flight end
     finally:
         stop.set()
         for t in threads:
             t.join()
-    print("\nlatency under fuzz:", json.dumps(dict(alone_s=round(alone, 3), loaded_s=round(loaded, 3),
-                                                  ratio=round(loaded / alone, 2), fuzz_sent=sum(sent.values()))))
+    a, b = statistics.median(alone), statistics.median(loaded)
+    print("\nlatency under fuzz:", json.dumps(dict(alone_s=round(a, 3), loaded_s=round(b, 3), ratio=round(b / a, 2),
+                                                  fuzz_sent=sum(sent.values()), by_status=dict(sent))))
     assert not bad, bad[:5]
-    assert sum(sent.values()) >= 20, sent  # the traffic did run alongside
-    assert loaded <= 2.0 * alone, (loaded, alone)
+    assert sum(sent.values()) >= 50, sent  # the traffic did run alongside
+    assert b <= 2.0 * a, (b, a)
 
 
 def test_no_replica_restarted_and_a_good_request_succeeds(client, before):
