@@ -18,6 +18,8 @@ import sys
 import grpc
 import pytest
 
+from protos.latentwire.v1 import latentwire_pb2 as pb
+
 from latentwire.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unimplemented
 from latentwire.settings import AuthSettings
 from services.auth import BearerAuth, Unauthenticated
@@ -221,7 +223,7 @@ def client(address, token):
 class AuthOverGrpc:
     """Auth over real gRPC. tests/test_multinode.py runs these (TestAuthOnTheClusterConfig) against
     deploy/cluster-gpu.yaml, where auth is on by default, so they need no cluster of their own;
-    they use the fixtures `grpc_address` and `auth_token` of the module that runs them."""
+    they use the fixtures `grpc_address`, `auth_token` and `internal_token` of the module that runs them."""
 
     @pytest.mark.parametrize("bad", [None, "", "wrong-token-0123456789abcdef"], ids=["none", "empty", "wrong"])
     def test_every_application_refuses_a_caller_without_the_token(self, grpc_address, auth_token, bad,
@@ -243,6 +245,60 @@ class AuthOverGrpc:
                     codes[name] = err.code().name
                     assert auth_token not in err.details()
             assert codes == dict.fromkeys(calls, "UNAUTHENTICATED")
+
+    def test_the_clients_token_is_refused_by_every_method_of_the_bridge_and_target(self, grpc_address, auth_token,
+                                                                                     internal_token):
+        from tests.test_service_grpc import hidden_packet, latent_request
+
+        with client(grpc_address, auth_token) as c:
+            calls = {"Translate": lambda: c.translate(hidden_packet()),
+                     "Receive": lambda: c.receive(latent_request()),
+                     "ReceiveStream": lambda: list(c.agent.ReceiveStream(latent_request(), metadata=c.metadata("target"),
+                                                                         timeout=60))}
+            for name, call in calls.items():
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, (name, err.value.details())
+                details = err.value.details()
+                assert "internal hop" in details and "authorization" in details and name in details
+                assert auth_token not in details and internal_token not in details
+            assert c.health("target") == c.health("bridge") == "SERVING"  # health stays open
+
+    def test_a_forged_or_altered_packet_is_refused_even_with_the_internal_token(self, grpc_address, internal_token):
+        from tests.test_service_grpc import hidden_packet, latent_request
+
+        with client(grpc_address, internal_token) as hop:
+            signed = hop.translate(hidden_packet()).latent  # what the bridge sends: signed
+            assert len(signed.signature) == 32
+            ok = hop.receive(pb.ReceiveRequest(mode=pb.LATENT, question=QUESTION, max_new_tokens=3, latent=signed))
+            assert ok.answer_tokens > 0
+            forged = latent_request()  # well-formed, right provenance, made by no bridge
+            altered = pb.ReceiveRequest(mode=pb.LATENT, question=QUESTION, max_new_tokens=3, latent=signed)
+            altered.latent.soft_tokens.data = bytes(len(signed.soft_tokens.data))  # zeros, same size
+            relabelled = pb.ReceiveRequest(mode=pb.LATENT, question=QUESTION, max_new_tokens=3, latent=signed)
+            relabelled.latent.provenance.request_id = "someone-else"
+            for req, words in [(forged, "missing"), (altered, "does not match"), (relabelled, "does not match")]:
+                with pytest.raises(grpc.RpcError) as err:
+                    hop.receive(req)
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value.details()
+                assert "latent.signature" in err.value.details() and words in err.value.details()
+            # and the internal token is no client credential: the source's Ask refuses it
+            with pytest.raises(grpc.RpcError) as err:
+                hop.ask(CONTEXT, QUESTION, "none", max_new_tokens=2)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    def test_ask_on_the_target_application_is_refused_naming_the_source(self, grpc_address, auth_token,
+                                                                        internal_token):
+        from services.client import NO_RETRY, LatentWireClient
+
+        for token in (auth_token, internal_token):
+            with LatentWireClient(grpc_address, source_app="target", token=token, timeout_s=60, retry=NO_RETRY) as c:
+                for call in (lambda: c.ask(CONTEXT, QUESTION, "none", max_new_tokens=2),
+                             lambda: list(c.ask_stream(CONTEXT, QUESTION, "none", max_new_tokens=2))):
+                    with pytest.raises(grpc.RpcError) as err:
+                        call()
+                    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, err.value.details()
+                    assert "source agent's application" in err.value.details()
 
     def test_the_token_works_end_to_end_in_every_mode(self, grpc_address, auth_token):
         with client(grpc_address, auth_token) as c:
