@@ -98,7 +98,9 @@ class AgentSettings(_Strict):
     """One agent actor. Every agent can answer (`Receive`); one with `targets` can also `Ask`."""
 
     profile: str
-    role: Literal["source", "target"] = "source"  # informational: any agent can receive
+    # what the app serves (services/auth.py): every agent answers packets (Receive, ReceiveStream);
+    # only a source takes clients' requests (Ask, AskStream, A2A); a target refuses them UNIMPLEMENTED
+    role: Literal["source", "target"] = "source"
     source_layer: int | None = None  # None: the profile's default
     message_tokens: int = Field(64, gt=0)  # the message budget M of TEXT, EXTRACT and LATENT
     selection: PacketSelection = PacketSelection()  # which context tokens a LATENT/EXTRACT message carries

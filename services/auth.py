@@ -55,7 +55,7 @@ class Unauthenticated(LatentWireError):
 
 
 def app_kind(settings) -> str:
-    """"bridge", or an agent's role ("source" or "target")."""
+    """The application's kind: "bridge", or an agent's role ("source" or "target")."""
     if isinstance(settings, BridgeSettings):
         return "bridge"
     if isinstance(settings, AgentSettings):
