@@ -332,3 +332,24 @@ def _env(extra: dict) -> dict:
 
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     return {**env, **extra}
+
+
+def test_a_target_checks_the_signature_then_the_pinned_bridge_weights(monkeypatch):
+    """The target's own packet check (AgentServicer._soft_tokens): signature with the key from its
+    environment, then `accepted_bridge_sha256`."""
+    from services import signing
+    from services.agent import AgentServicer
+
+    monkeypatch.setenv(INTERNAL_TOKEN_ENV, INTERNAL)
+    target = AgentServicer({"profile": "tiny-mistral", "role": "target", "accepted_bridge_sha256": ["a" * 64]})
+    key = target.auth.packet_key
+    assert key == required(kind="bridge").packet_key  # the bridge's key, from the same secret
+    assert tuple(target._soft_tokens(signed_packet(key)).shape) == (4, 96)
+    with pytest.raises(PermissionDenied, match="latent.signature"):
+        target._soft_tokens(signed_packet(None))
+    other = signed_packet(None)
+    other.provenance.bridge_sha256 = "b" * 64
+    signing.sign(other, key)  # signed, but by a bridge with other weights
+    with pytest.raises(FailedPrecondition) as err:
+        target._soft_tokens(other)
+    assert err.value.field == "latent.provenance.bridge_sha256"
