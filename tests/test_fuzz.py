@@ -27,6 +27,7 @@ from tests.conftest import free_port
 from tests.serve_cluster import TINY_BRIDGE_ID, replicas, start_ray, tiny_config
 
 TOKEN = secrets.token_hex(16)
+INTERNAL = secrets.token_hex(16)  # Translate and Receive are internal hops: fuzzed with the internal token
 EXAMPLES = int(os.environ.get("LATENTWIRE_FUZZ_EXAMPLES", "300"))
 settings.register_profile("latentwire-fuzz", max_examples=EXAMPLES, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
@@ -41,7 +42,7 @@ def cluster(tiny_bridge_path):
     from services import local
 
     start_ray()
-    cfg = tiny_config(tiny_bridge_path, free_port(), free_port(), token=TOKEN)
+    cfg = tiny_config(tiny_bridge_path, free_port(), free_port(), token=TOKEN, internal_token=INTERNAL)
     local.deploy(cfg)
     yield local.grpc_address(cfg)
     local.shutdown()
@@ -171,6 +172,8 @@ AUTH = st.one_of(st.just(None), st.just(None), st.just(None), st.just(None), st.
 
 def invoke(client, rpc: str, request, auth: str | None) -> str:
     meta = client.metadata({"Translate": "bridge", "Receive": "target"}.get(rpc, "source"))
+    if rpc in ("Translate", "Receive"):
+        meta = tuple(m for m in meta if m[0] != "authorization") + (("authorization", f"Bearer {INTERNAL}"),)
     if auth is not None:  # replace the token with a random authorization value
         meta = tuple(m for m in meta if m[0] != "authorization") + (("authorization", auth),)
     try:
