@@ -9,7 +9,7 @@ moves bytes (an A2A message part, a queue, Ray's object store, a file), with the
                 "target_model": str, "target_hidden_size": int, "bridge_id": str, "bridge_sha256": str,
                 "shape": [int, ...], "dtype": "float32" | "float16" | "bfloat16" | "int8",
                 "scale": bin (int8 only: one little-endian float32 per row),
-                "signature": bin (reserved: empty in version 1)},
+                "signature": bin (the bridge's signature, `LatentPacket.signature`: empty or 32 bytes)},
      "body": bin (the tensor's raw little-endian bytes, exactly as in `Tensor.data`)}
 
 `to_envelope` and `from_envelope` convert between the two without touching the tensor bytes, so a
@@ -18,7 +18,8 @@ the protobuf codec: sizes capped before msgpack allocates anything (Unpacker lim
 type- and range-checked, unknown versions, kinds and keys refused, each refusal an
 `InvalidArgument` / `ResourceExhausted` naming the field (`envelope.header.shape`). The tensor's
 values (finiteness, the int8 code's range) are checked where every packet is, by `codec.decode` at
-the receiver.
+the receiver, and so is the signature (a target holding the services' internal key verifies it), so a
+packet the bridge signed stays acceptable after a trip through bytes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ _STRINGS = {"request_id": 128, "source_model": 256, "target_model": 256, "bridge
 _INTS = ("source_layer", "source_hidden_size", "target_hidden_size")  # int32 in the protobuf Provenance
 _HEADER = set(_STRINGS) | set(_INTS) | {"shape", "dtype", "scale", "signature"}
 _MAX_DIMS = 8
+SIGNATURE_BYTES = 32  # HMAC-SHA256 (services/signing.py)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -57,7 +59,7 @@ def to_envelope(packet: pb.LatentPacket) -> bytes:
     header.update(shape=list(t.shape), dtype=_DTYPE_NAMES[t.dtype])
     if t.dtype == pb.INT8:
         header["scale"] = np.asarray(t.scale, dtype="<f4").tobytes()
-    header["signature"] = b""
+    header["signature"] = packet.signature
     return msgpack.packb({"v": VERSION, "kind": KIND, "header": header, "body": t.data}, use_bin_type=True)
 
 
@@ -117,8 +119,9 @@ def from_envelope(data: bytes, limits: Limits | None = None) -> pb.LatentPacket:
     if dtype not in _DTYPES:
         raise InvalidArgument(f"unsupported dtype {_short(dtype)}; expected one of {', '.join(_DTYPES)}",
                               "envelope.header.dtype")
-    if _typed(h, "signature", bytes):
-        raise InvalidArgument("signed envelopes are not supported by version 1 (the slot must be empty)",
+    signature = _typed(h, "signature", bytes)
+    if len(signature) not in (0, SIGNATURE_BYTES):
+        raise InvalidArgument(f"must be empty or {SIGNATURE_BYTES} bytes (HMAC-SHA256), got {len(signature)}",
                               "envelope.header.signature")
     if not isinstance(body, bytes):
         raise InvalidArgument(f"expected bin, got {type(body).__name__}", "envelope.body")
@@ -131,7 +134,7 @@ def from_envelope(data: bytes, limits: Limits | None = None) -> pb.LatentPacket:
         tensor.scale.extend(_scales(h, codec.rows(shape)).tolist())
     elif "scale" in h:
         raise InvalidArgument(f"only int8 packets carry scales, this one is {dtype}", "envelope.header.scale")
-    return pb.LatentPacket(soft_tokens=tensor, provenance=prov)
+    return pb.LatentPacket(soft_tokens=tensor, provenance=prov, signature=signature)
 
 
 def _keys(m: dict, required: set, optional: set, field: str) -> None:

@@ -26,6 +26,13 @@ class ResourceExhausted(LatentWireError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class PermissionDenied(LatentWireError):
+    """An authenticated caller without the right to this call (a client's token on an internal hop,
+    a latent packet without a valid bridge signature)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class NotFound(LatentWireError):
     code = "NOT_FOUND"
 

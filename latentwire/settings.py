@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,13 +33,19 @@ class Limits(_Strict):
 class AuthSettings(_Strict):
     """Bearer-token check on every RPC of a deployment (Serve's gRPC proxy does not authenticate).
 
-    The token itself never sits in a config: replicas read it from the environment variable
-    `token_env` (on a cluster: a Kubernetes Secret or the launcher's environment). A deployment
-    with `required: true` and no token in its environment fails to start rather than run open.
+    Two tokens (services/auth.py): clients send the external one (`token_env`) to the source's
+    Ask/AskStream; the source sends the internal one (`internal_token_env`) on its hops to the
+    bridge and target, which take nothing else, and the internal one keys the bridge's signatures
+    on latent packets. Tokens never sit in a config: replicas read them from these environment
+    variables (on a cluster: two Kubernetes Secrets or the launcher's environment). A deployment
+    with `required: true` and a token missing from its environment fails to start rather than run
+    open. Without `required`, calls are not checked, but an internal token that is set still signs
+    and verifies packets.
     """
 
     required: bool = False
     token_env: str = "LATENTWIRE_AUTH_TOKEN"
+    internal_token_env: str = "LATENTWIRE_INTERNAL_TOKEN"
     min_token_chars: int = Field(16, gt=0)  # refuse to start with a guessable token
 
 
@@ -94,7 +100,9 @@ class AgentSettings(_Strict):
     """One agent actor. Every agent can answer (`Receive`); one with `targets` can also `Ask`."""
 
     profile: str
-    role: Literal["source", "target"] = "source"  # informational: any agent can receive
+    # what the app serves (services/auth.py): every agent answers packets (Receive, ReceiveStream);
+    # only a source takes clients' requests (Ask, AskStream, A2A); a target refuses them UNIMPLEMENTED
+    role: Literal["source", "target"] = "source"
     source_layer: int | None = None  # None: the profile's default
     message_tokens: int = Field(64, gt=0)  # the message budget M of TEXT, EXTRACT and LATENT
     selection: PacketSelection = PacketSelection()  # which context tokens a LATENT/EXTRACT message carries
@@ -124,6 +132,9 @@ class AgentSettings(_Strict):
     prefill_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # target only: bridges whose packets are accepted (ids); empty: any bridge for this target
     accepted_bridges: list[str] = []
+    # target only: sha256 of the bridge weights whose packets are accepted (`provenance.bridge_sha256`,
+    # signed by the bridge when it holds the internal token); empty: any
+    accepted_bridge_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = []
     auth: AuthSettings = AuthSettings()
 
 

@@ -21,7 +21,7 @@ from latentwire.sessions import SessionCaches, Sessions, TurnLog, check_turn
 from latentwire.settings import AgentSettings, grpc_channel_options
 from protos.latentwire.v1 import latentwire_pb2 as pb
 from protos.latentwire.v1 import latentwire_pb2_grpc as pb_grpc
-from services import metrics, packets
+from services import metrics, packets, signing
 from services.auth import BearerAuth
 from services.batching import Batcher
 from services.status import HopError, log, rpc, wrong_app
@@ -43,7 +43,9 @@ class AgentServicer:
         if cache_factory is not None:  # a window the sidecar cannot compress: refuse the deployment, not each request
             cache_factory(self.model.model)
         self.limits = s.limits
-        self.auth = BearerAuth.of(s)  # checked by @rpc; its token also goes on the calls below
+        # checked by @rpc (which methods this role serves, with which token); its internal token goes
+        # on the calls below and its key checks the bridge's signature on latent packets
+        self.auth = BearerAuth.of(s)
         self.layer = s.source_layer or self.model.profile.source_layer
         # a layer the model lacks would fail every latent request; refuse the deployment instead
         for name, layer in [("source_layer", self.layer)] + [
@@ -159,6 +161,10 @@ class AgentServicer:
         if soft.shape[0] > cap:
             raise ResourceExhausted(f"{soft.shape[0]} soft tokens exceed the limit of {cap} "
                                     f"(max_message_tokens)", "latent.soft_tokens.shape")
+        signing.verify(packet, self.auth.packet_key)  # before the soft tokens reach the model
+        if self.settings.accepted_bridge_sha256 and p.bridge_sha256 not in self.settings.accepted_bridge_sha256:
+            raise FailedPrecondition(f"packet bridge weights {p.bridge_sha256!r} are not among the accepted ones "
+                                     "(accepted_bridge_sha256)", "latent.provenance.bridge_sha256")
         return soft
 
     # ---- asking side (source) ----------------------------------------------------------------

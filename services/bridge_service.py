@@ -10,7 +10,7 @@ from latentwire.errors import InvalidArgument, ResourceExhausted
 from latentwire.runtime import now_ms
 from latentwire.settings import BridgeSettings
 from protos.latentwire.v1 import latentwire_pb2 as pb
-from services import packets
+from services import packets, signing
 from services.auth import BearerAuth
 from services.batching import Batcher
 from services.status import rpc, wrong_app
@@ -26,7 +26,7 @@ class BridgeServicer:
                                   sha256=s.weights_sha256)
         self.cfg = self.bridge.cfg
         self.limits = s.limits
-        self.auth = BearerAuth.of(s)  # checked by @rpc
+        self.auth = BearerAuth.of(s)  # checked by @rpc (Translate takes the internal token); keys the signatures
         # concurrent Translate calls share one padded forward
         self.batcher = Batcher(lambda jobs: self.translate_many(*zip(*jobs)), s.max_batch_size,
                                s.batch_wait_timeout_s)
@@ -44,6 +44,17 @@ class BridgeServicer:
     @rpc(pb.ReceiveReply)
     async def Receive(self, request, grpc_context=None):
         raise wrong_app("Receive", "a target agent's application")
+
+    # the streaming ones too: without a method of the name, Serve would answer with an internal error
+    @rpc(pb.AskChunk)
+    async def AskStream(self, request, grpc_context=None):
+        raise wrong_app("AskStream", "the source agent's application")
+        yield  # an async generator, as Serve's streaming call expects
+
+    @rpc(pb.ReceiveChunk)
+    async def ReceiveStream(self, request, grpc_context=None):
+        raise wrong_app("ReceiveStream", "a target agent's application")
+        yield
 
     @rpc(pb.TranslateReply)
     async def Translate(self, packet: pb.HiddenStatePacket, grpc_context=None) -> pb.TranslateReply:
@@ -75,6 +86,7 @@ class BridgeServicer:
         prov.target_model, prov.target_hidden_size = cfg.target_model, cfg.d_tgt
         prov.bridge_id, prov.bridge_sha256 = self.bridge.bridge_id, self.bridge.sha256
         latent = pb.LatentPacket(soft_tokens=codec.encode(soft, self.settings.wire_dtype), provenance=prov)
+        signing.sign(latent, self.auth.packet_key)  # a target holding the key refuses what no bridge signed
         t3 = now_ms()
         return pb.TranslateReply(latent=latent, bridge_ms=t2 - t1, packet_decode_ms=t1 - t0,
                                  packet_encode_ms=t3 - t2, total_ms=now_ms() - t0, batch_size=batch_size)

@@ -58,14 +58,15 @@ def _set(ctx, exc: Exception, method: str) -> None:
     ctx.set_details(details)
 
 
-def _authenticate(servicer, ctx) -> None:
-    """Check the caller's bearer token when the servicer has an `auth` (services.auth.BearerAuth).
+def _authenticate(servicer, ctx, method: str) -> None:
+    """Check that this application serves `method` and that the caller holds the credential it
+    takes, when the servicer has an `auth` (services.auth.BearerAuth).
 
     Direct calls (ctx None: handles inside the cluster, unit tests) are not gRPC ingress calls.
     """
     auth = getattr(servicer, "auth", None)
     if auth is not None and ctx is not None:
-        auth.check(ctx.invocation_metadata())
+        auth.check(method, ctx.invocation_metadata())
 
 
 def wrong_app(method: str, where: str) -> Unimplemented:
@@ -84,8 +85,9 @@ class StreamFailed(Exception):
 def rpc(reply_type):
     """Decorate a unary or server-streaming RPC method taking (self, request, grpc_context=None).
 
-    Authentication runs first, inside the same try: a refused caller gets UNAUTHENTICATED and the
-    method body never runs.
+    Authentication runs first, inside the same try: a refused caller gets UNAUTHENTICATED (no valid
+    token), PERMISSION_DENIED (the wrong one of the two tokens) or UNIMPLEMENTED (a method this
+    application does not serve), and the method body never runs.
     """
 
     def wrap(fn):
@@ -96,7 +98,7 @@ def rpc(reply_type):
             @functools.wraps(fn)
             async def astream(self, request, grpc_context=None):
                 try:
-                    _authenticate(self, grpc_context)
+                    _authenticate(self, grpc_context, fn.__name__)
                     async for item in fn(self, request, grpc_context):
                         yield item
                 except Exception as exc:  # noqa: BLE001
@@ -108,7 +110,7 @@ def rpc(reply_type):
             @functools.wraps(fn)
             async def aunary(self, request, grpc_context=None):
                 try:
-                    _authenticate(self, grpc_context)
+                    _authenticate(self, grpc_context, fn.__name__)
                     return await fn(self, request, grpc_context)
                 except Exception as exc:  # noqa: BLE001
                     _set(grpc_context, exc, fn.__name__)
@@ -119,7 +121,7 @@ def rpc(reply_type):
             @functools.wraps(fn)
             def stream(self, request, grpc_context=None):
                 try:
-                    _authenticate(self, grpc_context)
+                    _authenticate(self, grpc_context, fn.__name__)
                     yield from fn(self, request, grpc_context)
                 except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                     _set(grpc_context, exc, fn.__name__)
@@ -129,7 +131,7 @@ def rpc(reply_type):
         @functools.wraps(fn)
         def unary(self, request, grpc_context=None):
             try:
-                _authenticate(self, grpc_context)
+                _authenticate(self, grpc_context, fn.__name__)
                 return fn(self, request, grpc_context)
             except Exception as exc:  # noqa: BLE001
                 _set(grpc_context, exc, fn.__name__)

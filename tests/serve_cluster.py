@@ -10,6 +10,7 @@ import time
 
 TINY_BRIDGE_ID = "tiny-llama@2->tiny-mistral/K4"
 TOKEN_ENV = "LATENTWIRE_AUTH_TOKEN"
+INTERNAL_TOKEN_ENV = "LATENTWIRE_INTERNAL_TOKEN"
 RAY_INIT = dict(num_cpus=2, object_store_memory=200 * 1024**2, log_to_driver=False)
 
 
@@ -25,8 +26,9 @@ def start_ray(**kw) -> None:
 
 
 def tiny_config(bridge_path, grpc_port: int, http_port: int, *, token: str | None = None,
-                base: dict | None = None) -> dict:
-    """deploy/local.yaml (or `base`) on the given ports with the tiny pair; `token` turns auth on."""
+                internal_token: str | None = None, base: dict | None = None) -> dict:
+    """deploy/local.yaml (or `base`) on the given ports with the tiny pair; `token` turns auth on
+    (clients' token) and then needs `internal_token` (the services' hops and packet signatures)."""
     from services import local
 
     cfg = local.with_port(base or local.load_config(), grpc_port, http_port)
@@ -41,10 +43,14 @@ def tiny_config(bridge_path, grpc_port: int, http_port: int, *, token: str | Non
     apps["bridge"]["args"].update(weights=str(bridge_path), weights_sha256=digest)  # pinned, as deployed
     for app in apps.values():  # one replica an app: the fault tests kill "the" replica of an app
         app["deployments"][0]["num_replicas"] = 1
-    if token is not None:  # the token reaches the replicas through their environment only
-        for app in cfg["applications"]:
-            app["args"]["auth"] = {"required": True, "token_env": TOKEN_ENV}
-            app.setdefault("runtime_env", {}).setdefault("env_vars", {})[TOKEN_ENV] = token
+    # the tokens reach the replicas through their environment only
+    for app in cfg["applications"]:
+        env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        if token is not None:
+            app["args"]["auth"] = {"required": True, "token_env": TOKEN_ENV, "internal_token_env": INTERNAL_TOKEN_ENV}
+            env[TOKEN_ENV] = token
+        if internal_token is not None:
+            env[INTERNAL_TOKEN_ENV] = internal_token
     return cfg
 
 

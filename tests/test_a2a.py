@@ -26,6 +26,7 @@ from tests.serve_cluster import RAY_INIT, tiny_config
 from tests.test_service_grpc import CONTEXT, QUESTION, hidden_packet
 
 TOKEN = secrets.token_hex(16)
+INTERNAL = secrets.token_hex(16)  # the services' own hops: this test calls Translate and Receive with it
 MODES = ["latent", "text", "extract", "direct", "none"]
 
 
@@ -33,7 +34,7 @@ MODES = ["latent", "text", "extract", "direct", "none"]
 def cluster(tiny_bridge_path):
     from services import local
 
-    cfg = tiny_config(tiny_bridge_path, free_port(), free_port(), token=TOKEN)
+    cfg = tiny_config(tiny_bridge_path, free_port(), free_port(), token=TOKEN, internal_token=INTERNAL)
     local.deploy(cfg, address="local", ray_init=RAY_INIT)
     yield local.grpc_address(cfg)
     local.shutdown()
@@ -44,6 +45,15 @@ def client(cluster):
     from services.client import LatentWireClient
 
     with LatentWireClient(cluster, timeout_s=60, token=TOKEN) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def hops(cluster):
+    """A client holding the internal token, to call the bridge and target as the source does."""
+    from services.client import LatentWireClient
+
+    with LatentWireClient(cluster, timeout_s=60, token=INTERNAL) as c:
         yield c
 
 
@@ -164,9 +174,9 @@ def test_get_task_returns_a_finished_task_and_cancel_refuses_it(cluster):
 
 
 # ---- a packet from Translate through the envelope part: the receive path ---------------------------
-def test_a_translated_packet_in_an_envelope_part_answers_as_receive_does(cluster, client):
-    latent = client.translate(hidden_packet()).latent
-    want = client.receive(pb.ReceiveRequest(mode=pb.LATENT, question=QUESTION, max_new_tokens=5, latent=latent))
+def test_a_translated_packet_in_an_envelope_part_answers_as_receive_does(cluster, hops):
+    latent = hops.translate(hidden_packet()).latent  # signed by the bridge; the envelope carries it
+    want = hops.receive(pb.ReceiveRequest(mode=pb.LATENT, question=QUESTION, max_new_tokens=5, latent=latent))
     packet = a2a.Part(raw=to_envelope(latent), media_type=MEDIA_TYPE)
     req = message(a2a.Part(text=QUESTION), packet, max_new_tokens=5, target_agent="default")
     text, info = answer_of(call(cluster, "send_message", req).task)
@@ -177,14 +187,24 @@ def test_a_translated_packet_in_an_envelope_part_answers_as_receive_does(cluster
     assert streamed.strip() == answer_of(last.task)[0] == want.answer
 
 
-def test_an_envelope_for_another_target_is_refused_as_receive_refuses_it(cluster, client):
-    latent = client.translate(hidden_packet()).latent
+def test_an_envelope_for_another_target_is_refused_as_receive_refuses_it(cluster, hops):
+    latent = hops.translate(hidden_packet()).latent
     latent.provenance.target_model = "mistral-7b-v0.3"
     req = message(a2a.Part(text=QUESTION), a2a.Part(raw=to_envelope(latent), media_type=MEDIA_TYPE))
     with pytest.raises(A2AClientError) as err:
         call(cluster, "send_message", req)
     code, details = refused(err)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "latent.provenance.target_model" in details
+
+
+def test_an_envelope_without_the_bridge_signature_is_refused(cluster, hops):
+    latent = hops.translate(hidden_packet()).latent
+    latent.signature = b""
+    req = message(a2a.Part(text=QUESTION), a2a.Part(raw=to_envelope(latent), media_type=MEDIA_TYPE))
+    with pytest.raises(A2AClientError) as err:
+        call(cluster, "send_message", req)
+    code, details = refused(err)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "latent.signature" in details
 
 
 # ---- refusals --------------------------------------------------------------------------------------

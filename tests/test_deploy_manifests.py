@@ -305,14 +305,23 @@ def test_rayservice_worker_groups_can_place_every_replica():
         assert [n for n, s in supplies.items() if fits(demand, s)], f"no worker group fits {app}: {demand}"
 
 
-def test_every_pod_gets_the_token_from_a_secret_and_the_proxy_message_cap():
+def test_every_pod_gets_both_tokens_from_separate_secrets_and_the_proxy_message_cap():
     (_, doc), = by_kind("RayService")
     cluster = RayService.model_validate(doc).spec.rayClusterConfig
-    token_env = CLUSTER["applications"][0]["args"]["auth"]["token_env"]
+    auths = [a["args"]["auth"] for a in CLUSTER["applications"]]
+    assert all(a == auths[0] for a in auths)  # every app checks the same two variables
+    token_env, internal_env = auths[0]["token_env"], auths[0]["internal_token_env"]
+    assert token_env != internal_env
     max_bytes = max(a["args"]["limits"]["max_message_bytes"] for a in CLUSTER["applications"])
     for tmpl in [cluster.headGroupSpec.template] + [g.template for g in cluster.workerGroupSpecs]:
         env = {e.name: e for e in tmpl.spec.containers[0].env}
-        assert env[token_env].value is None and "secretKeyRef" in env[token_env].valueFrom  # never inline
+        refs = []
+        for name in (token_env, internal_env):
+            assert env[name].value is None and "secretKeyRef" in env[name].valueFrom  # never inline
+            refs.append(env[name].valueFrom["secretKeyRef"]["name"])
+        # the internal token is a Secret of its own: whoever may read the clients' token cannot call
+        # the bridge and target, nor sign packets
+        assert refs[0] != refs[1] and cluster.authOptions.secretName not in refs
         assert int(env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"].value) >= max_bytes
         assert env["HF_HUB_OFFLINE"].value == "1"
 
@@ -401,10 +410,14 @@ def test_launcher_node_types_can_place_every_replica_and_carry_the_token():
     for app, demand in replica_demands(CLUSTER).items():
         assert not fits(demand, head), f"{app} would land on the head"
         assert any(fits(demand, s) for s in workers.values()), f"no node type fits {app}"
-    token_env = CLUSTER["applications"][0]["args"]["auth"]["token_env"]
+    auth = CLUSTER["applications"][0]["args"]["auth"]
     for cmds in (cfg.head_start_ray_commands, cfg.worker_start_ray_commands):
         start = next(c for c in cmds if "ray start" in c)
-        assert f"{token_env}=" in start and "HF_HUB_OFFLINE=1" in start  # inherited by every replica
+        for env in (auth["token_env"], auth["internal_token_env"]):  # inherited by every replica
+            assert f"{env}=$(cat " in start
+        assert "HF_HUB_OFFLINE=1" in start
+    fetched = " ".join(cfg.setup_commands)  # each token from its own secret into its own file
+    assert "latentwire/auth-token" in fetched and "latentwire/internal-token" in fetched
     assert "--autoscaling-config" in next(c for c in cfg.head_start_ray_commands if "ray start" in c)
 
 

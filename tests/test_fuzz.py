@@ -34,6 +34,7 @@ from tests.conftest import free_port
 from tests.serve_cluster import TINY_BRIDGE_ID, replicas, start_ray, tiny_config
 
 TOKEN = secrets.token_hex(16)
+INTERNAL = secrets.token_hex(16)  # Translate and Receive(Stream) are internal hops: fuzzed with the internal token
 EXAMPLES = int(os.environ.get("LATENTWIRE_FUZZ_EXAMPLES", "1200"))
 MIN_REFUSED = 1000  # malformed requests CI must send (and see refused) at the least
 settings.register_profile("latentwire-fuzz", max_examples=EXAMPLES, deadline=None, database=None,
@@ -54,7 +55,7 @@ def cluster(tiny_bridge_path):
     from services import local
 
     start_ray()
-    cfg = tiny_config(tiny_bridge_path, free_port(), free_port(), token=TOKEN)
+    cfg = tiny_config(tiny_bridge_path, free_port(), free_port(), token=TOKEN, internal_token=INTERNAL)
     local.deploy(cfg)
     yield local.grpc_address(cfg)
     local.shutdown()
@@ -197,6 +198,8 @@ def invoke(client, rpc: str, request, auth: str | None = None, app: str | None =
     from grpc_health.v1 import health_pb2_grpc
 
     meta = client.metadata(app if app is not None else APPS.get(rpc, "source"))
+    if rpc in ("Translate", "Receive", "ReceiveStream"):
+        meta = tuple(m for m in meta if m[0] != "authorization") + (("authorization", f"Bearer {INTERNAL}"),)
     if auth is not None:  # replace the token with a random authorization value
         meta = tuple(m for m in meta if m[0] != "authorization") + (("authorization", auth),)
     kw = dict(metadata=meta, timeout=CALL_TIMEOUT_S)
@@ -319,6 +322,8 @@ def test_ten_megabyte_strings_are_refused_quickly_with_a_bounded_message(client,
     rpc, field, request = _big_calls()[i]
     t0 = time.monotonic()
     meta = client.metadata(APPS[rpc])
+    if rpc in ("Translate", "Receive", "ReceiveStream"):  # internal hops: the internal token
+        meta = tuple(m for m in meta if m[0] != "authorization") + (("authorization", f"Bearer {INTERNAL}"),)
     try:
         if rpc.endswith("Stream"):
             for _ in getattr(client.agent, rpc)(request, metadata=meta, timeout=CALL_TIMEOUT_S):

@@ -20,6 +20,7 @@ from tests.test_auth import AuthOverGrpc
 from tests.serve_cluster import TINY_BRIDGE_ID, replicas, state_address, tiny_config
 
 TOKEN = secrets.token_hex(16)
+INTERNAL = secrets.token_hex(16)
 NODES = {  # name -> ray start resources, as in deploy/cluster-launcher.yaml's node types
     "llm-a": dict(num_cpus=1, num_gpus=1, resources={"latentwire_llm": 1}),
     "llm-b": dict(num_cpus=1, num_gpus=1, resources={"latentwire_llm": 1}),
@@ -30,7 +31,7 @@ NODES = {  # name -> ray start resources, as in deploy/cluster-launcher.yaml's n
 def cluster_config(bridge_path, grpc_port: int, http_port: int) -> dict:
     from services import local
 
-    cfg = tiny_config(bridge_path, grpc_port, http_port, token=TOKEN,
+    cfg = tiny_config(bridge_path, grpc_port, http_port, token=TOKEN, internal_token=INTERNAL,
                       base=local.load_config(local.ROOT / "deploy" / "cluster-gpu.yaml"))
     cfg["proxy_location"] = "HeadOnly"  # one machine: proxies on every node would share one port
     cfg["http_options"]["host"] = "127.0.0.1"
@@ -139,6 +140,11 @@ def grpc_address(cluster):
 @pytest.fixture()
 def auth_token():
     return TOKEN
+
+
+@pytest.fixture()
+def internal_token():
+    return INTERNAL
 
 
 class TestAuthOnTheClusterConfig(AuthOverGrpc):

@@ -76,12 +76,14 @@ class HiddenStatePacket(_message.Message):
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., source_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LatentPacket(_message.Message):
-    __slots__ = ("soft_tokens", "provenance")
+    __slots__ = ("soft_tokens", "provenance", "signature")
     SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     soft_tokens: Tensor
     provenance: Provenance
-    def __init__(self, soft_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, soft_tokens: _Optional[_Union[Tensor, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class TextPacket(_message.Message):
     __slots__ = ("text", "num_tokens", "provenance")
