@@ -28,7 +28,8 @@ class Cancelled(Exception):
 
 class Stats:
     """Counts of this process's streamed generations, for operators and tests: `started`, `finished`
-    (ran to their end), `cancelled` (stopped by `Cancelled`) and `tokens` (pieces handed over)."""
+    (ran to their end), `cancelled` (stopped by `Cancelled`), `failed` (raised anything else),
+    `running` (now) and `pieces` (pieces of text handed over)."""
 
     def __init__(self):
         self._lock = threading.Lock()
