@@ -101,6 +101,33 @@ def test_a_stream_yields_every_piece_then_the_result_or_the_error():
         asyncio.run(collect(bad))
 
 
+def test_a_closed_streaming_rpc_closes_the_method_at_once():
+    """services.status.rpc closes the method's generator when its own is closed (a client that went
+    away), so the method's cleanup (stopping its generation) runs then, not when it is collected."""
+    from services.status import rpc
+
+    cleaned = []
+
+    class Servicer:
+        @rpc(pb.ReceiveChunk)
+        async def Stream(self, request, grpc_context=None):
+            try:
+                for word in ("a", "b", "c"):
+                    yield pb.ReceiveChunk(text=word)
+            finally:
+                cleaned.append(True)
+
+    async def main():
+        stream = Servicer().Stream(pb.ReceiveRequest())
+        first = await stream.__anext__()
+        await stream.aclose()
+        return first.text, list(cleaned)  # read before the event loop runs anything else
+
+    assert asyncio.run(main()) == ("a", [True])
+    with pytest.raises(TypeError, match="must be an async generator"):
+        rpc(pb.ReceiveChunk)(lambda self, request, grpc_context=None: (yield))
+
+
 # ---- served -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ports():
