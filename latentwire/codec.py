@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from latentwire.errors import InvalidArgument, ResourceExhausted
+from latentwire.errors import InvalidArgument, ResourceExhausted, show
 from protos.latentwire.v1 import latentwire_pb2 as pb
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -26,6 +26,7 @@ _FROM_PB = {v: k for k, v in _TO_PB.items()}
 # numpy has no bfloat16: move its bits as int16 and reinterpret in torch.
 _NP_VIEW = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16, torch.int8: np.int8}
 INT8_MAX = 127  # symmetric: -128 is never sent, and refused
+MAX_DIMS = 8  # no packet has more dimensions; a peer's shape is counted before it is copied or multiplied
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("latentwire's wire codec assumes a little-endian host")
@@ -86,11 +87,13 @@ def decode(msg: pb.Tensor, *, field: str = "tensor", ndim: int | None = None,
     if msg.dtype not in _FROM_PB:
         raise InvalidArgument(f"unsupported dtype {msg.dtype}; expected FLOAT32, FLOAT16, BFLOAT16 or INT8",
                               f"{field}.dtype")
+    if ndim is not None and len(msg.shape) != ndim:
+        raise InvalidArgument(f"expected {ndim} dimensions, got shape {show(msg.shape)}", f"{field}.shape")
+    if len(msg.shape) > MAX_DIMS:
+        raise InvalidArgument(f"{len(msg.shape)} dimensions exceed the limit of {MAX_DIMS}", f"{field}.shape")
     shape = list(msg.shape)
-    if ndim is not None and len(shape) != ndim:
-        raise InvalidArgument(f"expected {ndim} dimensions, got shape {shape}", f"{field}.shape")
     if any(d <= 0 for d in shape):
-        raise InvalidArgument(f"every dimension must be positive, got shape {shape}", f"{field}.shape")
+        raise InvalidArgument(f"every dimension must be positive, got shape {show(shape)}", f"{field}.shape")
     n = math.prod(shape)
     if n > max_elements:
         raise ResourceExhausted(f"{n} elements exceed the limit of {max_elements}", f"{field}.shape")

@@ -46,3 +46,22 @@ class Unimplemented(LatentWireError):
 class ConfigError(ValueError):
     """A command or job that cannot run as configured, found before any work starts. The CLI
     reports it as `latentwire COMMAND: error: MESSAGE` with exit status 2, like argparse."""
+
+
+def show(value, limit: int = 64) -> str:
+    """`repr(value)` cut to about `limit` characters: what a refusal may echo of a value a peer sent.
+
+    A peer controls the size of what it sends (a 10 MB provenance string, a shape of a million
+    dimensions); a message echoing it whole would cost the server the formatting and send it all back
+    in the status. Strings and sequences are cut before `repr`, so the cost is bounded as well.
+    """
+    if isinstance(value, (str, bytes)):
+        text, size, unit = repr(value[:limit]), len(value), "characters" if isinstance(value, str) else "bytes"
+    elif hasattr(value, "__len__") and hasattr(value, "__getitem__") and not isinstance(value, dict):
+        text, size, unit = repr(list(value[:limit])), len(value), "items"  # lists, tuples, protobuf repeated
+    else:
+        text = repr(value)
+        size, unit = len(text), "characters"
+    if size <= limit and len(text) <= 2 * limit:  # whole, and short (quotes and escapes may add a little)
+        return text
+    return f"{text[:limit]}... ({size} {unit})"

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from latentwire.errors import FailedPrecondition, NotFound, ResourceExhausted
+from latentwire.errors import FailedPrecondition, NotFound, ResourceExhausted, show
 from latentwire.settings import SessionLimits
 
 FIELD = "session_id"
@@ -78,7 +78,7 @@ class Sessions:
                 return s
             s = self._items.get(session_id)
             if s is None:
-                raise NotFound(f"unknown or expired session {session_id!r} (turn {turn} continues a session; "
+                raise NotFound(f"unknown or expired session {show(session_id)} (turn {turn} continues a session; "
                                f"turn 0 starts one)", FIELD)
             check_turn(s, turn)
             s.last_used = self.clock()
@@ -96,14 +96,14 @@ class Sessions:
 
     def check_room(self, s: Session, more_tokens: int) -> None:
         if s.tokens + more_tokens > self.limits.max_tokens:
-            raise ResourceExhausted(f"session {s.id!r} holds {s.tokens} tokens and this turn needs up to "
+            raise ResourceExhausted(f"session {show(s.id)} holds {s.tokens} tokens and this turn needs up to "
                                     f"{more_tokens} more, beyond the limit of {self.limits.max_tokens} "
                                     f"(sessions.max_tokens)", FIELD)
 
 
 def check_turn(s: Session, turn: int) -> None:
     if s.turns != turn:
-        raise FailedPrecondition(f"session {s.id!r} holds {s.turns} turns; turn {turn} does not follow", FIELD)
+        raise FailedPrecondition(f"session {show(s.id)} holds {s.turns} turns; turn {turn} does not follow", FIELD)
 
 
 class SessionCaches(Sessions):

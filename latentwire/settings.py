@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 # the packets' wire encoding (latentwire.codec.WIRE_DTYPES): int8 is a quarter of float32's bytes
@@ -15,10 +15,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a config is an error, not a silent default
 
 
+CHARS_PER_TOKEN = 16  # the default character cap per token of max_context_tokens (Limits.max_context_chars)
+
+
 class Limits(_Strict):
     """What one request may ask for; anything beyond is refused with a status that names the limit."""
 
     max_context_tokens: int = Field(2048, gt=0)
+    # characters of a context (AskRequest.context) or text payload (ReceiveRequest.text.text), checked
+    # before tokenising: a tokenizer's time and memory grow with the characters, so the token limit
+    # alone would be checked only after the work it bounds. None: CHARS_PER_TOKEN x max_context_tokens,
+    # generous for any text that fits the token limit (English runs about 4 characters a token)
+    max_context_chars: int | None = Field(None, gt=0)
     max_question_chars: int = Field(4000, gt=0)
     max_new_tokens: int = Field(256, gt=0)
     default_new_tokens: int = Field(24, gt=0)
@@ -28,6 +36,12 @@ class Limits(_Strict):
     # refuses a LATENT packet of more soft tokens
     max_message_tokens: int = Field(256, gt=0)
     max_message_bytes: int = Field(256 << 20, gt=0)  # gRPC channel limit on both ends
+
+    @model_validator(mode="after")
+    def _context_chars(self) -> "Limits":
+        if self.max_context_chars is None:
+            self.max_context_chars = CHARS_PER_TOKEN * self.max_context_tokens
+        return self
 
 
 class AuthSettings(_Strict):

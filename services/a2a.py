@@ -111,14 +111,18 @@ class A2AServicer:
         q: asyncio.Queue = asyncio.Queue()
         run = asyncio.ensure_future(self._a2a_run(request, task.id, q.put_nowait))
         run.add_done_callback(lambda _: q.put_nowait(None))
-        yield a2a.StreamResponse(task=task)
-        first = True
-        while (text := await q.get()) is not None:
-            yield a2a.StreamResponse(artifact_update=a2a.TaskArtifactUpdateEvent(
-                task_id=task.id, context_id=task.context_id, append=not first, last_chunk=False,
-                artifact=a2a.Artifact(artifact_id="answer", name="answer", parts=[a2a.Part(text=text)])))
-            first = False
-        yield a2a.StreamResponse(task=self._finish(task, run.result()))  # re-raises the request's error
+        try:
+            yield a2a.StreamResponse(task=task)
+            first = True
+            while (text := await q.get()) is not None:
+                yield a2a.StreamResponse(artifact_update=a2a.TaskArtifactUpdateEvent(
+                    task_id=task.id, context_id=task.context_id, append=not first, last_chunk=False,
+                    artifact=a2a.Artifact(artifact_id="answer", name="answer", parts=[a2a.Part(text=text)])))
+                first = False
+            yield a2a.StreamResponse(task=self._finish(task, run.result()))  # re-raises the request's error
+        finally:  # the client went away: cancel the request, as AskStream does (its target stream stops)
+            if not run.done():
+                run.cancel()
 
     async def _a2a_run(self, request: a2a.SendMessageRequest, task_id: str, emit):
         """The ask path (an AskReply) or, for a packet part, the receive path (a ReceiveReply)."""
@@ -135,7 +139,7 @@ class A2AServicer:
                                 max_new_tokens=meta.get("max_new_tokens", 0))
             return await self._ask(ask, emit)
         if "mode" in meta and _mode(meta["mode"]) != pb.LATENT:
-            raise InvalidArgument(f"a latent packet part is answered in mode latent, not {meta['mode']!r}",
+            raise InvalidArgument(f"a latent packet part is answered in mode latent, not {packets.show(meta['mode'])}",
                                   "message.metadata.mode")
         if "message_tokens" in meta:
             raise InvalidArgument("the packet is already written: no message budget applies",

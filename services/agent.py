@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import threading
-from collections.abc import AsyncIterator, Iterator
+import functools
+from collections.abc import AsyncIterator
 
 import grpc
 import torch
@@ -21,7 +21,7 @@ from latentwire.sessions import SessionCaches, Sessions, TurnLog, check_turn
 from latentwire.settings import AgentSettings, grpc_channel_options
 from protos.latentwire.v1 import latentwire_pb2 as pb
 from protos.latentwire.v1 import latentwire_pb2_grpc as pb_grpc
-from services import metrics, packets, signing
+from services import metrics, packets, signing, streaming
 from services.auth import BearerAuth
 from services.batching import Batcher
 from services.status import HopError, log, rpc, wrong_app
@@ -80,6 +80,12 @@ class AgentServicer:
 
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
+    def stream_stats(self) -> dict[str, int]:
+        """Counts of this replica's streamed generations (services.streaming.Stats): how many ran,
+        finished, were stopped because their client went away, and are running now. Not an RPC:
+        reached through a Serve handle (operators, tests)."""
+        return streaming.STATS.snapshot()
+
     @rpc(pb.TranslateReply)
     async def Translate(self, request, grpc_context=None):  # BridgeService routed to an agent
         raise wrong_app("Translate", "the bridge's application")
@@ -88,7 +94,7 @@ class AgentServicer:
     @rpc(pb.ReceiveReply)
     async def Receive(self, request: pb.ReceiveRequest, grpc_context=None) -> pb.ReceiveReply:
         t0 = now_ms()
-        payload, max_new = self._check_receive(request)
+        payload, max_new = await self._check_receive(request)
         t1 = now_ms()
         if request.session_id:  # a session's turn: alone, from and into its own cache
             await self.hold_session(request.session_id)
@@ -98,22 +104,33 @@ class AgentServicer:
         return self._receive_reply(request, gen, t0, t1, batch)
 
     @rpc(pb.ReceiveChunk)
-    def ReceiveStream(self, request: pb.ReceiveRequest, grpc_context=None) -> Iterator[pb.ReceiveChunk]:
-        def run(emit):
-            t0 = now_ms()
-            payload, max_new = self._check_receive(request)
-            t1 = now_ms()
-            gen = (self._session_turn(request, payload, max_new, emit) if request.session_id
-                   else self.model.answer(payload, request.question, max_new, emit))
-            return self._receive_reply(request, gen, t0, t1)
+    async def ReceiveStream(self, request: pb.ReceiveRequest, grpc_context=None) -> AsyncIterator[pb.ReceiveChunk]:
+        """Receive, its answer streamed as it is decoded. The generation runs alone in a worker thread
+        (the batched forward streams nothing); a client that goes away stops it at its next token."""
+        t0 = now_ms()
+        payload, max_new = await self._check_receive(request)
+        t1 = now_ms()
+        if request.session_id:
+            await self.hold_session(request.session_id)
+            run = functools.partial(self._session_turn, request, payload, max_new)
+        else:
+            run = functools.partial(self.model.answer, payload, request.question, max_new)
+        async for item in streaming.run(run):
+            if isinstance(item, str):
+                yield pb.ReceiveChunk(text=item)
+            else:
+                yield pb.ReceiveChunk(reply=self._receive_reply(request, item, t0, t1))
 
-        yield from _stream(run, lambda text: pb.ReceiveChunk(text=text), lambda r: pb.ReceiveChunk(reply=r))
-
-    def _check_receive(self, req: pb.ReceiveRequest):
+    async def _check_receive(self, req: pb.ReceiveRequest):
+        """The request checked, and its payload decoded or tokenised off the event loop; sizes are
+        checked first, from the message as it came, before any of that work."""
         packets.check_question(req.question, self.limits.max_question_chars)
         max_new = packets.check_new_tokens(req.max_new_tokens, self.limits.default_new_tokens,
                                            self.limits.max_new_tokens)
-        return self._payload(req), max_new
+        packets.check_session_id(req.session_id)
+        if req.WhichOneof("payload") == "text":
+            packets.check_chars(req.text.text, self.limits.max_context_chars, "text.text")
+        return await asyncio.to_thread(self._payload, req), max_new
 
     def _session_turn(self, req: pb.ReceiveRequest, payload, max_new: int, emit=None):
         if self.model.cache_factory is not None:
@@ -155,17 +172,17 @@ class AgentServicer:
         if accepted and p.bridge_id not in accepted:
             packets.expect("latent.provenance.bridge_id", p.bridge_id, accepted[0] if len(accepted) == 1
                            else accepted, "bridge id")
-        soft = codec.decode(packet.soft_tokens, field="latent.soft_tokens", ndim=2,
-                            last_dim=self.model.hidden_size, max_elements=self.limits.max_packet_elements)
         cap = min(self.limits.max_packet_tokens, self.limits.max_message_tokens)  # the message budget's ceiling
-        if soft.shape[0] > cap:
-            raise ResourceExhausted(f"{soft.shape[0]} soft tokens exceed the limit of {cap} "
+        rows = packet.soft_tokens.shape[0] if packet.soft_tokens.shape else 0
+        if rows > cap:  # from the shape as sent, before decoding allocates anything
+            raise ResourceExhausted(f"{rows} soft tokens exceed the limit of {cap} "
                                     f"(max_message_tokens)", "latent.soft_tokens.shape")
         signing.verify(packet, self.auth.packet_key)  # before the soft tokens reach the model
         if self.settings.accepted_bridge_sha256 and p.bridge_sha256 not in self.settings.accepted_bridge_sha256:
-            raise FailedPrecondition(f"packet bridge weights {p.bridge_sha256!r} are not among the accepted ones "
-                                     "(accepted_bridge_sha256)", "latent.provenance.bridge_sha256")
-        return soft
+            raise FailedPrecondition(f"packet bridge weights {packets.show(p.bridge_sha256)} are not among the "
+                                     "accepted ones (accepted_bridge_sha256)", "latent.provenance.bridge_sha256")
+        return codec.decode(packet.soft_tokens, field="latent.soft_tokens", ndim=2,
+                            last_dim=self.model.hidden_size, max_elements=self.limits.max_packet_elements)
 
     # ---- asking side (source) ----------------------------------------------------------------
     @rpc(pb.AskReply)
@@ -183,12 +200,18 @@ class AgentServicer:
 
     @rpc(pb.AskChunk)
     async def AskStream(self, request: pb.AskRequest, grpc_context=None) -> AsyncIterator[pb.AskChunk]:
+        """Ask, the target's answer streamed through. A client that goes away cancels the request:
+        its call to the target ends, and the target's stream stops its generation in turn."""
         q: asyncio.Queue = asyncio.Queue()
         task = asyncio.ensure_future(self._ask(request, q.put_nowait))
         task.add_done_callback(lambda _: q.put_nowait(None))
-        while (text := await q.get()) is not None:
-            yield pb.AskChunk(text=text)
-        yield pb.AskChunk(reply=task.result())  # re-raises the request's error, if any
+        try:
+            while (text := await q.get()) is not None:
+                yield pb.AskChunk(text=text)
+            yield pb.AskChunk(reply=task.result())  # re-raises the request's error, if any
+        finally:  # the client went away (CancelledError, GeneratorExit): stop the request's work
+            if not task.done():
+                task.cancel()
 
     def _stubs(self):
         # One aio channel per replica, created on the replica's event loop and reused by every request.
@@ -204,7 +227,7 @@ class AgentServicer:
         name = target_agent or "default"
         route = self.settings.targets.get(name)
         if route is None:
-            raise NotFound(f"unknown agent {name!r}; this source knows {sorted(self.settings.targets)}",
+            raise NotFound(f"unknown agent {packets.show(name)}; this source knows {sorted(self.settings.targets)}",
                            "target_agent")
         return name, route
 
@@ -234,6 +257,8 @@ class AgentServicer:
         rid = packets.request_id(req.request_id)
         mode = packets.check_mode(req.mode)
         packets.check_question(req.question, self.limits.max_question_chars)
+        packets.check_chars(req.context, self.limits.max_context_chars, "context")  # before any tokenising
+        packets.check_session_id(req.session_id)
         max_new = packets.check_new_tokens(req.max_new_tokens, self.limits.default_new_tokens,
                                            self.limits.max_new_tokens)
         budget = req.message_tokens or self.settings.message_tokens
@@ -340,26 +365,3 @@ class AgentServicer:
             s.turns, s.tokens = req.session_turn + 1, rr.kv_cache_tokens
         return rr, replayed
 
-
-def _stream(run, text_chunk, reply_chunk):
-    """Run `run(emit)` in a thread and yield its streamed text, then the final reply."""
-    import queue
-
-    q: queue.Queue = queue.Queue()
-    done = object()
-
-    def work():
-        try:
-            q.put(("reply", run(lambda text: q.put(("text", text)))))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the serving thread
-            q.put(("error", exc))
-        q.put((done, None))
-
-    threading.Thread(target=work, daemon=True).start()
-    while True:
-        kind, value = q.get()
-        if kind is done:
-            return
-        if kind == "error":
-            raise value
-        yield text_chunk(value) if kind == "text" else reply_chunk(value)

@@ -6,6 +6,9 @@ cut into many small batches: with 16 requests in flight on the embedded pair, th
 batches of 2-5 while 8-10 requests waited. Here the worker takes everything that queued while the
 model was busy (up to `max_batch_size`) in one batch, and waits `wait_s` for company only when it
 finds the model idle.
+
+A batch whose call fails is run again job by job, so that the error reaches only the callers whose
+own job fails; the others get their results (reported as batches of 1).
 """
 
 from __future__ import annotations
@@ -42,14 +45,39 @@ class Batcher:
             await asyncio.sleep(self.wait_s)  # model idle: let a burst of arrivals join
         while batch := self._take():
             try:
-                results = await asyncio.to_thread(self.fn, [job for job, _ in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batched function returned {len(results)} results for {len(batch)} jobs")
-            except Exception as err:  # noqa: BLE001 - every caller of the batch gets the error
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(err)
+                results = await self._call(batch)
+            except Exception as err:  # noqa: BLE001 - retried below, or reaches its one caller
+                if len(batch) == 1:
+                    _settle(batch[0][1], error=err)
+                    continue
+                # One bad job (a prompt the model cannot take, a packet that breaks the forward)
+                # must not fail the requests that happened to share its batch: each job runs
+                # again alone, and only the ones that fail alone get an error.
+                for job, fut in batch:
+                    if fut.done():  # its caller gave up meanwhile
+                        continue
+                    try:
+                        result = (await self._call([(job, fut)]))[0]
+                    except Exception as one:  # noqa: BLE001
+                        _settle(fut, error=one)
+                    else:
+                        _settle(fut, (result, 1))
             else:
                 for (_, fut), result in zip(batch, results):
-                    if not fut.done():
-                        fut.set_result((result, len(batch)))
+                    _settle(fut, (result, len(batch)))
+
+    async def _call(self, batch: list[tuple[Any, asyncio.Future]]) -> list:
+        results = await asyncio.to_thread(self.fn, [job for job, _ in batch])
+        if len(results) != len(batch):
+            raise RuntimeError(f"batched function returned {len(results)} results for {len(batch)} jobs")
+        return results
+
+
+def _settle(fut: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Give a caller its result or error, unless it gave up already (a cancelled future)."""
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

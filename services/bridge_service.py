@@ -65,17 +65,23 @@ class BridgeServicer:
         packets.expect("provenance.source_hidden_size", p.source_hidden_size, cfg.d_src, "source hidden size")
         if p.target_model:
             packets.expect("provenance.target_model", p.target_model, cfg.target_model, "target model")
+        # sizes first, from the message as it came: nothing is decoded or copied for a packet refused
+        cap = self.limits.max_packet_tokens
+        rows = packet.hidden.shape[0] if packet.hidden.shape else 0
+        if rows > cap:
+            raise ResourceExhausted(f"{rows} source tokens exceed the limit of {cap} (max_packet_tokens)",
+                                    "hidden.shape")
+        n_ids = len(packet.source_token_ids)
+        if n_ids > cap:
+            raise ResourceExhausted(f"{n_ids} source token ids exceed the limit of {cap} (max_packet_tokens)",
+                                    "source_token_ids")
+        if n_ids and n_ids != rows:
+            raise InvalidArgument(f"{n_ids} source token ids for {rows} rows of hidden", "source_token_ids")
         hidden = codec.decode(packet.hidden, field="hidden", ndim=2, last_dim=cfg.d_src,
                               max_elements=self.limits.max_packet_elements)
-        if hidden.shape[0] > self.limits.max_packet_tokens:
-            raise ResourceExhausted(f"{hidden.shape[0]} source tokens exceed the limit of "
-                                    f"{self.limits.max_packet_tokens}", "hidden.shape")
         ids = None
-        if packet.source_token_ids:  # a search hint for the token index; wrong ones are refused, not guessed
+        if n_ids:  # a search hint for the token index; wrong ones are refused, not guessed
             ids = torch.tensor(packet.source_token_ids, dtype=torch.long)
-            if len(ids) != hidden.shape[0]:
-                raise InvalidArgument(f"{len(ids)} source token ids for {hidden.shape[0]} rows of hidden",
-                                      "source_token_ids")
             if int(ids.min()) < 0:
                 raise InvalidArgument(f"source token id {int(ids.min())} is negative", "source_token_ids")
         t1 = now_ms()

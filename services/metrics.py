@@ -129,17 +129,18 @@ def tracked(method: str):
 
 
 def track(fn, method: str):
-    """`fn` (an RPC wrapper of services.status.rpc: async generator, coroutine, generator or plain
-    function taking (self, request, grpc_context)) counted in flight while it runs."""
+    """`fn` (an RPC wrapper of services.status.rpc: async generator, coroutine or plain function
+    taking (self, request, grpc_context)) counted in flight while it runs."""
     import functools
     import inspect
 
     if inspect.isasyncgenfunction(fn):
         @functools.wraps(fn)
         async def astream(self, request, grpc_context=None):
-            with tracked(method):
-                async for item in fn(self, request, grpc_context):
-                    yield item
+            with tracked(method):  # closed with this stream, so the method's cleanup runs at once
+                async with contextlib.aclosing(fn(self, request, grpc_context)) as items:
+                    async for item in items:
+                        yield item
         return astream
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
@@ -147,13 +148,6 @@ def track(fn, method: str):
             with tracked(method):
                 return await fn(self, request, grpc_context)
         return aunary
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def stream(self, request, grpc_context=None):
-            with tracked(method):
-                yield from fn(self, request, grpc_context)
-        return stream
-
     @functools.wraps(fn)
     def unary(self, request, grpc_context=None):
         with tracked(method):

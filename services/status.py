@@ -7,6 +7,7 @@ a downstream gRPC failure keeps its code and names the hop.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -83,7 +84,8 @@ class StreamFailed(Exception):
 
 
 def rpc(reply_type):
-    """Decorate a unary or server-streaming RPC method taking (self, request, grpc_context=None).
+    """Decorate a unary (sync or async) or server-streaming (async generator) RPC method taking
+    (self, request, grpc_context=None).
 
     Authentication runs first, inside the same try: a refused caller gets UNAUTHENTICATED (no valid
     token), PERMISSION_DENIED (the wrong one of the two tokens) or UNIMPLEMENTED (a method this
@@ -99,12 +101,18 @@ def rpc(reply_type):
             async def astream(self, request, grpc_context=None):
                 try:
                     _authenticate(self, grpc_context, fn.__name__)
-                    async for item in fn(self, request, grpc_context):
-                        yield item
+                    # closed here, not whenever it is collected: a client that goes away (this
+                    # generator closed or cancelled) reaches the method's own cleanup at once
+                    async with contextlib.aclosing(fn(self, request, grpc_context)) as items:
+                        async for item in items:
+                            yield item
                 except Exception as exc:  # noqa: BLE001
                     _set(grpc_context, exc, fn.__name__)
                     raise StreamFailed(str(exc)) from exc
             return astream
+
+        if inspect.isgeneratorfunction(fn):  # would hold a thread of the replica for the whole stream
+            raise TypeError(f"{fn.__name__}: a streaming RPC must be an async generator (see services.streaming)")
 
         if inspect.iscoroutinefunction(fn):
             @functools.wraps(fn)
@@ -116,17 +124,6 @@ def rpc(reply_type):
                     _set(grpc_context, exc, fn.__name__)
                     return reply_type()
             return aunary
-
-        if inspect.isgeneratorfunction(fn):
-            @functools.wraps(fn)
-            def stream(self, request, grpc_context=None):
-                try:
-                    _authenticate(self, grpc_context, fn.__name__)
-                    yield from fn(self, request, grpc_context)
-                except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-                    _set(grpc_context, exc, fn.__name__)
-                    raise StreamFailed(str(exc)) from exc
-            return stream
 
         @functools.wraps(fn)
         def unary(self, request, grpc_context=None):

@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -75,7 +76,8 @@ def test_an_idle_model_waits_for_a_burst():
     assert asyncio.run(main()) == [[0, 1, 2]]
 
 
-def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_runs():
+def test_a_poisoned_job_fails_alone_and_its_batch_mates_get_their_results():
+    """A batch whose forward fails runs again job by job: only the job that fails alone gets an error."""
     calls = []
 
     def fn(jobs):
@@ -86,13 +88,54 @@ def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_runs():
 
     async def main():
         b = Batcher(fn, wait_s=0.05)
-        failed = await asyncio.gather(b.submit("a"), b.submit("bad"), return_exceptions=True)
-        ok, _ = await b.submit("c")
-        return failed, ok
+        first = await asyncio.gather(b.submit("a"), b.submit("bad"), b.submit("b"), return_exceptions=True)
+        after = await asyncio.gather(b.submit("c"), b.submit("d"))
+        return first, after
 
-    failed, ok = asyncio.run(main())
-    assert all(isinstance(e, ValueError) for e in failed)
-    assert ok == "C" and calls == [["a", "bad"], ["c"]]
+    (a, bad, b_), after = asyncio.run(main())
+    assert a == ("A", 1) and b_ == ("B", 1)  # answered alone, and reported so
+    assert isinstance(bad, ValueError) and str(bad) == "bad job"
+    assert calls[:4] == [["a", "bad", "b"], ["a"], ["bad"], ["b"]]
+    assert after == [("C", 2), ("D", 2)] and calls[4:] == [["c", "d"]]  # batching resumes
+
+
+def test_an_error_of_a_lone_job_is_not_retried():
+    calls = []
+
+    def fn(jobs):
+        calls.append(list(jobs))
+        raise ValueError("always")
+
+    async def main():
+        b = Batcher(fn)
+        return await asyncio.gather(b.submit(1), return_exceptions=True)
+
+    (err,) = asyncio.run(main())
+    assert isinstance(err, ValueError) and calls == [[1]]
+
+
+def test_a_job_whose_caller_gave_up_during_the_retries_is_not_run_again():
+    calls, gone = [], {}
+
+    def fn(jobs):
+        calls.append(list(jobs))
+        if "bad" in jobs:
+            raise ValueError("bad job")
+        if jobs == ["a"]:  # while the first job runs alone, the last caller leaves
+            gone["loop"].call_soon_threadsafe(gone["task"].cancel)
+            time.sleep(0.05)
+        return jobs
+
+    async def main():
+        b = Batcher(fn, wait_s=0.05)
+        gone["loop"] = asyncio.get_running_loop()
+        tasks = [asyncio.create_task(b.submit(j)) for j in ("a", "bad", "c")]
+        gone["task"] = tasks[2]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    a, bad, c = asyncio.run(main())
+    assert a == ("a", 1) and isinstance(bad, ValueError) and isinstance(c, asyncio.CancelledError)
+    assert calls == [["a", "bad", "c"], ["a"], ["bad"]]
 
 
 def test_a_caller_that_gave_up_is_not_computed():
@@ -115,11 +158,12 @@ def test_a_caller_that_gave_up_is_not_computed():
 
 def test_a_function_that_loses_results_is_an_error_not_a_hang():
     async def main():
-        b = Batcher(lambda jobs: jobs[:1], wait_s=0.05)
+        b = Batcher(lambda jobs: [], wait_s=0.05)
         return await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
 
     out = asyncio.run(main())
-    assert all(isinstance(e, RuntimeError) and "1 results for 2 jobs" in str(e) for e in out)
+    # the batch of 2 lost its results; each job alone lost its one result too
+    assert all(isinstance(e, RuntimeError) and "0 results for 1 jobs" in str(e) for e in out)
 
 
 @pytest.mark.parametrize("size,wait", [(0, 0.0), (4, -1.0)])

@@ -271,6 +271,9 @@ def test_cluster_config_runs_the_production_pair_on_gpus_with_auth_on():
         assert dep["max_ongoing_requests"] > 0 and dep["max_queued_requests"] > 0  # explicit concurrency limits
         auto = dep["autoscaling_config"]
         assert 1 <= auto["min_replicas"] <= auto["max_replicas"] and "num_replicas" not in dep
+    for name in ("source", "target"):  # a burst of long prompts runs as several forwards, not one huge one
+        args = apps[name]["args"]
+        assert args["limits"]["max_context_tokens"] <= args["max_batch_tokens"] <= 8 * args["limits"]["max_context_tokens"]
 
 
 def test_cluster_config_typos_and_bad_placements_are_refused():

@@ -1,0 +1,88 @@
+"""Run a token-streaming generation in a worker thread and hand its pieces to an async generator.
+
+`async for item in run(fn)` calls `fn(on_token)` off the event loop (`asyncio.to_thread`): each
+piece of text the generation passes to `on_token` is yielded as it comes (a `str`), then `fn`'s
+result (anything else). The thread hands pieces over with `loop.call_soon_threadsafe`, so the event
+loop never blocks on the thread and keeps serving other requests meanwhile.
+
+When the consumer goes away (the client cancelled or disconnected: Serve cancels the replica's task,
+which raises `CancelledError` in the generator or closes it), the generation is stopped, not left to
+run to `max_new_tokens` on a core nobody reads: a `threading.Event` is set, and the thread's next
+`on_token` raises `Cancelled`, which unwinds the decode loop (`latentwire.engine.Engine.generate`
+calls `on_token` once per decoded piece of text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+_END = object()
+
+
+class Cancelled(Exception):
+    """Raised inside a generating thread whose consumer went away: it aborts the decode loop."""
+
+
+class Stats:
+    """Counts of this process's streamed generations, for operators and tests: `started`, `finished`
+    (ran to their end), `cancelled` (stopped by `Cancelled`), `failed` (raised anything else),
+    `running` (now) and `pieces` (pieces of text handed over)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counts = dict(started=0, finished=0, cancelled=0, failed=0, running=0, pieces=0)
+
+    def add(self, **delta: int) -> None:
+        with self._lock:
+            for key, n in delta.items():
+                self.counts[key] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+
+STATS = Stats()
+
+
+async def run(fn: Callable[[Callable[[str], None]], Any]) -> AsyncIterator[Any]:
+    """Yield the text pieces `fn(on_token)` emits from its worker thread, then its result; an
+    exception `fn` raises is raised here after the pieces before it."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def on_token(text: str) -> None:
+        if stop.is_set():
+            raise Cancelled
+        STATS.add(pieces=1)
+        loop.call_soon_threadsafe(queue.put_nowait, text)
+
+    def work():
+        STATS.add(started=1, running=1)
+        try:
+            out = fn(on_token)
+        except Cancelled:
+            STATS.add(cancelled=1, running=-1)
+            raise
+        except BaseException:
+            STATS.add(failed=1, running=-1)
+            raise
+        STATS.add(finished=1, running=-1)
+        return out
+
+    # the thread's pieces were queued with call_soon_threadsafe before it returned, so the end
+    # marker (queued when the task completes, after them) comes last
+    task = asyncio.ensure_future(asyncio.to_thread(work))
+    task.add_done_callback(lambda _: queue.put_nowait(_END))
+    try:
+        while (item := await queue.get()) is not _END:
+            yield item
+        yield task.result()  # the result, or the exception the generation raised
+    finally:
+        if not task.done():  # the consumer left early: stop the thread at its next token
+            stop.set()
+            task.cancel()
