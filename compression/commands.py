@@ -97,6 +97,13 @@ def _eval_session(args: argparse.Namespace) -> int:
         print(f"latentwire eval-session: error: unknown KV compression method {', '.join(map(repr, unknown))}; "
               f"known: {', '.join(method_names())}", file=sys.stderr)
         return 2
+    if args.replot:
+        from pathlib import Path
+
+        from compression.session_eval import plot
+
+        plot(json.loads(Path(args.json).read_text()), args.plot)
+        return 0
     _setup(args.threads)
     cfg = SessionEvalConfig(model=args.model, methods=methods, sessions=args.sessions, turns=args.turns,
                             ratio=args.ratio, sink=args.sink, recent=args.recent, filler_tokens=args.filler_tokens,
@@ -201,4 +208,5 @@ def register(sub, group) -> None:
     add_threads_option(p, 1)
     p.add_argument("--json", required=True)
     p.add_argument("--plot", default=None)
+    p.add_argument("--replot", action="store_true", help="only redraw --plot from --json (e.g. of a run cut short)")
     p.set_defaults(func=_eval_session)

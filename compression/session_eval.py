@@ -207,6 +207,7 @@ def collect(cfg: SessionEvalConfig, rows: dict, errors: dict, t_start: float, js
             m["turn_ms_p50_vs_dense"] = m["turn_ms_p50"] / dense["turn_ms_p50"]
         if "fmkvc" in results["methods"]:
             results["goals_fmkvc"] = goals(results, "fmkvc")
+    results["sessions_done"] = min((len({r["session"] for r in rs}) for rs in rows.values() if rs), default=0)
     results["answers"] = {name: [{k: r[k] for k in ("session", "turn", "asked", "hit", "answer")} for r in rs]
                           for name, rs in rows.items()}
     results["elapsed_s"] = round(time.time() - t_start, 1)
@@ -248,7 +249,8 @@ def plot(results: dict, path: str) -> None:
     axes[2].set(title="per-turn latency p50 (ms)", xlabel="turn")
     axes[2].legend(fontsize=8)
     c = results["config"]
-    fig.suptitle(f"{c['model']}: {c['sessions']} sessions x {c['turns']} turns, {c['ratio']}x budget, "
+    done = min(len({a["session"] for a in rs}) for rs in results["answers"].values() if rs)
+    fig.suptitle(f"{c['model']}: {done} sessions x {c['turns']} turns, {c['ratio']}x budget, "
                  f"recent {c['recent']} exact; {results['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
