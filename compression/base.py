@@ -14,7 +14,8 @@ It writes one method:
   one super-token; `compression.cache.FMKVCCache` runs it during prefill and decode, so the method
   can back an agent's generation, and `compression.presses.WindowPress` runs it as a kvpress press;
 - or `press`: a *pruning baseline* from kvpress (StreamingLLM, SnapKV, ...), a press applied once at
-  prefill to transformers' dense cache; eval-cache only (`serves()` is False).
+  prefill to transformers' dense cache (`serves()` is False: not a self-compressing cache); eval-cache
+  runs it, and a session cache prunes with its scores (compression/session.py: `PrunedCache`).
 
 What else a method can do is asked through capability methods with safe defaults (as transformers'
 `CacheLayerMixin` does for cache layers): `compresses`, `serves`, `proportional`, `max_window`,

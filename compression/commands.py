@@ -1,4 +1,4 @@
-"""`latentwire collect-trajectories`, `latentwire train sidecar`, `latentwire eval-cache`."""
+"""`latentwire collect-trajectories`, `latentwire train sidecar`, `latentwire eval-cache`, `latentwire eval-session`."""
 
 from __future__ import annotations
 
@@ -85,6 +85,37 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_session(args: argparse.Namespace) -> int:
+    import sys
+
+    from compression.evaluate import method_names
+    from compression.session_eval import SessionEvalConfig, run
+
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown:  # before the model loads
+        print(f"latentwire eval-session: error: unknown KV compression method {', '.join(map(repr, unknown))}; "
+              f"known: {', '.join(method_names())}", file=sys.stderr)
+        return 2
+    if args.replot:
+        from pathlib import Path
+
+        from compression.session_eval import plot
+
+        plot(json.loads(Path(args.json).read_text()), args.plot)
+        return 0
+    _setup(args.threads)
+    cfg = SessionEvalConfig(model=args.model, methods=methods, sessions=args.sessions, turns=args.turns,
+                            ratio=args.ratio, sink=args.sink, recent=args.recent, filler_tokens=args.filler_tokens,
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.weights)
+    res = run(cfg, json_out=args.json, plot_out=args.plot, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps({"json": args.json, "errors": res["errors"], **{
+        name: {k: m.get(k) for k in ("recall", "recall_early", "kv_bytes_final", "kv_reduction", "turn_ms_p50",
+                                     "tokens_final")} for name, m in res["methods"].items()},
+                      **({"goals_fmkvc": res["goals_fmkvc"]} if "goals_fmkvc" in res else {})}, indent=1))
+    return 0
+
+
 def register(sub, group) -> None:
     p = sub.add_parser("collect-trajectories", help="record K/V windows, future queries and forces dL/dq (FMKVC)")
     p.add_argument("--model", required=True, help="model profile, e.g. smollm2-135m")
@@ -158,3 +189,24 @@ def register(sub, group) -> None:
     p.add_argument("--json", required=True)
     p.add_argument("--plot", default=None)
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("eval-session", help="conversations of many turns: recall vs turn distance, KV bytes, "
+                                            "per-turn latency of dense vs compressed session memory")
+    p.add_argument("--model", default="gemma3-270m", help="target model profile")
+    p.add_argument("--methods", default="dense,fmkvc,streamingllm,snapkv,knorm",
+                   help="comma list: dense, window methods (fmkvc, mean_pool) and kvpress scorer presses "
+                        "(streamingllm, snapkv, knorm, expected_attention)")
+    p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--turns", type=int, default=32)
+    p.add_argument("--ratio", type=int, default=8, help="window methods: W; pruning: the same entries per layer")
+    p.add_argument("--sink", type=int, default=4)
+    p.add_argument("--recent", type=int, default=64, help="newest entries kept exact")
+    p.add_argument("--filler-tokens", type=int, default=96, help="prose tokens around each turn's record")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--weights", default=None, help="fmkvc sidecar weights (default: the packaged one)")
+    add_seed_option(p, 0)
+    add_threads_option(p, 1)
+    p.add_argument("--json", required=True)
+    p.add_argument("--plot", default=None)
+    p.add_argument("--replot", action="store_true", help="only redraw --plot from --json (e.g. of a run cut short)")
+    p.set_defaults(func=_eval_session)

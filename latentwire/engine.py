@@ -275,7 +275,8 @@ class Engine:
                        position_ids=torch.tensor([[pos]], device=self.device), past_key_values=cache, use_cache=True)
         t2 = now_ms()
         # a compressed cache reports tokens seen as its length (for positions); kv_lengths: entries held
-        held = cache.kv_lengths()[0] if hasattr(cache, "kv_lengths") else cache.get_seq_length()
+        # per layer, of which the largest (a sliding-window layer holds fewer)
+        held = max(cache.kv_lengths()) if hasattr(cache, "kv_lengths") else cache.get_seq_length()
         return Generation(self.tok.decode(ids, skip_special_tokens=True).strip(), ids, t1 - t0, t2 - t1, held)
 
     @torch.no_grad()

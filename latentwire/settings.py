@@ -74,9 +74,11 @@ class TargetRoute(_Strict):
 class KVCompression(_Strict):
     """KV-cache compression of an agent's generation (compression.cache): FMKVC or a baseline."""
 
-    # a window method registered in compression.methods (fmkvc, mean_pool, mean_pool_mass, dense); the
-    # name and the options below are checked against that registry where the agent builds its cache
-    # factory (compression.cache.factory), since this core package cannot import compression/
+    # a method registered in compression.methods: a window method (fmkvc, mean_pool, mean_pool_mass,
+    # dense) or a kvpress scorer press (streamingllm, snapkv, knorm), which prunes the cache to the
+    # entries the window method would keep at W = `window`; the name and the options below are checked
+    # against that registry where the agent builds its cache factory (compression.session.factory),
+    # since this core package cannot import compression/
     method: str = "fmkvc"
     weights: str | None = None  # sidecar .safetensors; None: the packaged one for the agent's profile
     # the sidecar's sha256, pinned by the deployment: the bytes loaded must match it (and the manifest)

@@ -15,7 +15,7 @@ import grpc
 import torch
 
 from latentwire import codec, selection
-from latentwire.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from latentwire.errors import InvalidArgument, NotFound, ResourceExhausted
 from latentwire.runtime import AgentModel, now_ms
 from latentwire.sessions import SessionCaches, Sessions, TurnLog, check_turn
 from latentwire.settings import AgentSettings, grpc_channel_options
@@ -34,7 +34,7 @@ class AgentServicer:
             torch.set_num_threads(s.threads)
         cache_factory = None
         if s.kv_compression is not None and s.kv_compression.method != "dense":
-            from compression.cache import factory
+            from compression.session import factory
 
             cache_factory = factory(profile=s.profile, **s.kv_compression.model_dump())
         self.model = AgentModel(s.profile, device=s.device, dtype=s.dtype, limits=s.limits,
@@ -133,9 +133,6 @@ class AgentServicer:
         return await asyncio.to_thread(self._payload, req), max_new
 
     def _session_turn(self, req: pb.ReceiveRequest, payload, max_new: int, emit=None):
-        if self.model.cache_factory is not None:
-            raise FailedPrecondition("sessions keep transformers' dense cache; this agent compresses its "
-                                     "cache (kv_compression)", "session_id")
         gen, _ = self.sessions.answer(self.model, req.session_id, req.session_turn, payload, req.question,
                                       max_new, on_token=emit)
         return gen

@@ -1,8 +1,9 @@
 """kvpress's pruning presses as eval-cache baselines: each keeps the budget's entries after prefill.
 
 One small entry per press: which kvpress class, and how the shared schedule (sink, recent) maps onto
-its parameters. They prune transformers' dense cache once at prefill, so they are baselines for
-eval-cache, not an agent's cache (`serves()` is False).
+its parameters. They prune transformers' dense cache once at prefill (eval-cache; `serves()` is
+False); an agent's cache, a session's included, prunes with their scores each time a prompt is read
+(compression/session.py: `PrunedCache`, through `compression.session.factory`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,83 @@
+"""Compressed session memory (compression/session.py) and `latentwire eval-session`, on the tiny models.
+
+A session whose cache is compressed (a window method or a kvpress scorer press) passes its budget:
+its cache stays within the budget's entries while the dense session's grows with every token, it
+holds fewer bytes, and every turn still gets an answer. eval-session's CLI runs end to end and
+writes the JSON and the figure.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compression.cache import cache_nbytes
+from compression.session import PrunedCache, factory
+from latentwire.runtime import AgentModel
+from latentwire.sessions import SessionCaches
+from latentwire.settings import SessionLimits
+
+RECORD = "Vera has an apartment in Quito. The module parses command lines and writes usage messages."
+QUESTION = "In what city is Vera's home?"
+RATIO, SINK, RECENT = 4, 2, 16
+
+
+def run_turns(agent, n: int):
+    store = SessionCaches(SessionLimits(max_tokens=1 << 20))
+    out = []
+    for t in range(n):
+        gen, s = store.answer(agent, "s", t, f"{RECORD} Turn {t}.", QUESTION, 3)
+        out.append((gen, s.tokens, cache_nbytes(s.state), s.state))
+    return out
+
+
+@pytest.mark.parametrize("profile,method", [("tiny-mistral", "mean_pool"), ("tiny-llama", "snapkv"),
+                                            ("tiny-llama", "knorm"), ("tiny-llama", "streamingllm")])
+def test_a_compressed_session_stays_within_its_budget_and_still_answers(profile, method):
+    dense = AgentModel(profile)
+    dense.eos_ids = set()  # random weights: every answer runs its 3 tokens
+    compressed = AgentModel(profile, model=dense.model, tokenizer=dense.tok,
+                            cache_factory=factory(method=method, profile=profile, window=RATIO, sink=SINK,
+                                                  recent=RECENT))
+    compressed.eos_ids = set()
+    d, c = run_turns(dense, 6), run_turns(compressed, 6)
+    seen = c[-1][3].get_seq_length()
+    assert seen == d[-1][1] > 4 * (SINK + RATIO + RECENT)  # the same tokens read, well past the budget
+    for (gd, dense_entries, dense_bytes, _), (gc, entries, nbytes, cache) in zip(d, c):
+        assert len(gc.token_ids) == 3 and gc.text  # an answer every turn
+        budget = SINK + (cache.get_seq_length() - SINK - RECENT) // RATIO + RECENT + RATIO
+        turn = 4 + 1  # a pruned cache reaches its budget at the prompt; the answer and its end come after
+        assert entries <= budget + turn, (entries, budget)
+        assert nbytes < dense_bytes
+    assert d[-1][2] / c[-1][2] > 2.5  # about RATIO x fewer bytes at the end
+    if method != "mean_pool":
+        assert isinstance(c[-1][3], PrunedCache) and c[-1][3].pruned > 0
+
+
+def test_a_press_that_is_not_a_scorer_is_refused():
+    with pytest.raises(ValueError, match="not a kvpress scorer press"):
+        factory(method="kvzip", profile="tiny-llama", window=4)
+
+
+def test_eval_session_cli_writes_json_and_plot(tmp_path, capsys):
+    from latentwire.cli import main
+
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    rc = main(["eval-session", "--model", "tiny-llama", "--methods", "dense,mean_pool,knorm", "--sessions", "1",
+               "--turns", "3", "--ratio", "4", "--sink", "2", "--recent", "16", "--filler-tokens", "8",
+               "--max-new-tokens", "2", "--json", str(out), "--plot", str(png)])
+    assert rc == 0 and png.stat().st_size > 0
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"dense", "mean_pool", "knorm"} and res["errors"] == {}
+    for m in res["methods"].values():
+        assert m["n"] == 3 and len(m["by_turn"]) == 3 and 0 <= m["recall"] <= 1
+    assert res["methods"]["knorm"]["kv_reduction"] > 1 and res["methods"]["mean_pool"]["kv_reduction"] > 1
+    assert json.loads(capsys.readouterr().out)["json"] == str(out)
+
+
+def test_eval_session_refuses_an_unknown_method(capsys):
+    from latentwire.cli import main
+
+    assert main(["eval-session", "--methods", "dense,nope", "--json", "/dev/null"]) == 2
+    assert "unknown KV compression method 'nope'" in capsys.readouterr().err
