@@ -9,17 +9,20 @@ moves bytes (an A2A message part, a queue, Ray's object store, a file), with the
                 "target_model": str, "target_hidden_size": int, "bridge_id": str, "bridge_sha256": str,
                 "shape": [int, ...], "dtype": "float32" | "float16" | "bfloat16" | "int8",
                 "scale": bin (int8 only: one little-endian float32 per row),
-                "signature": bin (the bridge's signature, `LatentPacket.signature`: empty or 32 bytes)},
+                "signature": bin (the bridge's 32-byte HMAC-SHA256 of the packet, `LatentPacket.signature`;
+                              empty from a deployment without an internal token)},
      "body": bin (the tensor's raw little-endian bytes, exactly as in `Tensor.data`)}
 
 `to_envelope` and `from_envelope` convert between the two without touching the tensor bytes, so a
 packet recorded from one replays through the other byte for byte. `from_envelope` validates like
 the protobuf codec: sizes capped before msgpack allocates anything (Unpacker limits), every field
 type- and range-checked, unknown versions, kinds and keys refused, each refusal an
-`InvalidArgument` / `ResourceExhausted` naming the field (`envelope.header.shape`). The tensor's
-values (finiteness, the int8 code's range) are checked where every packet is, by `codec.decode` at
-the receiver, and so is the signature (a target holding the services' internal key verifies it), so a
-packet the bridge signed stays acceptable after a trip through bytes.
+`InvalidArgument` / `ResourceExhausted` naming the field (`envelope.header.shape`), a signature
+slot that is not bin of 0 or 32 bytes included (`envelope.header.signature`). The tensor's values
+(finiteness, the int8 code's range) are checked where every packet is, by `codec.decode` at the
+receiver, and so is the signature's value (a target holding the services' internal key recomputes
+the HMAC), so a packet the bridge signed stays acceptable after a trip through bytes. Echoed values
+are cut short (`latentwire.errors.show`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import msgpack
 import numpy as np
 
 from latentwire import codec
-from latentwire.errors import InvalidArgument, ResourceExhausted
+from latentwire.errors import InvalidArgument, ResourceExhausted, show
 from latentwire.settings import Limits
 from protos.latentwire.v1 import latentwire_pb2 as pb
 
@@ -46,7 +49,7 @@ _STRINGS = {"request_id": 128, "source_model": 256, "target_model": 256, "bridge
 _INTS = ("source_layer", "source_hidden_size", "target_hidden_size")  # int32 in the protobuf Provenance
 _HEADER = set(_STRINGS) | set(_INTS) | {"shape", "dtype", "scale", "signature"}
 _MAX_DIMS = 8
-SIGNATURE_BYTES = 32  # HMAC-SHA256 (services/signing.py)
+SIGNATURE_BYTES = 32  # the bridge's HMAC-SHA256 (services/signing.py)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -85,10 +88,10 @@ def from_envelope(data: bytes, limits: Limits | None = None) -> pb.LatentPacket:
         raise InvalidArgument(f"expected a map, got {type(env).__name__}", "envelope")
     _keys(env, {"v", "kind", "header", "body"}, set(), "envelope")
     if type(env["v"]) is not int or env["v"] != VERSION:
-        raise InvalidArgument(f"unsupported envelope version {_short(env['v'])}; this reader speaks {VERSION}",
+        raise InvalidArgument(f"unsupported envelope version {show(env['v'])}; this reader speaks {VERSION}",
                               "envelope.v")
     if env["kind"] != KIND:
-        raise InvalidArgument(f"unsupported kind {_short(env['kind'])}; expected {KIND!r}", "envelope.kind")
+        raise InvalidArgument(f"unsupported kind {show(env['kind'])}; expected {KIND!r}", "envelope.kind")
     h, body = env["header"], env["body"]
     if not isinstance(h, dict):
         raise InvalidArgument(f"expected a map, got {type(h).__name__}", "envelope.header")
@@ -117,12 +120,12 @@ def from_envelope(data: bytes, limits: Limits | None = None) -> pb.LatentPacket:
                                 f"(max_packet_elements)", "envelope.header.shape")
     dtype = _typed(h, "dtype", str)
     if dtype not in _DTYPES:
-        raise InvalidArgument(f"unsupported dtype {_short(dtype)}; expected one of {', '.join(_DTYPES)}",
+        raise InvalidArgument(f"unsupported dtype {show(dtype)}; expected one of {', '.join(_DTYPES)}",
                               "envelope.header.dtype")
     signature = _typed(h, "signature", bytes)
     if len(signature) not in (0, SIGNATURE_BYTES):
-        raise InvalidArgument(f"must be empty or {SIGNATURE_BYTES} bytes (HMAC-SHA256), got {len(signature)}",
-                              "envelope.header.signature")
+        raise InvalidArgument(f"the bridge's signature is {SIGNATURE_BYTES} bytes (HMAC-SHA256), or empty when "
+                              f"unsigned; got {len(signature)} bytes", "envelope.header.signature")
     if not isinstance(body, bytes):
         raise InvalidArgument(f"expected bin, got {type(body).__name__}", "envelope.body")
     if len(body) != n * _ITEMSIZE[dtype]:
@@ -140,18 +143,9 @@ def from_envelope(data: bytes, limits: Limits | None = None) -> pb.LatentPacket:
 def _keys(m: dict, required: set, optional: set, field: str) -> None:
     for key in m:
         if key not in required and key not in optional:
-            raise InvalidArgument(f"unknown key {_short(key)}", field)
+            raise InvalidArgument(f"unknown key {show(key)}", field)
     for key in sorted(required - m.keys()):
         raise InvalidArgument("missing", f"{field}.{key}")
-
-
-def _short(value) -> str:
-    """A peer's value as an error message may quote it, without rendering a large one whole."""
-    if isinstance(value, (str, bytes)) and len(value) > 48:
-        return repr(value[:48]) + "..."
-    if isinstance(value, (list, dict)):
-        return f"a {'map' if isinstance(value, dict) else 'array'} of {len(value)}"
-    return repr(value)[:64]
 
 
 def _typed(h: dict, name: str, kind: type):

@@ -22,12 +22,14 @@ from latentwire.settings import AgentSettings, grpc_channel_options
 from protos.latentwire.v1 import latentwire_pb2 as pb
 from protos.latentwire.v1 import latentwire_pb2_grpc as pb_grpc
 from services import metrics, packets, signing, streaming
-from services.auth import BearerAuth
+from services.auth import BearerAuth, refusals
 from services.batching import Batcher
-from services.status import HopError, log, rpc, wrong_app
+from services.status import HopError, log, rpc
 
 
-class AgentServicer:
+class AgentServicer(refusals("source", pb.DESCRIPTOR.services_by_name["BridgeService"])):
+    """AgentService and health; Translate routed here is refused UNIMPLEMENTED (`services.auth.refusals`)."""
+
     def __init__(self, settings: dict | AgentSettings):
         self.settings = s = AgentSettings.model_validate(settings)
         if s.threads:
@@ -85,10 +87,6 @@ class AgentServicer:
         finished, were stopped because their client went away, and are running now. Not an RPC:
         reached through a Serve handle (operators, tests)."""
         return streaming.STATS.snapshot()
-
-    @rpc(pb.TranslateReply)
-    async def Translate(self, request, grpc_context=None):  # BridgeService routed to an agent
-        raise wrong_app("Translate", "the bridge's application")
 
     # ---- receiving side (target) -------------------------------------------------------------
     @rpc(pb.ReceiveReply)

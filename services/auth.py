@@ -15,7 +15,11 @@ config file) and compared in constant time:
 
 Each application serves a fixed set of methods (`SERVED`, chosen by the app's kind: a bridge, or an
 agent by its `role`); a method routed to another application is refused UNIMPLEMENTED, naming where
-it is served. The health check (`Check`) is not an `rpc` method and stays open.
+it is served. Serve's proxy calls the replica's method named like the RPC and, where there is none,
+answers with an error of its own listing the replica's methods; so a servicer takes a method for
+every RPC it may be sent and does not serve from `refusals` (the bridge: AgentService's and A2A's;
+an agent: BridgeService's), each generated from the service's protobuf descriptor. The health check
+(`Check`) is not an `rpc` method and stays open.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import hmac
 import os
 from collections.abc import Iterable
 from typing import Literal
+
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from latentwire.errors import LatentWireError, PermissionDenied
 from latentwire.settings import AgentSettings, AuthSettings, BridgeSettings
@@ -70,6 +77,29 @@ def served(kind: str, method: str) -> Access | None:
 
 def wrong_app(method: str):
     return status.wrong_app(method, HOME.get(method, SOURCE_HOME))
+
+
+def refusals(kind: str, *services: ServiceDescriptor) -> type:
+    """A base class for the servicer of an application of `kind`: one method for each RPC of
+    `services` that such an application does not serve, refusing it UNIMPLEMENTED (`check` refuses
+    it first on a gRPC call; the body, for a direct call), with the RPC's reply type."""
+    methods = {m.name: _refusal(m) for service in services for m in service.methods if served(kind, m.name) is None}
+    return type(f"{kind.title()}Refusals", (), {"__doc__": f"RPCs a {kind} application refuses", **methods})
+
+
+def _refusal(method: MethodDescriptor):
+    if method.client_streaming:
+        raise TypeError(f"{method.full_name}: client-streaming RPCs are not served through services.status.rpc")
+    name, reply = method.name, message_factory.GetMessageClass(method.output_type)
+    if method.server_streaming:
+        async def refuse(self, request, grpc_context=None):
+            raise wrong_app(name)
+            yield  # an async generator, as a server-streaming RPC must be
+    else:
+        async def refuse(self, request, grpc_context=None):
+            raise wrong_app(name)
+    refuse.__name__ = refuse.__qualname__ = name  # what rpc and the metrics know the method by
+    return status.rpc(reply)(refuse)
 
 
 def _token(env, name: str, s: AuthSettings, needed: bool) -> bytes:

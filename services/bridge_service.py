@@ -10,13 +10,17 @@ from latentwire.errors import InvalidArgument, ResourceExhausted
 from latentwire.runtime import now_ms
 from latentwire.settings import BridgeSettings
 from protos.latentwire.v1 import latentwire_pb2 as pb
-from services import packets, signing
-from services.auth import BearerAuth
+from services import a2a_wire, packets, signing
+from services.auth import BearerAuth, refusals
 from services.batching import Batcher
-from services.status import rpc, wrong_app
+from services.status import rpc
+
+AGENT_SERVICE = pb.DESCRIPTOR.services_by_name["AgentService"]
 
 
-class BridgeServicer:
+class BridgeServicer(refusals("bridge", AGENT_SERVICE, a2a_wire.SERVICE)):
+    """Translate, and UNIMPLEMENTED for every AgentService and A2A RPC routed here (`services.auth.refusals`)."""
+
     def __init__(self, settings: dict | BridgeSettings):
         self.settings = s = BridgeSettings.model_validate(settings)
         if s.threads:
@@ -35,26 +39,6 @@ class BridgeServicer:
         from grpc_health.v1 import health_pb2
 
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
-
-    # AgentService methods routed here (the `application` metadata named the bridge): refused plainly
-    @rpc(pb.AskReply)
-    async def Ask(self, request, grpc_context=None):
-        raise wrong_app("Ask", "the source agent's application")
-
-    @rpc(pb.ReceiveReply)
-    async def Receive(self, request, grpc_context=None):
-        raise wrong_app("Receive", "a target agent's application")
-
-    # the streaming ones too: without a method of the name, Serve would answer with an internal error
-    @rpc(pb.AskChunk)
-    async def AskStream(self, request, grpc_context=None):
-        raise wrong_app("AskStream", "the source agent's application")
-        yield  # an async generator, as Serve's streaming call expects
-
-    @rpc(pb.ReceiveChunk)
-    async def ReceiveStream(self, request, grpc_context=None):
-        raise wrong_app("ReceiveStream", "a target agent's application")
-        yield
 
     @rpc(pb.TranslateReply)
     async def Translate(self, packet: pb.HiddenStatePacket, grpc_context=None) -> pb.TranslateReply:

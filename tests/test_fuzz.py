@@ -1,7 +1,9 @@
 """Property-based fuzz (hypothesis) over the real gRPC API of a real local cluster (tiny pair).
 
 Random shapes, dtypes, byte lengths, NaN/Inf, huge dimensions, wrong provenance and random strings
-for Ask, AskStream, Receive, ReceiveStream, Translate and health Check, each now and then sent to an
+for Ask, AskStream, Receive, ReceiveStream, Translate, health Check and the A2A RPCs (messages of
+random parts: text, data objects, raw parts of any media type carrying random bytes or envelopes of
+random packets, URLs, empty parts; random metadata; task ids), each now and then sent to an
 application that does not serve it (auth on: a few examples carry a random authorization value
 instead of the token); then every method on every wrong application, and a handful of ~10 MB
 strings. Every call must end in a deliberate status within its deadline: never INTERNAL or UNKNOWN,
@@ -24,12 +26,17 @@ import threading
 import time
 
 import grpc
+import msgpack
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from latentwire.envelope import MEDIA_TYPE, to_envelope
 from protos.latentwire.v1 import latentwire_pb2 as pb
+from services.a2a_wire import SERVICE as A2A_SERVICE
+from services.a2a_wire import a2a_pb2 as a2a
+from services.a2a_wire import a2a_pb2_grpc as a2a_grpc
 from tests.conftest import free_port
 from tests.serve_cluster import TINY_BRIDGE_ID, replicas, start_ray, tiny_config
 
@@ -47,7 +54,9 @@ OUTCOMES: collections.Counter = collections.Counter()  # (rpc@app, status) -> co
 FAILURES: list = []
 REPLAY: list = []  # cheaply refused calls of the property, sent again as background traffic
 APPS = {"Translate": "bridge", "Receive": "target", "ReceiveStream": "target", "Ask": "source",
-        "AskStream": "source"}
+        "AskStream": "source"}  # where each method is served; the A2A RPCs: the source
+A2A_RPCS = [m.name for m in A2A_SERVICE.methods]
+STREAMS = {"AskStream", "ReceiveStream"} | {m.name for m in A2A_SERVICE.methods if m.server_streaming}
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +193,78 @@ def ask_calls(draw):
     return draw(st.sampled_from(["Ask", "Ask", "AskStream"])), req
 
 
-CALLS = st.one_of(translate_calls(), receive_calls(), ask_calls(), health_calls())
+STRUCT_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.floats(), TEXT),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    max_leaves=8)
+
+
+@st.composite
+def envelopes(draw) -> bytes:
+    """An envelope of a random latent packet (random tensor, provenance and signature), or random bytes."""
+    packet = pb.LatentPacket(soft_tokens=draw(tensors(width=96)), provenance=draw(provenances(GOOD_LATENT)),
+                             signature=draw(st.one_of(st.just(b""), st.binary(min_size=32, max_size=32),
+                                                      st.binary(max_size=64))))
+    try:
+        return to_envelope(packet)
+    except (ValueError, OverflowError):  # a dtype the envelope has no name for, a dimension past 64 bits
+        return draw(st.binary(max_size=4096))
+
+
+@st.composite
+def a2a_parts(draw) -> a2a.Part:
+    kind = draw(st.sampled_from(["text", "text", "data", "raw", "url", "empty"]))
+    if kind == "text":
+        return a2a.Part(text=draw(QUESTION))
+    if kind == "data":
+        value = draw(mostly(st.builds(lambda c: {"context": c}, TEXT), STRUCT_VALUES))
+        part = a2a.Part()
+        if isinstance(value, dict):
+            part.data.struct_value.update(value)
+        elif isinstance(value, str):
+            part.data.string_value = value
+        else:
+            part.data.list_value.extend([value])
+        return part
+    if kind == "raw":
+        media = draw(mostly(st.just(MEDIA_TYPE), st.one_of(TEXT, st.just(MEDIA_TYPE.replace("1", "2")))))
+        return a2a.Part(raw=draw(st.one_of(envelopes(), st.binary(max_size=4096))), media_type=media)
+    return a2a.Part(url=draw(TEXT)) if kind == "url" else a2a.Part()
+
+
+MODE_NAMES = st.sampled_from(["latent", "text", "extract", "direct", "none"])
+A2A_METADATA = st.fixed_dictionaries({  # well-formed answers stay short, as Ask's do
+    "max_new_tokens": mostly(st.integers(1, 4), st.one_of(st.floats(), st.integers(-(2**40), 2**40), st.none())),
+}, optional={
+    "mode": mostly(MODE_NAMES, st.one_of(TEXT, st.floats())),
+    "target_agent": mostly(st.just("default"), TEXT),
+    "message_tokens": mostly(st.integers(1, 8), st.one_of(st.floats(), TEXT)),
+    "trace": STRUCT_VALUES})  # an extension key: left alone
+
+
+@st.composite
+def a2a_calls(draw):
+    """Mostly messages (a question and a context, or random parts); now and then the task RPCs."""
+    rpc = draw(st.sampled_from(["SendMessage"] * 12 + ["SendStreamingMessage"] * 6
+                               + [r for r in A2A_RPCS if "Message" not in r]))
+    if "Message" not in rpc:
+        request = next(m for m in A2A_SERVICE.methods if m.name == rpc).input_type
+        if rpc in ("GetTask", "CancelTask"):
+            return rpc, getattr(a2a, request.name)(id=draw(TEXT))
+        return rpc, getattr(a2a, request.name)()
+    if draw(st.booleans()):
+        parts = [a2a.Part(text=draw(QUESTION)), a2a.Part(text=draw(TEXT))]
+    else:
+        parts = draw(st.lists(a2a_parts(), max_size=4))
+    msg = a2a.Message(message_id=draw(TEXT), context_id=draw(mostly(st.just(""), TEXT)), role=a2a.ROLE_USER,
+                      parts=parts)
+    msg.metadata.update(draw(A2A_METADATA))
+    req = a2a.SendMessageRequest(message=msg)
+    req.metadata.update(draw(st.fixed_dictionaries({}, optional={"mode": st.one_of(MODE_NAMES, TEXT)})))
+    return rpc, req
+
+
+CALLS = st.one_of(translate_calls(), receive_calls(), ask_calls(), health_calls(), a2a_calls())
 # the application a call is sent to: one in eight draws a random one (mostly one that does not serve it)
 APP = st.one_of(*[st.none()] * 7, st.sampled_from(["source", "target", "bridge", "nowhere", ""]))
 AUTH = st.one_of(st.just(None), st.just(None), st.just(None), st.just(None), st.just(None), st.just(None),
@@ -192,27 +272,43 @@ AUTH = st.one_of(st.just(None), st.just(None), st.just(None), st.just(None), st.
                  st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80))
 
 
+_A2A_STUBS: dict = {}
+
+
+def send(client, rpc: str, request, metadata) -> None:
+    """One call of any method the proxy routes (AgentService, BridgeService, A2A, health), streams read
+    to their end; raises grpc.RpcError."""
+    from grpc_health.v1 import health_pb2_grpc
+
+    if rpc == "Translate":
+        stub = client.bridge
+    elif rpc == "Check":
+        stub = health_pb2_grpc.HealthStub(client.channel)
+    elif rpc in A2A_RPCS:
+        stub = _A2A_STUBS.setdefault(id(client.channel), a2a_grpc.A2AServiceStub(client.channel))
+    else:
+        stub = client.agent
+    reply = getattr(stub, rpc)(request, metadata=metadata, timeout=CALL_TIMEOUT_S)
+    if rpc in STREAMS:
+        for _ in reply:
+            pass
+
+
+def metadata(client, rpc: str, app: str | None = None, auth: str | None = None):
+    """Routing to `app` (default: the one serving `rpc`) and the token `rpc` takes, or `auth` instead."""
+    meta = client.metadata(app if app is not None else APPS.get(rpc, "source"))
+    if rpc in ("Translate", "Receive", "ReceiveStream"):
+        auth = f"Bearer {INTERNAL}" if auth is None else auth
+    if auth is not None:
+        meta = tuple(m for m in meta if m[0] != "authorization") + (("authorization", auth),)
+    return meta
+
+
 def invoke(client, rpc: str, request, auth: str | None = None, app: str | None = None) -> str:
     """Send one call (to `app`, default the one serving `rpc`) and return its status name; a
     forbidden status is recorded in FAILURES."""
-    from grpc_health.v1 import health_pb2_grpc
-
-    meta = client.metadata(app if app is not None else APPS.get(rpc, "source"))
-    if rpc in ("Translate", "Receive", "ReceiveStream"):
-        meta = tuple(m for m in meta if m[0] != "authorization") + (("authorization", f"Bearer {INTERNAL}"),)
-    if auth is not None:  # replace the token with a random authorization value
-        meta = tuple(m for m in meta if m[0] != "authorization") + (("authorization", auth),)
-    kw = dict(metadata=meta, timeout=CALL_TIMEOUT_S)
     try:
-        if rpc == "Translate":
-            client.bridge.Translate(request, **kw)
-        elif rpc == "Check":
-            health_pb2_grpc.HealthStub(client.channel).Check(request, **kw)
-        elif rpc in ("Receive", "Ask"):
-            getattr(client.agent, rpc)(request, **kw)
-        else:  # AskStream, ReceiveStream
-            for _ in getattr(client.agent, rpc)(request, **kw):
-                pass
+        send(client, rpc, request, metadata(client, rpc, app, auth))
         return "OK"
     except grpc.RpcError as err:
         if err.code().name in FORBIDDEN:
@@ -284,19 +380,31 @@ def test_no_input_gets_internal_or_unknown_or_hangs(client, before, call, auth, 
 
 
 # every method on every application that does not serve it (the agents serve every AgentService
-# method; the bridge serves Translate; health everywhere)
-WRONG_APP = [(rpc, app) for rpc in ("Ask", "AskStream", "Receive", "ReceiveStream") for app in ("bridge",)] + [
-    ("Translate", "source"), ("Translate", "target")]
+# method, the source the A2A RPCs, the bridge Translate; health everywhere), with where it is served
+WHERE = {"Receive": "a target agent's application", "ReceiveStream": "a target agent's application",
+         "Translate": "the bridge's application"}  # any other: the source agent's
+WRONG_APP = [(rpc, "bridge") for rpc in ("Ask", "AskStream", "Receive", "ReceiveStream", *A2A_RPCS)] + [
+    ("Translate", "source"), ("Translate", "target")] + [(rpc, "target") for rpc in A2A_RPCS]
 
 
 @pytest.mark.parametrize("rpc, app", WRONG_APP)
 def test_a_method_on_an_application_that_does_not_serve_it_is_unimplemented(client, before, rpc, app):
-    request = {"Translate": pb.HiddenStatePacket(), "Receive": pb.ReceiveRequest(question="Q?", mode=pb.NONE),
-               "ReceiveStream": pb.ReceiveRequest(question="Q?", mode=pb.NONE)}.get(rpc) or pb.AskRequest(
-        context=GOOD[0], question=GOOD[1], mode=pb.NONE)
-    status = invoke(client, rpc, request, None, app)
-    OUTCOMES[f"{rpc}@{app}:{status}"] += 1
-    assert status == "UNIMPLEMENTED", (status, FAILURES[-1:] or "")
+    if rpc in A2A_RPCS:
+        request = next(m for m in A2A_SERVICE.methods if m.name == rpc).input_type
+        request = getattr(a2a, request.name)()
+    else:
+        request = {"Translate": pb.HiddenStatePacket(), "Receive": pb.ReceiveRequest(question="Q?", mode=pb.NONE),
+                   "ReceiveStream": pb.ReceiveRequest(question="Q?", mode=pb.NONE)}.get(rpc) or pb.AskRequest(
+            context=GOOD[0], question=GOOD[1], mode=pb.NONE)
+    with pytest.raises(grpc.RpcError) as err:
+        send(client, rpc, request, metadata(client, rpc, app))
+    code, details = err.value.code().name, err.value.details() or ""
+    OUTCOMES[f"{rpc}@{app}:{code}"] += 1
+    assert code == "UNIMPLEMENTED", (code, details)
+    # a clean message naming where it is served, not Serve's own error listing the replica's methods
+    where = WHERE.get(rpc, "the source agent's application")
+    assert details.startswith(f"application: {rpc} is not served by this application; send it to {where}"), details
+    assert len(details) < 200, details
 
 
 BIG = 10 * 1000 * 1000  # ~10 MB strings: a handful, each refused before any model work
@@ -314,6 +422,12 @@ def _big_calls():
         ("Receive", "text.text", pb.ReceiveRequest(mode=pb.DIRECT, question="q", text=pb.TextPacket(text=s))),
         ("ReceiveStream", "text.text", pb.ReceiveRequest(mode=pb.TEXT, question="q", text=pb.TextPacket(text=s))),
         ("Translate", "provenance.source_model", pb.HiddenStatePacket(provenance=pb.Provenance(source_model=x()))),
+        ("SendMessage", "context", a2a.SendMessageRequest(message=a2a.Message(
+            message_id="m", parts=[a2a.Part(text="Where?"), a2a.Part(text=s)]))),
+        ("SendStreamingMessage", "envelope", a2a.SendMessageRequest(message=a2a.Message(
+            message_id="m", parts=[a2a.Part(text="Where?"), a2a.Part(raw=msgpack.packb(
+                {"v": 1, "kind": "latentwire.latent-packet", "header": {}, "body": x().encode()}),
+                media_type=MEDIA_TYPE)]))),
     ]
 
 
@@ -321,21 +435,13 @@ def _big_calls():
 def test_ten_megabyte_strings_are_refused_quickly_with_a_bounded_message(client, before, i):
     rpc, field, request = _big_calls()[i]
     t0 = time.monotonic()
-    meta = client.metadata(APPS[rpc])
-    if rpc in ("Translate", "Receive", "ReceiveStream"):  # internal hops: the internal token
-        meta = tuple(m for m in meta if m[0] != "authorization") + (("authorization", f"Bearer {INTERNAL}"),)
     try:
-        if rpc.endswith("Stream"):
-            for _ in getattr(client.agent, rpc)(request, metadata=meta, timeout=CALL_TIMEOUT_S):
-                pass
-        else:
-            stub = client.bridge if rpc == "Translate" else client.agent
-            getattr(stub, rpc)(request, metadata=meta, timeout=CALL_TIMEOUT_S)
+        send(client, rpc, request, metadata(client, rpc))
         code, details = "OK", ""
     except grpc.RpcError as err:
         code, details = err.code().name, err.details() or ""
     elapsed = time.monotonic() - t0
-    OUTCOMES[f"{rpc}@{APPS[rpc]}:{code}"] += 1
+    OUTCOMES[f"{rpc}@{APPS.get(rpc, 'source')}:{code}"] += 1
     print(f"\n10 MB {rpc} {field}: {code} in {elapsed:.2f} s: {details[:160]!r}")
     # a refusal of the input: malformed, too large, an unknown target or a packet for another model
     assert code in {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "NOT_FOUND", "FAILED_PRECONDITION"}, (code, details[:500])
