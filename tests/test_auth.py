@@ -22,7 +22,7 @@ from protos.latentwire.v1 import latentwire_pb2 as pb
 
 from latentwire.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unimplemented
 from latentwire.settings import AuthSettings
-from services.auth import BearerAuth, Unauthenticated
+from services.auth import BearerAuth, Unauthenticated, served
 from tests.serve_cluster import INTERNAL_TOKEN_ENV, TOKEN_ENV, replicas
 
 TOKEN = secrets.token_hex(16)
@@ -123,6 +123,34 @@ def test_a_method_on_the_wrong_application_is_unimplemented_naming_where_it_is_s
     if auth_on:  # a caller with no valid token learns nothing about the routes
         with pytest.raises(Unauthenticated):
             auth.check(method, bearer("wrong-token-0123456789"))
+
+
+def test_every_servicer_has_a_method_for_every_rpc_the_proxy_can_route_to_it():
+    """Serve's proxy routes any registered RPC to any application and, finding no method of its name,
+    answers with its own error listing the replica's methods; so each servicer has one for each RPC
+    of every registered service, streaming where the RPC streams, and those its kind never serves
+    refuse UNIMPLEMENTED naming where they are served (a target's are refused by `check`, above)."""
+    import asyncio
+    import inspect
+
+    from services import a2a_wire
+    from services.a2a import A2AAgentServicer
+    from services.bridge_service import BridgeServicer
+
+    rpcs = [m for service in (*pb.DESCRIPTOR.services_by_name.values(), a2a_wire.SERVICE) for m in service.methods]
+    assert {m.name for m in rpcs} >= {"Ask", "Translate", "SendMessage", "SubscribeToTask"}
+    for cls, kind in [(BridgeServicer, "bridge"), (A2AAgentServicer, "source")]:
+        for m in rpcs:
+            fn = getattr(cls, m.name)
+            assert inspect.isasyncgenfunction(fn) == m.server_streaming, (cls.__name__, m.name)
+            if served(kind, m.name) is not None:
+                continue
+            with pytest.raises(Unimplemented) as err:  # a direct call (no gRPC context) runs the body
+                if m.server_streaming:
+                    asyncio.run(anext(fn(None, None)))
+                else:
+                    asyncio.run(fn(None, None))
+            assert err.value.field == "application" and m.name in str(err.value), (kind, m.name, err.value)
 
 
 def test_an_agent_serves_the_methods_of_its_role():

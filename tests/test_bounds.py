@@ -37,6 +37,10 @@ def test_show_cuts_what_a_peer_sent_before_formatting_it():
     cut = show("x" * 10_000_000)
     assert len(cut) < 100 and cut.endswith("(10000000 characters)")
     assert show(list(range(10**6))).endswith("(1000000 items)") and len(show(list(range(10**6)))) < 100
+    # nested values: their items cut the same way, two levels deep, whatever their size
+    assert show({"a": [1, 2], "b": {"c": [3]}}) == "{'a': [1, 2], 'b': {'c': [...]}}"
+    for big in (["x" * 10_000_000] * 10, {"k": "x" * 10_000_000}, [[[0] * 10**6] * 1000] * 1000):
+        assert len(show(big)) < 100, show(big)
 
 
 def test_the_context_character_cap_follows_the_token_limit_unless_set():

@@ -115,6 +115,29 @@ def test_malformed_envelopes_are_refused_naming_the_field(data, field):
     assert err.value.field == field and err.value.code == "INVALID_ARGUMENT"
 
 
+@pytest.mark.parametrize("value, words", [
+    (DROP, "missing"), ("ab" * 16, "expected bin, got str"), ([1, 2], "expected bin, got list"),
+    (b"\0" * 31, "32 bytes (HMAC-SHA256), or empty when unsigned; got 31 bytes"),
+    (b"\0" * 33, "got 33 bytes"), (b"\0" * 64, "got 64 bytes")])
+def test_the_signature_slot_holds_the_bridges_hmac_or_nothing(value, words):
+    from services import signing
+
+    assert envelope.SIGNATURE_BYTES == signing.SIZE == 32
+    with pytest.raises(InvalidArgument) as err:
+        envelope.from_envelope(_env(header_signature=value))
+    assert err.value.field == "envelope.header.signature" and words in str(err.value), err.value
+    assert str(err.value).startswith("envelope.header.signature: ")
+
+
+def test_a_refusal_echoes_a_peers_value_cut_short():
+    nested = {"a" * 300: ["x" * 300] * 8, "b": [[[1] * 8] * 8] * 8}
+    for data, field in [(_env(v=nested), "envelope.v"), (_env(kind=["y" * 300] * 8), "envelope.kind"),
+                        (_env(header_dtype="z" * 300), "envelope.header.dtype")]:
+        with pytest.raises(InvalidArgument) as err:
+            envelope.from_envelope(data)
+        assert err.value.field == field and len(str(err.value)) < 250, str(err.value)
+
+
 def test_sizes_are_capped_before_unpacking():
     limits = Limits(max_packet_elements=100, max_message_bytes=1 << 16)
     with pytest.raises(ResourceExhausted) as err:  # the whole message
