@@ -20,7 +20,9 @@ task as WORKING, then one artifact update a piece of text, then the completed ta
 within the call, so `GetTask` answers from a bounded cache of finished tasks and `CancelTask` refuses
 (there is nothing left to cancel). `contextId` is passed through (there are no sessions yet).
 Refusals are gRPC statuses set by `services.status.rpc`, as `Ask`'s are, naming the A2A field
-(`message.parts[1].raw`, `message.metadata.mode`).
+(`message.parts[1].raw`, `message.metadata.mode`). Only the source serves these RPCs: a target
+refuses them UNIMPLEMENTED (`services.auth.SERVED`), and so does the bridge, from refusals generated
+from the A2A service descriptor (`services.auth.refusals`, `services.a2a_wire.SERVICE`).
 """
 
 from __future__ import annotations

@@ -424,7 +424,7 @@ def _big_calls():
         ("Translate", "provenance.source_model", pb.HiddenStatePacket(provenance=pb.Provenance(source_model=x()))),
         ("SendMessage", "context", a2a.SendMessageRequest(message=a2a.Message(
             message_id="m", parts=[a2a.Part(text="Where?"), a2a.Part(text=s)]))),
-        ("SendStreamingMessage", "envelope", a2a.SendMessageRequest(message=a2a.Message(
+        ("SendMessage", "envelope", a2a.SendMessageRequest(message=a2a.Message(
             message_id="m", parts=[a2a.Part(text="Where?"), a2a.Part(raw=msgpack.packb(
                 {"v": 1, "kind": "latentwire.latent-packet", "header": {}, "body": x().encode()}),
                 media_type=MEDIA_TYPE)]))),
