@@ -150,13 +150,19 @@ GOOD_HIDDEN = dict(source_model="tiny-llama", source_layer=2, source_hidden_size
 GOOD_LATENT = dict(target_model="tiny-mistral", target_hidden_size=96, bridge_id=TINY_BRIDGE_ID)
 
 
+def weighted(*choices):
+    """(weight, strategy) pairs: a draw from one strategy, picked in proportion to the weights.
+    (`st.one_of` of the same strategy repeated counts it once: it does not weight.)"""
+    return st.sampled_from([s for w, s in choices for _ in range(w)]).flatmap(lambda s: s)
+
+
 def mostly(good, bad):
     """Three draws in four from `good`: deep checks (and the models) see random input too."""
-    return st.one_of(good, good, good, bad)
+    return weighted((3, good), (1, bad))
 
 
 MODE = mostly(st.integers(0, 3), INT32)
-NEW_TOKENS = mostly(st.integers(0, 4), UINT32)  # well-formed answers stay short: the fuzz is about refusals
+NEW_TOKENS = mostly(st.integers(1, 4), UINT32)  # well-formed answers stay short: the fuzz is about refusals
 QUESTION = mostly(st.text(min_size=1, max_size=200), TEXT)
 
 
@@ -264,12 +270,13 @@ def a2a_calls(draw):
     return rpc, req
 
 
-CALLS = st.one_of(translate_calls(), receive_calls(), ask_calls(), health_calls(), a2a_calls())
+# health is answered whatever it carries, on every app: a few draws; the others are mostly malformed
+CALLS = weighted((2, translate_calls()), (2, receive_calls()), (2, ask_calls()), (3, a2a_calls()), (1, health_calls()))
 # the application a call is sent to: one in eight draws a random one (mostly one that does not serve it)
-APP = st.one_of(*[st.none()] * 7, st.sampled_from(["source", "target", "bridge", "nowhere", ""]))
-AUTH = st.one_of(st.just(None), st.just(None), st.just(None), st.just(None), st.just(None), st.just(None),
-                 st.just(None), st.just(None), st.just(None),
-                 st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80))
+APP = weighted((7, st.none()), (1, st.sampled_from(["source", "target", "bridge", "nowhere", ""])))
+# one in ten carries a random authorization value instead of the token
+AUTH = weighted((9, st.none()),
+                (1, st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=80)))
 
 
 _A2A_STUBS: dict = {}
