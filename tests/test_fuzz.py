@@ -271,7 +271,7 @@ def a2a_calls(draw):
 
 
 # health is answered whatever it carries, on every app: a few draws; the others are mostly malformed
-CALLS = weighted((2, translate_calls()), (2, receive_calls()), (2, ask_calls()), (3, a2a_calls()), (1, health_calls()))
+CALLS = weighted((2, translate_calls()), (2, receive_calls()), (2, ask_calls()), (4, a2a_calls()), (1, health_calls()))
 # the application a call is sent to: one in eight draws a random one (mostly one that does not serve it)
 APP = weighted((7, st.none()), (1, st.sampled_from(["source", "target", "bridge", "nowhere", ""])))
 # one in ten carries a random authorization value instead of the token
