@@ -16,10 +16,10 @@ config file) and compared in constant time:
 Each application serves a fixed set of methods (`SERVED`, chosen by the app's kind: a bridge, or an
 agent by its `role`); a method routed to another application is refused UNIMPLEMENTED, naming where
 it is served. Serve's proxy calls the replica's method named like the RPC and, where there is none,
-answers with an error of its own listing the replica's methods; so a servicer takes a method for
-every RPC it may be sent and does not serve from `refusals` (the bridge: AgentService's and A2A's;
-an agent: BridgeService's), each generated from the service's protobuf descriptor. The health check
-(`Check`) is not an `rpc` method and stays open.
+answers with an error of its own listing the replica's methods; so each servicer inherits from
+`refusals` a method for every RPC it may be sent but never serves (the bridge: AgentService's and
+A2A's; an agent: BridgeService's), generated from the service's protobuf descriptor. The health
+check (`Check`) is not an `rpc` method and stays open.
 """
 
 from __future__ import annotations
