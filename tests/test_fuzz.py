@@ -157,8 +157,8 @@ def weighted(*choices):
 
 
 def mostly(good, bad):
-    """Three draws in four from `good`: deep checks (and the models) see random input too."""
-    return weighted((3, good), (1, bad))
+    """About two draws in three from `good`: deep checks (and the models) see random input too."""
+    return weighted((2, good), (1, bad))
 
 
 MODE = mostly(st.integers(0, 3), INT32)
@@ -417,6 +417,12 @@ def test_a_method_on_an_application_that_does_not_serve_it_is_unimplemented(clie
 BIG = 10 * 1000 * 1000  # ~10 MB strings: a handful, each refused before any model work
 
 
+def _small_packet() -> pb.LatentPacket:
+    from latentwire import codec
+
+    return pb.LatentPacket(soft_tokens=codec.encode(torch.zeros(2, 96), "float32"), provenance=pb.Provenance(**GOOD_LATENT))
+
+
 def _big_calls():
     s = "lisbon " * (BIG // 7)
     x = lambda: "x" * BIG  # noqa: E731
@@ -431,9 +437,9 @@ def _big_calls():
         ("Translate", "provenance.source_model", pb.HiddenStatePacket(provenance=pb.Provenance(source_model=x()))),
         ("SendMessage", "context", a2a.SendMessageRequest(message=a2a.Message(
             message_id="m", parts=[a2a.Part(text="Where?"), a2a.Part(text=s)]))),
-        ("SendMessage", "envelope", a2a.SendMessageRequest(message=a2a.Message(
+        ("SendMessage", "envelope.body", a2a.SendMessageRequest(message=a2a.Message(
             message_id="m", parts=[a2a.Part(text="Where?"), a2a.Part(raw=msgpack.packb(
-                {"v": 1, "kind": "latentwire.latent-packet", "header": {}, "body": x().encode()}),
+                {**msgpack.unpackb(to_envelope(_small_packet())), "body": x().encode()}),  # 10 MB for 2 x 96
                 media_type=MEDIA_TYPE)]))),
     ]
 
@@ -516,7 +522,7 @@ def test_no_replica_restarted_and_a_good_request_succeeds(client, before):
                                      forbidden=len(FAILURES), replicas_before=len(before),
                                      restarted=len(set(before.items()) ^ set(after.items())))))
     assert not FAILURES, FAILURES[:5]
-    assert refused >= min(MIN_REFUSED, EXAMPLES * 3 // 4), (refused, total)  # the fuzz ran, malformed
+    assert refused >= min(MIN_REFUSED, EXAMPLES * 5 // 6), (refused, total)  # the fuzz ran, malformed
     assert after == before  # same actors, same processes: no input killed a replica
     reply = client.ask(*GOOD, "latent", max_new_tokens=4)
     assert reply.answer_tokens > 0
