@@ -10,7 +10,7 @@ strings. Every call must end in a deliberate status within its deadline: never I
 and never DEADLINE_EXCEEDED (a hang fails). Afterwards the replicas are the same actors with the same
 pids (no restart) and a good request succeeds; a good request's latency while malformed traffic
 runs is at most twice its latency alone. Examples: at least 1000 refused requests in CI (the
-property runs LATENTWIRE_FUZZ_EXAMPLES, default 1200, examples; about one in eight is well formed).
+property runs LATENTWIRE_FUZZ_EXAMPLES, default 1300, examples; about one in seven is well formed).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from tests.serve_cluster import TINY_BRIDGE_ID, replicas, start_ray, tiny_config
 
 TOKEN = secrets.token_hex(16)
 INTERNAL = secrets.token_hex(16)  # Translate and Receive(Stream) are internal hops: fuzzed with the internal token
-EXAMPLES = int(os.environ.get("LATENTWIRE_FUZZ_EXAMPLES", "1200"))
+EXAMPLES = int(os.environ.get("LATENTWIRE_FUZZ_EXAMPLES", "1300"))
 MIN_REFUSED = 1000  # malformed requests CI must send (and see refused) at the least
 settings.register_profile("latentwire-fuzz", max_examples=EXAMPLES, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
@@ -157,8 +157,8 @@ def weighted(*choices):
 
 
 def mostly(good, bad):
-    """About two draws in three from `good`: deep checks (and the models) see random input too."""
-    return weighted((2, good), (1, bad))
+    """About three draws in five from `good`: deep checks (and the models) see random input too."""
+    return weighted((3, good), (2, bad))
 
 
 MODE = mostly(st.integers(0, 3), INT32)
@@ -258,10 +258,8 @@ def a2a_calls(draw):
         if rpc in ("GetTask", "CancelTask"):
             return rpc, getattr(a2a, request.name)(id=draw(TEXT))
         return rpc, getattr(a2a, request.name)()
-    if draw(st.booleans()):
-        parts = [a2a.Part(text=draw(QUESTION)), a2a.Part(text=draw(TEXT))]
-    else:
-        parts = draw(st.lists(a2a_parts(), max_size=4))
+    parts = draw(weighted((1, st.tuples(st.builds(a2a.Part, text=QUESTION), st.builds(a2a.Part, text=TEXT))),
+                          (2, st.lists(a2a_parts(), max_size=4))))
     msg = a2a.Message(message_id=draw(TEXT), context_id=draw(mostly(st.just(""), TEXT)), role=a2a.ROLE_USER,
                       parts=parts)
     msg.metadata.update(draw(A2A_METADATA))
@@ -522,7 +520,7 @@ def test_no_replica_restarted_and_a_good_request_succeeds(client, before):
                                      forbidden=len(FAILURES), replicas_before=len(before),
                                      restarted=len(set(before.items()) ^ set(after.items())))))
     assert not FAILURES, FAILURES[:5]
-    assert refused >= min(MIN_REFUSED, EXAMPLES * 5 // 6), (refused, total)  # the fuzz ran, malformed
+    assert refused >= min(MIN_REFUSED, EXAMPLES * 4 // 5), (refused, total)  # the fuzz ran, malformed
     assert after == before  # same actors, same processes: no input killed a replica
     reply = client.ask(*GOOD, "latent", max_new_tokens=4)
     assert reply.answer_tokens > 0
