@@ -15,7 +15,7 @@ import grpc
 import torch
 
 from latentwire import codec, selection
-from latentwire.errors import InvalidArgument, NotFound, ResourceExhausted
+from latentwire.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from latentwire.runtime import AgentModel, now_ms
 from latentwire.sessions import SessionCaches, Sessions, TurnLog, check_turn
 from latentwire.settings import AgentSettings, grpc_channel_options
