@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from latentwire.cli import add_job_options, add_seed_option, add_threads_option
 

@@ -274,7 +274,6 @@ def long_context_timing(model, tok, cfg: EvalConfig, log=print) -> dict:
 
 def run(cfg: EvalConfig, json_out: str, plot_out: str | None = None, log=print, resume: bool = False) -> dict:
     from compression.presses import nominal_budget
-    from compression.trajectories import token_samples
     from latentwire import profiles
     from latentwire.runtime import AgentModel
 

@@ -14,7 +14,6 @@ model does not know about it.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
