@@ -1,0 +1,169 @@
+"""Sessions on a served cluster with a dense and a compressed target (mean pooling, no sidecar needed).
+
+Real Ray, real gRPC through the Serve proxy, the tiny pair: a compressed session passes its budget
+and keeps a smaller cache than the dense session while answering every turn; a target replica killed
+mid-conversation loses no session and changes no answer (the source replays its turn log to the new
+replica); `latentwire bench --session-turns` reports both targets side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.conftest import free_port
+from tests.serve_cluster import replicas, start_ray, tiny_config
+
+WINDOW, SINK, RECENT = 4, 2, 8  # the compressed target's kv_compression
+TARGETS = {"default": "target", "pooled": "target-pooled"}  # target agent -> its Serve application
+PEOPLE = [("Alice", "red", "Lisbon"), ("Bruno", "green", "Oslo"), ("Chen", "blue", "Quito")]
+# one session's turns; turn 2, the first after the kill, runs every session at once: DIRECT has no
+# batched stage before the target, whose session turns run alone, so its answers do not depend on
+# which requests share a forward
+MODES = ["latent", "text", "direct", "none", "extract", "latent"]
+KILL_AFTER = 2
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_bridge_path):
+    from services import local
+
+    cfg = tiny_config(tiny_bridge_path, free_port(), free_port())
+    apps = {a["name"]: a for a in cfg["applications"]}
+    pooled = {"name": "target-pooled", "route_prefix": "/target-pooled", "import_path": "services.app:agent_app",
+              "args": dict(apps["target"]["args"], kv_compression={"method": "mean_pool", "window": WINDOW,
+                                                                     "sink": SINK, "recent": RECENT}),
+              "runtime_env": apps["target"].get("runtime_env", {}),
+              "deployments": [dict(apps["target"]["deployments"][0], num_replicas=1)]}
+    cfg["applications"].append(pooled)
+    apps["source"]["args"]["targets"]["pooled"] = {"app": "target-pooled", "bridge_app": "bridge"}
+    start_ray()  # with the dashboard: Ray's state API finds the replica actors to kill
+    local.deploy(cfg)
+    yield local.grpc_address(cfg)
+    local.shutdown()
+
+
+def ask_turn(client, session: str, turn: int, mode: str, context: str, question: str, target: str = "",
+             max_new_tokens: int = 4):
+    req = client.request(context, question, mode, max_new_tokens=max_new_tokens, target_agent=target)
+    req.session_id, req.session_turn = session, turn
+    return client.ask(request=req)
+
+
+def person_turn(k: int, t: int) -> tuple[str, str, str]:
+    """Session k's turn t: its mode, a context and a question."""
+    name, color, city = PEOPLE[k]
+    return (MODES[t], f"{name} keeps the {color} key number {t} in {city}.",
+            f"Where is key {t}?" if t % 2 else f"Who keeps the {color} key?")
+
+
+def test_a_compressed_session_passes_its_budget_with_a_smaller_cache_and_answers_every_turn(client, tiny_target):
+    """One session of 8 DIRECT turns on each target. The compressed one holds, after each turn, at
+    most sink + (T - sink - recent) // window + recent + window entries for the T tokens it read
+    (docs/sessions.md), fewer than the dense session once past that budget."""
+    context = "The courier for the northern route is Helena Varga; she leaves from Oslo at dawn."
+    turns = [(f"{context} Parcel {t} is blue.", f"What colour is parcel {t}?") for t in range(8)]
+    dense = [ask_turn(client, "budget-dense", t, "direct", c, q) for t, (c, q) in enumerate(turns)]
+    pooled = [ask_turn(client, "budget-pooled", t, "direct", c, q, "pooled") for t, (c, q) in enumerate(turns)]
+    seen = 0  # an upper bound of the tokens the compressed session read: each prompt, answer and its end
+    for t, ((c, q), d, p) in enumerate(zip(turns, dense, pooled)):
+        assert (d.session_turns, p.session_turns) == (t + 1, t + 1) and p.target_agent == "pooled"
+        assert d.answer_tokens > 0 and p.answer_tokens > 0 and p.replayed_turns == 0
+        seen += tiny_target.target_inputs(tiny_target.tokenize(c), q).shape[1] + p.answer_tokens + 1
+        budget = SINK + max(seen - SINK - RECENT, 0) // WINDOW + RECENT + WINDOW
+        assert p.kv_cache_tokens <= budget, (t, p.kv_cache_tokens, budget)
+        if d.kv_cache_tokens > SINK + RECENT + WINDOW:
+            assert p.kv_cache_tokens < d.kv_cache_tokens, (t, p.kv_cache_tokens, d.kv_cache_tokens)
+    assert dense[-1].kv_cache_tokens > 8 * (SINK + RECENT + WINDOW)  # far past the budget
+    assert pooled[-1].kv_cache_tokens < 0.4 * dense[-1].kv_cache_tokens
+
+
+def run_sessions(client, ids: list[str], target: str, kill: str | None = None) -> list[list]:
+    """Every session's turns, turn by turn; with `kill` (an application), its one replica is killed
+    after turn KILL_AFTER - 1 of every session, and turn KILL_AFTER is then sent for all sessions at once."""
+    import ray
+
+    replies = [[] for _ in ids]
+    for t in range(len(MODES)):
+        if kill and t == KILL_AFTER:
+            (actor,) = replicas(kill)
+            ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace), no_restart=True)
+            with ThreadPoolExecutor(len(ids)) as pool:
+                got = list(pool.map(lambda k: ask_turn(client, ids[k], t, *person_turn(k, t), target), range(len(ids))))
+        else:
+            got = [ask_turn(client, sid, t, *person_turn(k, t), target) for k, sid in enumerate(ids)]
+        for k, reply in enumerate(got):
+            replies[k].append(reply)
+    return replies
+
+
+@pytest.mark.parametrize("target", ["default", "pooled"])
+def test_a_target_replica_killed_mid_conversation_loses_no_session_and_changes_no_answer(cluster, target):
+    """3 sessions of 6 turns (LATENT, TEXT, DIRECT, NONE, EXTRACT, LATENT), uninterrupted; then the
+    same sessions under new ids, the target's replica killed (`ray.kill`) after turn 2. Every turn is
+    answered (the client retries while Serve replaces the replica), the first turn after the kill
+    replays each session's 2 logged turns to the new replica, and every answer and cache size equals
+    the uninterrupted run's."""
+    from services.client import LatentWireClient, RetryPolicy
+
+    app, agent = TARGETS[target], "" if target == "default" else target
+    (before,) = replicas(app)
+    with LatentWireClient(cluster, timeout_s=120, retry=RetryPolicy(attempts=30, max_backoff_s=2.0)) as client:
+        ref = run_sessions(client, [f"ref-{target}-{k}" for k in range(len(PEOPLE))], agent)
+        got = run_sessions(client, [f"killed-{target}-{k}" for k in range(len(PEOPLE))], agent, kill=app)
+        retries = client.retries
+        if target == "pooled":  # the first session's turns on the dense target, for the cache sizes
+            dense = run_sessions(client, [f"dense-{target}-0"], "")[0]
+    (after,) = replicas(app)
+    assert after.actor_id != before.actor_id  # the replica was killed and replaced
+    print(f"\nsession kill test ({target}): client retries {retries}, "
+          f"kv at the last turn {[r[-1].kv_cache_tokens for r in got]}")
+    for k, (r, g) in enumerate(zip(ref, got)):
+        assert [x.session_turns for x in g] == list(range(1, len(MODES) + 1))
+        assert [x.replayed_turns for x in r] == [0] * len(MODES)
+        assert [x.replayed_turns for x in g] == [KILL_AFTER if t == KILL_AFTER else 0 for t in range(len(MODES))]
+        assert [x.answer for x in g] == [x.answer for x in r], k
+        assert [x.kv_cache_tokens for x in g] == [x.kv_cache_tokens for x in r], k
+        assert all(x.answer_tokens > 0 and x.target_agent == target for x in g)
+    if target == "pooled":  # the compressed sessions passed their budget: a smaller cache than dense
+        assert dense[-1].kv_cache_tokens > 4 * (SINK + RECENT + WINDOW)
+        assert ref[0][-1].kv_cache_tokens < 0.5 * dense[-1].kv_cache_tokens
+
+
+def test_bench_runs_sessions_against_both_targets_side_by_side(cluster, tmp_path, capsys):
+    """`latentwire bench --requests 0 --session-turns 3 --concurrency 2 --targets default,pooled`:
+    2 sessions of 3 turns against each target at once; the JSON holds, per target, the turns
+    answered, per-turn p50/p95, the KV cache by turn and at the last turn, and the compressed target
+    against the dense one."""
+    from latentwire.cli import main
+
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    rc = main(["bench", "--address", cluster, "--requests", "0", "--session-turns", "3", "--concurrency", "2",
+               "--context-tokens", "48", "--targets", "default,pooled", "--session-mode", "direct",
+               "--max-new-tokens", "3", "--message-tokens", "8", "--warmup", "1", "--json", str(out),
+               "--plot", str(png)])
+    assert rc == 0 and png.stat().st_size > 10_000
+    report = json.loads(out.read_text())
+    assert report["settings"] == [] and report["config"]["session_turns"] == 3
+    (run,) = report["sessions"]
+    assert (run["concurrency"], run["turns"], run["mode"], run["context_tokens"]) == (2, 3, "direct", 48)
+    s = run["summary"]
+    assert s["vs"] == "default" and set(s["targets"]) == {"default", "pooled"}
+    for name, m in s["targets"].items():
+        assert (m["turns_ok"], m["turns_planned"], m["sessions_completed"], m["errors"]) == (6, 6, 2, {}), name
+        assert 0 < m["turn_p50_ms"] <= m["turn_p95_ms"] and len(m["turn_p50_ms_by_turn"]) == 3
+        kv = m["kv_cache_tokens_by_turn"]
+        assert len(kv) == 3 and kv[0] < kv[1] < kv[2] == m["kv_cache_tokens_last_turn"]
+        assert m["replayed_turns"] == 0 and 0 <= m["exact_match"] <= 1
+        recs = [r for r in run["records"] if r["target"] == name]
+        assert sorted((r["session"], r["turn"]) for r in recs) == [(k, t) for k in range(2) for t in range(3)]
+        assert all(r["ok"] and r["session_turns"] == r["turn"] + 1 for r in recs)
+    dense, pooled = s["targets"]["default"], s["targets"]["pooled"]
+    assert pooled["kv_cache_tokens_last_turn"] < dense["kv_cache_tokens_last_turn"]
+    assert pooled["kv_cache_smaller"] == dense["kv_cache_tokens_last_turn"] / pooled["kv_cache_tokens_last_turn"] > 1
+    assert dense["kv_cache_smaller"] == dense["turn_p50_ratio"] == 1.0
+    printed = capsys.readouterr().out
+    assert "KV smaller" in printed and "x vs default" in printed
+    assert json.loads(printed.strip().splitlines()[-1])["sessions"][0]["summary"]["vs"] == "default"
