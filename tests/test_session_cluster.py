@@ -60,11 +60,11 @@ def person_turn(k: int, t: int) -> tuple[str, str, str]:
 
 
 def test_a_compressed_session_passes_its_budget_with_a_smaller_cache_and_answers_every_turn(client, tiny_target):
-    """One session of 8 DIRECT turns on each target. The compressed one holds, after each turn, at
+    """One session of 6 DIRECT turns on each target. The compressed one holds, after each turn, at
     most sink + (T - sink - recent) // window + recent + window entries for the T tokens it read
-    (docs/sessions.md), fewer than the dense session once past that budget."""
-    context = "The courier for the northern route is Helena Varga; she leaves from Oslo at dawn."
-    turns = [(f"{context} Parcel {t} is blue.", f"What colour is parcel {t}?") for t in range(8)]
+    (docs/sessions.md), fewer than the dense session once past that budget. The session stays within
+    the tiny target's sliding window (256), so the dense cache holds every token read."""
+    turns = [(f"Parcel {t} is blue and goes to Oslo.", f"What colour is parcel {t}?") for t in range(6)]
     dense = [ask_turn(client, "budget-dense", t, "direct", c, q) for t, (c, q) in enumerate(turns)]
     pooled = [ask_turn(client, "budget-pooled", t, "direct", c, q, "pooled") for t, (c, q) in enumerate(turns)]
     seen = 0  # an upper bound of the tokens the compressed session read: each prompt, answer and its end
@@ -76,8 +76,8 @@ def test_a_compressed_session_passes_its_budget_with_a_smaller_cache_and_answers
         assert p.kv_cache_tokens <= budget, (t, p.kv_cache_tokens, budget)
         if d.kv_cache_tokens > SINK + RECENT + WINDOW:
             assert p.kv_cache_tokens < d.kv_cache_tokens, (t, p.kv_cache_tokens, d.kv_cache_tokens)
-    assert dense[-1].kv_cache_tokens > 8 * (SINK + RECENT + WINDOW)  # far past the budget
-    assert pooled[-1].kv_cache_tokens < 0.4 * dense[-1].kv_cache_tokens
+    assert 4 * (SINK + RECENT + WINDOW) < dense[-1].kv_cache_tokens < 256  # far past the budget
+    assert pooled[-1].kv_cache_tokens < 0.5 * dense[-1].kv_cache_tokens
 
 
 def run_sessions(client, ids: list[str], target: str, kill: str | None = None) -> list[list]:
@@ -91,7 +91,8 @@ def run_sessions(client, ids: list[str], target: str, kill: str | None = None) -
             (actor,) = replicas(kill)
             ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace), no_restart=True)
             with ThreadPoolExecutor(len(ids)) as pool:
-                got = list(pool.map(lambda k: ask_turn(client, ids[k], t, *person_turn(k, t), target), range(len(ids))))
+                got = list(pool.map(lambda k: ask_turn(client, ids[k], t, *person_turn(k, t), target),
+                                    range(len(ids))))
         else:
             got = [ask_turn(client, sid, t, *person_turn(k, t), target) for k, sid in enumerate(ids)]
         for k, reply in enumerate(got):
@@ -141,14 +142,14 @@ def test_bench_runs_sessions_against_both_targets_side_by_side(cluster, tmp_path
 
     out, png = tmp_path / "s.json", tmp_path / "s.png"
     rc = main(["bench", "--address", cluster, "--requests", "0", "--session-turns", "3", "--concurrency", "2",
-               "--context-tokens", "48", "--targets", "default,pooled", "--session-mode", "direct",
+               "--context-tokens", "32", "--targets", "default,pooled", "--session-mode", "direct",
                "--max-new-tokens", "3", "--message-tokens", "8", "--warmup", "1", "--json", str(out),
                "--plot", str(png)])
     assert rc == 0 and png.stat().st_size > 10_000
     report = json.loads(out.read_text())
     assert report["settings"] == [] and report["config"]["session_turns"] == 3
     (run,) = report["sessions"]
-    assert (run["concurrency"], run["turns"], run["mode"], run["context_tokens"]) == (2, 3, "direct", 48)
+    assert (run["concurrency"], run["turns"], run["mode"], run["context_tokens"]) == (2, 3, "direct", 32)
     s = run["summary"]
     assert s["vs"] == "default" and set(s["targets"]) == {"default", "pooled"}
     for name, m in s["targets"].items():
