@@ -4,7 +4,7 @@
 # each turn a 256-token context with one fact and its question; writes bench-sessions.json and .png here.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-nice -n 10 latentwire bench --start-local --config deploy/local-fmkvc.yaml --targets default,fmkvc \
+PYTHONPATH="$PWD" nice -n 10 "${PYTHON:-.venv/bin/python}" -m latentwire.cli bench --start-local --config deploy/local-fmkvc.yaml --targets default,fmkvc \
   --requests 0 --session-turns 8 --concurrency 2 --context-tokens 256 --session-mode latent \
   --max-new-tokens 8 --message-tokens 64 --warmup 1 \
   --json results/session/bench-sessions.json --plot results/session/bench-sessions.png
