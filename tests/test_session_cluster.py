@@ -62,8 +62,9 @@ def person_turn(k: int, t: int) -> tuple[str, str, str]:
 def test_a_compressed_session_passes_its_budget_with_a_smaller_cache_and_answers_every_turn(client, tiny_target):
     """One session of 6 DIRECT turns on each target. The compressed one holds, after each turn, at
     most sink + (T - sink - recent) // window + recent + window entries for the T tokens it read
-    (docs/sessions.md), fewer than the dense session once past that budget. The session stays within
-    the tiny target's sliding window (256), so the dense cache holds every token read."""
+    (docs/sessions.md), fewer than the dense session once past that budget. The tiny target's layers
+    all slide over 256 tokens: past that, a dense layer holds 255 entries (its `kv_cache_tokens` counts
+    the tokens read), and the compressed one first drops what the dense layer no longer sees."""
     turns = [(f"Parcel {t} is blue and goes to Oslo.", f"What colour is parcel {t}?") for t in range(6)]
     dense = [ask_turn(client, "budget-dense", t, "direct", c, q) for t, (c, q) in enumerate(turns)]
     pooled = [ask_turn(client, "budget-pooled", t, "direct", c, q, "pooled") for t, (c, q) in enumerate(turns)]
@@ -76,8 +77,9 @@ def test_a_compressed_session_passes_its_budget_with_a_smaller_cache_and_answers
         assert p.kv_cache_tokens <= budget, (t, p.kv_cache_tokens, budget)
         if d.kv_cache_tokens > SINK + RECENT + WINDOW:
             assert p.kv_cache_tokens < d.kv_cache_tokens, (t, p.kv_cache_tokens, d.kv_cache_tokens)
-    assert 4 * (SINK + RECENT + WINDOW) < dense[-1].kv_cache_tokens < 256  # far past the budget
-    assert pooled[-1].kv_cache_tokens < 0.5 * dense[-1].kv_cache_tokens
+    print(f"\ncompressed session: kv {[p.kv_cache_tokens for p in pooled]}, dense {[d.kv_cache_tokens for d in dense]}")
+    assert dense[-1].kv_cache_tokens > 4 * (SINK + RECENT + WINDOW)  # far past the budget
+    assert pooled[-1].kv_cache_tokens < 0.5 * min(dense[-1].kv_cache_tokens, 255)
 
 
 def run_sessions(client, ids: list[str], target: str, kill: str | None = None) -> list[list]:
@@ -130,7 +132,7 @@ def test_a_target_replica_killed_mid_conversation_loses_no_session_and_changes_n
         assert all(x.answer_tokens > 0 and x.target_agent == target for x in g)
     if target == "pooled":  # the compressed sessions passed their budget: a smaller cache than dense
         assert dense[-1].kv_cache_tokens > 4 * (SINK + RECENT + WINDOW)
-        assert ref[0][-1].kv_cache_tokens < 0.5 * dense[-1].kv_cache_tokens
+        assert ref[0][-1].kv_cache_tokens < 0.5 * min(dense[-1].kv_cache_tokens, 255)  # a dense layer's entries
 
 
 def test_bench_runs_sessions_against_both_targets_side_by_side(cluster, tmp_path, capsys):
