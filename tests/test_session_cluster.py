@@ -19,11 +19,12 @@ from tests.serve_cluster import replicas, start_ray, tiny_config
 WINDOW, SINK, RECENT = 4, 2, 8  # the compressed target's kv_compression
 TARGETS = {"default": "target", "pooled": "target-pooled"}  # target agent -> its Serve application
 PEOPLE = [("Alice", "red", "Lisbon"), ("Bruno", "green", "Oslo"), ("Chen", "blue", "Quito")]
-# one session's turns; turn 2, the first after the kill, runs every session at once: DIRECT has no
-# batched stage before the target, whose session turns run alone, so its answers do not depend on
-# which requests share a forward
+# one session's turns; at turn 2 the target is killed and the other sessions' turns then go at once:
+# DIRECT has no batched stage before the target, whose session turns run alone, so its answers do not
+# depend on which requests share a forward
 MODES = ["latent", "text", "direct", "none", "extract", "latent"]
 KILL_AFTER = 2
+MID_TURN_TOKENS = 32  # turn KILL_AFTER's answers: long enough that the kill lands while one streams
 
 
 @pytest.fixture(scope="module")
@@ -82,21 +83,48 @@ def test_a_compressed_session_passes_its_budget_with_a_smaller_cache_and_answers
     assert pooled[-1].kv_cache_tokens < 0.5 * min(dense[-1].kv_cache_tokens, 255)
 
 
+def stream_turn(client, session: str, turn: int, mode: str, context: str, question: str, target: str,
+                max_new_tokens: int, on_text):
+    """A session turn through AskStream; `on_text()` is called at its first piece of text. Returns the reply."""
+    req = client.request(context, question, mode, max_new_tokens=max_new_tokens, target_agent=target)
+    req.session_id, req.session_turn = session, turn
+    reply, text = None, ""
+    for chunk in client.ask_stream(request=req):
+        if chunk.HasField("reply"):
+            reply = chunk.reply
+        else:
+            if not text:
+                on_text()
+            text += chunk.text
+    assert reply is not None and text.strip() == reply.answer, (text, reply)
+    return reply
+
+
 def run_sessions(client, ids: list[str], target: str, kill: str | None = None) -> list[list]:
-    """Every session's turns, turn by turn; with `kill` (an application), its one replica is killed
-    after turn KILL_AFTER - 1 of every session, and turn KILL_AFTER is then sent for all sessions at once."""
+    """Every session's turns, turn by turn (turn KILL_AFTER answers MID_TURN_TOKENS long). With `kill`
+    (an application), its one replica is killed (`ray.kill`) while session 0's turn KILL_AFTER streams
+    its answer, and the other sessions' turn KILL_AFTER are then sent all at once."""
     import ray
 
     replies = [[] for _ in ids]
     for t in range(len(MODES)):
+        n = MID_TURN_TOKENS if t == KILL_AFTER else 4
         if kill and t == KILL_AFTER:
             (actor,) = replicas(kill)
-            ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace), no_restart=True)
+            handle, killed = ray.get_actor(actor.name, namespace=actor.ray_namespace), []
+
+            def kill_once():
+                if not killed:
+                    ray.kill(handle, no_restart=True)
+                    killed.append(True)
+
+            got = [stream_turn(client, ids[0], t, *person_turn(0, t), target, n, kill_once)]
+            kill_once()  # should the answer have had no text
             with ThreadPoolExecutor(len(ids)) as pool:
-                got = list(pool.map(lambda k: ask_turn(client, ids[k], t, *person_turn(k, t), target),
-                                    range(len(ids))))
+                got += pool.map(lambda k: ask_turn(client, ids[k], t, *person_turn(k, t), target, n),
+                                range(1, len(ids)))
         else:
-            got = [ask_turn(client, sid, t, *person_turn(k, t), target) for k, sid in enumerate(ids)]
+            got = [ask_turn(client, sid, t, *person_turn(k, t), target, n) for k, sid in enumerate(ids)]
         for k, reply in enumerate(got):
             replies[k].append(reply)
     return replies
@@ -105,10 +133,11 @@ def run_sessions(client, ids: list[str], target: str, kill: str | None = None) -
 @pytest.mark.parametrize("target", ["default", "pooled"])
 def test_a_target_replica_killed_mid_conversation_loses_no_session_and_changes_no_answer(cluster, target):
     """3 sessions of 6 turns (LATENT, TEXT, DIRECT, NONE, EXTRACT, LATENT), uninterrupted; then the
-    same sessions under new ids, the target's replica killed (`ray.kill`) after turn 2. Every turn is
-    answered (the client retries while Serve replaces the replica), the first turn after the kill
-    replays each session's 2 logged turns to the new replica, and every answer and cache size equals
-    the uninterrupted run's."""
+    same sessions under new ids, the target's replica killed (`ray.kill`) at turn 2, while the first
+    session's turn streams its answer. Every turn is answered (the client retries, the stream
+    included, while Serve replaces the replica); each session is rebuilt once, at the first turn the
+    new replica gets, by replaying the turns the source logged before it; every answer and cache size
+    equals the uninterrupted run's."""
     from services.client import LatentWireClient, RetryPolicy
 
     app, agent = TARGETS[target], "" if target == "default" else target
@@ -116,17 +145,20 @@ def test_a_target_replica_killed_mid_conversation_loses_no_session_and_changes_n
     with LatentWireClient(cluster, timeout_s=120, retry=RetryPolicy(attempts=30, max_backoff_s=2.0)) as client:
         ref = run_sessions(client, [f"ref-{target}-{k}" for k in range(len(PEOPLE))], agent)
         got = run_sessions(client, [f"killed-{target}-{k}" for k in range(len(PEOPLE))], agent, kill=app)
-        retries = client.retries
+        retries, resumed = client.retries, client.stream_resumes
         if target == "pooled":  # the first session's turns on the dense target, for the cache sizes
             dense = run_sessions(client, [f"dense-{target}-0"], "")[0]
     (after,) = replicas(app)
     assert after.actor_id != before.actor_id  # the replica was killed and replaced
-    print(f"\nsession kill test ({target}): client retries {retries}, "
-          f"kv at the last turn {[r[-1].kv_cache_tokens for r in got]}")
+    print(f"\nsession kill test ({target}): client retries {retries}, streams resumed mid-way {resumed}, "
+          f"replayed {[[x.replayed_turns for x in g] for g in got]}, kv at the last turn "
+          f"{[g[-1].kv_cache_tokens for g in got]}")
     for k, (r, g) in enumerate(zip(ref, got)):
         assert [x.session_turns for x in g] == list(range(1, len(MODES) + 1))
         assert [x.replayed_turns for x in r] == [0] * len(MODES)
-        assert [x.replayed_turns for x in g] == [KILL_AFTER if t == KILL_AFTER else 0 for t in range(len(MODES))]
+        # the first session's turn 2 is rebuilt if the kill landed before its answer was done, else turn 3
+        first = KILL_AFTER if k or g[KILL_AFTER].replayed_turns else KILL_AFTER + 1
+        assert [x.replayed_turns for x in g] == [first if t == first else 0 for t in range(len(MODES))]
         assert [x.answer for x in g] == [x.answer for x in r], k
         assert [x.kv_cache_tokens for x in g] == [x.kv_cache_tokens for x in r], k
         assert all(x.answer_tokens > 0 and x.target_agent == target for x in g)
