@@ -2,7 +2,10 @@
 
 Requests of every mode are interleaved in one run, so all modes see the same machine load; each
 (context size, concurrency) setting runs after a warm-up and is split into repeats, so the
-LATENT/TEXT speedup comes with its spread. Output: a compact table, JSON and a PNG.
+LATENT/TEXT speedup comes with its spread. The session workload (`session_turns` > 0) runs K
+sessions of N turns against every target at once (K: each concurrency), each turn delivering a new
+fact and asking about it, so dense and compressed session memories are side by side in one load:
+per-turn latency, the session's KV cache at its last turn, answers. Output: compact tables, JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import random
 import statistics
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -202,13 +206,44 @@ def _speedups(ok: list[dict], fast: str, slow: str, repeats: int) -> dict[str, d
 
 
 def plot(report: dict, path: str | Path) -> None:
+    """The request workload's latency, stages and throughput; the session workload's per-turn p50 and
+    KV cache by turn, per target (each part only when the report has it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings = report["settings"]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    settings, sessions = report.get("settings", []), report.get("sessions", [])
+    ncols = (3 if settings else 0) + (2 if sessions else 0)
+    fig, axes = plt.subplots(1, max(ncols, 1), figsize=(6 * max(ncols, 1), 5.5), squeeze=False)
+    axes = list(axes[0])
+    if settings:
+        _plot_requests(settings, axes[:3])
+    if sessions:
+        _plot_sessions(sessions, axes[-2:])
+    hw = report["hardware"]
+    fig.suptitle(f"LatentWire bench — {hw.get('gpu') or hw.get('cpu_model', hw['processor'])} "
+                 f"({hw['cpus']} CPUs)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_sessions(sessions: list[dict], axes) -> None:
+    for s in sessions:
+        for target, m in s["summary"]["targets"].items():
+            label = f"{target}, {s['concurrency']} sessions, ctx {s['context_tokens']}"
+            turns = range(1, len(m["turn_p50_ms_by_turn"]) + 1)
+            axes[0].plot(turns, m["turn_p50_ms_by_turn"], marker="o", label=label)
+            axes[1].plot(turns, m["kv_cache_tokens_by_turn"], marker="o", label=label)
+    for ax, what in zip(axes, ["turn p50 ms", "KV cache entries (mean over sessions)"]):
+        ax.set_xlabel("turn")
+        ax.set_ylabel(what)
+        ax.legend(fontsize=7)
+    axes[0].set_title("session turns: latency")
+    axes[1].set_title("session turns: KV cache")
+
+
+def _plot_requests(settings: list[dict], axes) -> None:
     base = [s for s in settings if s["concurrency"] == min(x["concurrency"] for x in settings)]
     labels, data = [], []
     for s in base:
@@ -243,17 +278,39 @@ def plot(report: dict, path: str | Path) -> None:
     axes[2].set_ylabel("requests/s (all modes, interleaved)")
     axes[2].set_title("throughput")
     axes[2].legend(fontsize=8)
-    hw = report["hardware"]
-    fig.suptitle(f"LatentWire bench — {hw.get('gpu') or hw.get('cpu_model', hw['processor'])} "
-                 f"({hw['cpus']} CPUs)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def table(report: dict) -> str:
+    """The request workload's table, then the session workload's (each when the report has it)."""
+    parts = [_request_table(report["settings"])] if report.get("settings") else []
+    if report.get("sessions"):
+        parts.append(session_table(report["sessions"]))
+    return "\n\n".join(parts)
+
+
+def session_table(sessions: list[dict]) -> str:
+    rows = [["ctx", "sessions", "turns", "mode", "target", "turns ok", "turn p50", "turn p95", "KV last turn",
+             "KV smaller", "turn p50 ratio", "replayed", "EM"]]
+    for s in sessions:
+        vs = s["summary"]["vs"]
+        for target, m in s["summary"]["targets"].items():
+            rows.append([str(s["context_tokens"]), str(s["concurrency"]), str(s["turns"]), s["mode"], target,
+                         f"{m['turns_ok']}/{m['turns_planned']}", f"{m['turn_p50_ms']:.0f}",
+                         f"{m['turn_p95_ms']:.0f}", f"{m['kv_cache_tokens_last_turn']:.0f}",
+                         f"{m['kv_cache_smaller']:.2f}x vs {vs}", f"{m['turn_p50_ratio']:.2f}x vs {vs}",
+                         str(m["replayed_turns"]), f"{m['exact_match']:.2f}"])
+    return _align(rows, left={3, 4})
+
+
+def _align(rows: list[list[str]], left: set[int]) -> str:
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w[i]) if i in left else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows)
+
+
+def _request_table(settings: list[dict]) -> str:
     rows = [["ctx", "conc", "mode/target", "n", "p50", "p95", "p99", "req/s", "grpc+codec %", "bytes",
              "batch src/brg/tgt", "EM"]]
-    for s in report["settings"]:
+    for s in settings:
         for key, m in s["summary"]["modes"].items():
             rows.append([str(s["context_tokens"]), str(s["concurrency"]), key, str(m["n"]), f"{m['p50_ms']:.0f}",
                          f"{m['p95_ms']:.0f}", f"{m['p99_ms']:.0f}", f"{m['requests_per_s']:.2f}",
@@ -265,21 +322,110 @@ def table(report: dict) -> str:
                 rows.append([str(s["context_tokens"]), str(s["concurrency"]),
                              f"{fast.upper()} vs {slow.upper()} ({target})", "",
                              f"{sp['p50_ratio']:.2f}x", f"[{sp['min']:.2f}-{sp['max']:.2f}]", "", "", "", "", "", ""])
-    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w[i]) if i != 2 else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
+    return _align(rows, left={2})
+
+
+def session_items(sessions: int, turns: int, context_tokens: int, seed: int = 0) -> list[list[BenchItem]]:
+    """Per session, per turn: an item of `bench_items` (a context with one fact planted, and the
+    question only that fact answers), none shared between sessions."""
+    items = bench_items(sessions * turns, context_tokens, seed)
+    return [items[k * turns:(k + 1) * turns] for k in range(sessions)]
+
+
+def run_sessions(client, items: list[list[BenchItem]], targets: list[str], mode: str, max_new_tokens: int,
+                 message_tokens: int) -> list[dict]:
+    """Every session of `items` against every target, all at once, each session's turns in order.
+    Turn t sends item t's context and asks its question, as turn t of the session. A turn that fails
+    (after the client's retries) ends its session: a later turn would not follow."""
+    run = uuid.uuid4().hex[:8]  # session ids unique to this run, on a deployment that may hold older ones
+    jobs = [(k, target) for k in range(len(items)) for target in targets]
+    results, lock = [], threading.Lock()
+
+    def one(job):
+        k, target = job
+        sid = f"bench-{run}-{target or 'default'}-{k}"
+        for t, it in enumerate(items[k]):
+            req = client.request(it.context, it.question, mode, max_new_tokens=max_new_tokens, target_agent=target,
+                                 message_tokens=message_tokens)
+            req.session_id, req.session_turn = sid, t
+            t0 = time.perf_counter()
+            rec = {"session": k, "turn": t, "mode": mode, "target": target or "default", "start": t0}
+            try:
+                r = client.ask(request=req)
+                rec.update(ok=True, e2e_ms=(time.perf_counter() - t0) * 1000, answer=r.answer,
+                           answer_tokens=r.answer_tokens, kv_cache_tokens=r.kv_cache_tokens,
+                           session_turns=r.session_turns, replayed_turns=r.replayed_turns,
+                           message_tokens=r.message_tokens, target_prefill_ms=r.timings.target_prefill_ms,
+                           target_decode_ms=r.timings.target_decode_ms, correct=is_correct(r.answer, it.answer))
+            except grpc.RpcError as err:
+                rec.update(ok=False, code=err.code().name, details=err.details())
+            rec["end"] = time.perf_counter()
+            with lock:
+                results.append(rec)
+            if not rec["ok"]:
+                return
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        list(pool.map(one, jobs))
+    return sorted(results, key=lambda r: (r["target"], r["session"], r["turn"]))
+
+
+def summarize_sessions(records: list[dict], targets: list[str], sessions: int, turns: int) -> dict:
+    """Per target: turns answered of those planned, per-turn latency (p50/p95 over every turn, and p50
+    by turn), the KV cache by turn and at the last turn (mean over the sessions that reached it),
+    exact match of each turn's own fact; and each target against the first: its KV cache at the last
+    turn smaller by (first / this), its per-turn p50 as this / first."""
+    names = [t or "default" for t in targets]
+    out = {"vs": names[0], "targets": {}}
+    wall = (max(r["end"] for r in records) - min(r["start"] for r in records)) if records else float("nan")
+    out["wall_s"] = wall
+    for name in names:
+        ok = [r for r in records if r["target"] == name and r["ok"]]
+        failed = [r for r in records if r["target"] == name and not r["ok"]]
+        by_turn = [[r for r in ok if r["turn"] == t] for t in range(turns)]
+        last = by_turn[-1] if by_turn else []
+        e2e = [r["e2e_ms"] for r in ok]
+        errors: dict[str, int] = {}
+        for r in failed:
+            errors[r["code"]] = errors.get(r["code"], 0) + 1
+        out["targets"][name] = {
+            "sessions": sessions, "turns": turns, "turns_planned": sessions * turns, "turns_ok": len(ok),
+            "sessions_completed": len(last), "errors": errors,
+            "turn_p50_ms": _pct(e2e, 50), "turn_p95_ms": _pct(e2e, 95),
+            "turn_mean_ms": statistics.mean(e2e) if e2e else float("nan"),
+            "turn_p50_ms_by_turn": [_pct([r["e2e_ms"] for r in rs], 50) for rs in by_turn],
+            "kv_cache_tokens_by_turn": [statistics.mean(r["kv_cache_tokens"] for r in rs) if rs else float("nan")
+                                        for rs in by_turn],
+            "kv_cache_tokens_last_turn": statistics.mean(r["kv_cache_tokens"] for r in last) if last else float("nan"),
+            "kv_cache_tokens_last_turn_max": max((r["kv_cache_tokens"] for r in last), default=0),
+            "target_prefill_ms_mean": statistics.mean(r["target_prefill_ms"] for r in ok) if ok else float("nan"),
+            "target_decode_ms_mean": statistics.mean(r["target_decode_ms"] for r in ok) if ok else float("nan"),
+            "replayed_turns": sum(r["replayed_turns"] for r in ok),
+            "exact_match": statistics.mean(r["correct"] for r in ok) if ok else float("nan"),
+            "answers": [r["answer"] for r in ok[:3]]}
+    base = out["targets"][names[0]]
+    for m in out["targets"].values():
+        m["kv_cache_smaller"] = (base["kv_cache_tokens_last_turn"] / m["kv_cache_tokens_last_turn"]
+                                 if m["kv_cache_tokens_last_turn"] else float("nan"))
+        m["turn_p50_ratio"] = m["turn_p50_ms"] / base["turn_p50_ms"] if base["turn_p50_ms"] else float("nan")
+    return out
 
 
 def run_bench(address: str, *, requests: int, concurrency: list[int], context_tokens: list[int],
               modes: list[str], targets: list[str], max_new_tokens: int, message_tokens: int, warmup: int,
-              repeats: int) -> dict:
+              repeats: int, session_turns: int = 0, session_mode: str = "latent") -> dict:
+    """The request workload (`requests` items per setting, every mode and target; none when 0) and,
+    with `session_turns` > 0, the session workload: for each context size and concurrency K, K sessions
+    of `session_turns` turns against every target at once (mode `session_mode`)."""
     from services.client import LatentWireClient
 
     report = {"hardware": hardware(), "address": address, "config": {
         "requests": requests, "concurrency": concurrency, "context_tokens": context_tokens, "modes": modes,
         "targets": targets, "max_new_tokens": max_new_tokens, "message_tokens": message_tokens,
-        "warmup": warmup, "repeats": repeats}, "settings": []}
+        "warmup": warmup, "repeats": repeats, "session_turns": session_turns, "session_mode": session_mode},
+        "settings": [], "sessions": []}
     with LatentWireClient(address, timeout_s=600) as client:
-        for ctx in context_tokens:
+        for ctx in context_tokens if requests > 0 else []:
             items = bench_items(requests, ctx, seed=ctx)
             run_setting(client, bench_items(warmup, ctx, seed=ctx + 1), modes, 1, max_new_tokens, targets,
                         message_tokens)  # warm-up, discarded
@@ -289,6 +435,18 @@ def run_bench(address: str, *, requests: int, concurrency: list[int], context_to
                                            "summary": summarize(recs, repeats), "records": recs})
                 print(f"ctx {ctx} concurrency {conc}: {len(recs)} requests, "
                       f"{report['settings'][-1]['summary']['requests_per_s']:.2f} req/s", flush=True)
+        for ctx in context_tokens if session_turns > 0 else []:
+            if warmup:  # one session of (at most) two turns per target, discarded
+                run_sessions(client, session_items(1, min(2, session_turns), ctx, seed=ctx + 1), targets,
+                             session_mode, max_new_tokens, message_tokens)
+            for conc in concurrency:
+                recs = run_sessions(client, session_items(conc, session_turns, ctx, seed=ctx), targets, session_mode,
+                                    max_new_tokens, message_tokens)
+                summary = summarize_sessions(recs, targets, conc, session_turns)
+                report["sessions"].append({"context_tokens": ctx, "concurrency": conc, "turns": session_turns,
+                                           "mode": session_mode, "summary": summary, "records": recs})
+                print(f"ctx {ctx}: {conc} sessions x {session_turns} turns per target, "
+                      f"{summary['wall_s']:.1f} s", flush=True)
     base = {(s["context_tokens"], s["concurrency"]): s["summary"] for s in report["settings"]}
     scaling = {}
     for ctx in context_tokens:

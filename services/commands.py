@@ -104,13 +104,16 @@ def _bench(args: argparse.Namespace) -> int:
                                  context_tokens=ints(args.context_tokens), modes=args.modes.split(","),
                                  targets=[t if t != "default" else "" for t in args.targets.split(",")],
                                  max_new_tokens=args.max_new_tokens, message_tokens=args.message_tokens,
-                                 warmup=args.warmup, repeats=args.repeats)
+                                 warmup=args.warmup, repeats=args.repeats, session_turns=args.session_turns,
+                                 session_mode=args.session_mode)
     finally:
         if started:
             local.shutdown()
     bench.write(report, args.json, args.plot)
     print(bench.table(report))
-    print(json.dumps({"hardware": report["hardware"], "throughput_scaling": report["throughput_scaling"]}))
+    print(json.dumps({"hardware": report["hardware"], "throughput_scaling": report["throughput_scaling"],
+                      "sessions": [{k: v for k, v in s.items() if k != "records"} for s in report["sessions"]]},
+                     default=float))
     return 0
 
 
@@ -153,14 +156,20 @@ def register(sub, group) -> None:
     where.add_argument("--address", default="127.0.0.1:9000", help="gRPC ingress of a running deployment")
     where.add_argument("--start-local", action="store_true", help="start --config on a local cluster, stop after")
     p.add_argument("--config", default=None, help="Serve config for --start-local (default: deploy/local.yaml)")
-    p.add_argument("--requests", type=int, default=12, help="items per setting (each sent in every mode)")
-    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--requests", type=int, default=12,
+                   help="items per setting (each sent in every mode); 0: no request workload (sessions only)")
+    p.add_argument("--concurrency", default="1,4,16",
+                   help="requests in flight; with --session-turns, also the sessions run at once per target")
     p.add_argument("--context-tokens", default="256")
     p.add_argument("--message-tokens", type=int, default=64,
                    help="the message budget M of TEXT, EXTRACT and LATENT")
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length cap")
     p.add_argument("--modes", default="latent,text,extract,direct", help="any of latent,text,extract,direct,none")
     p.add_argument("--targets", default="default", help="target agents, e.g. default,fmkvc (FMKVC off/on)")
+    p.add_argument("--session-turns", type=int, default=0,
+                   help="the session workload: sessions of N turns (each a new fact and its question) against "
+                        "every target at once, per concurrency and context size; 0: off")
+    p.add_argument("--session-mode", choices=sorted(MODES), default="latent", help="the mode of every session turn")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="rounds the items are split into for the spread")
     p.add_argument("--json", default=None)

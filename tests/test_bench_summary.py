@@ -84,3 +84,39 @@ def test_bench_items_plant_their_answer_and_keep_the_old_items():
     assert {it.question for it in items} == {q for _, q in bench.FACTS}
     assert bench.make_items(9, 256, seed=256) == [(it.context, it.question) for it in items]
     assert not bench.is_correct("Nobody.", items[0].answer)
+
+
+def _turn(target: str, session: int, turn: int, e2e: float, kv: int, ok: bool = True) -> dict:
+    rec = {"target": target, "session": session, "turn": turn, "mode": "latent", "ok": ok, "start": float(turn),
+           "end": turn + 1.0}
+    if ok:
+        rec.update(e2e_ms=e2e, kv_cache_tokens=kv, answer="x", correct=turn % 2 == 0, replayed_turns=0,
+                   target_prefill_ms=1.0, target_decode_ms=2.0)
+    else:
+        rec.update(code="UNAVAILABLE", details="no replica")
+    return rec
+
+
+def test_session_summary_puts_targets_side_by_side_and_counts_a_session_cut_short():
+    """Per target: turns answered of those planned, p50 over every turn and by turn, the KV cache at the
+    last turn (mean over the sessions that reached it); against the first target, its cache over this
+    one's and this p50 over its p50. A failed turn ends its session (no later turn of it is sent)."""
+    records = [_turn("default", k, t, 100.0 * (t + 1), 100 * (t + 1) + k) for k in range(2) for t in range(3)]
+    records += [_turn("fmkvc", 0, t, 50.0 * (t + 1), 30 * (t + 1)) for t in range(3)]
+    records += [_turn("fmkvc", 1, 0, 50.0, 30), _turn("fmkvc", 1, 1, 0.0, 0, ok=False)]
+    s = bench.summarize_sessions(records, ["", "fmkvc"], sessions=2, turns=3)
+    d, f = s["targets"]["default"], s["targets"]["fmkvc"]
+    assert s["vs"] == "default" and s["wall_s"] == 3.0
+    assert (d["turns_ok"], d["turns_planned"], d["sessions_completed"], d["errors"]) == (6, 6, 2, {})
+    assert (f["turns_ok"], f["turns_planned"], f["sessions_completed"], f["errors"]) == (4, 6, 1, {"UNAVAILABLE": 1})
+    assert d["turn_p50_ms_by_turn"] == [100.0, 200.0, 300.0] and d["turn_p50_ms"] == 200.0
+    assert d["kv_cache_tokens_by_turn"] == [100.5, 200.5, 300.5] and d["kv_cache_tokens_last_turn"] == 300.5
+    assert f["kv_cache_tokens_last_turn"] == 90 and f["kv_cache_tokens_last_turn_max"] == 90
+    assert f["kv_cache_smaller"] == 300.5 / 90 and d["kv_cache_smaller"] == 1.0
+    assert f["turn_p50_ms"] == 75.0 and f["turn_p50_ratio"] == 75.0 / 200.0  # turns of 50, 100, 150 and 50 ms
+    assert d["exact_match"] == 4 / 6
+    table = bench.session_table([{"context_tokens": 256, "concurrency": 2, "turns": 3, "mode": "latent",
+                                  "summary": s}])
+    assert "4/6" in table and f"{300.5 / 90:.2f}x vs default" in table
+    assert bench.table({"settings": [], "sessions": [{"context_tokens": 256, "concurrency": 2, "turns": 3,
+                                                      "mode": "latent", "summary": s}]}) == table
