@@ -27,8 +27,8 @@ from the A2A service descriptor (`services.auth.refusals`, `services.a2a_wire.SE
 
 from __future__ import annotations
 
-import asyncio
 import collections
+import contextlib
 import uuid
 
 from google.protobuf import empty_pb2, json_format, struct_pb2
@@ -36,7 +36,7 @@ from google.protobuf import empty_pb2, json_format, struct_pb2
 from latentwire.envelope import MEDIA_TYPE, from_envelope
 from latentwire.errors import FailedPrecondition, InvalidArgument, NotFound
 from protos.latentwire.v1 import latentwire_pb2 as pb
-from services import packets
+from services import packets, streaming
 from services.a2a_wire import a2a_pb2 as a2a  # with the pickling alias Serve needs
 from services.agent import AgentServicer
 from services.status import rpc
@@ -110,21 +110,18 @@ class A2AServicer:
     @rpc(a2a.StreamResponse)
     async def SendStreamingMessage(self, request: a2a.SendMessageRequest, grpc_context=None):
         task = _new_task(request.message)
-        q: asyncio.Queue = asyncio.Queue()
-        run = asyncio.ensure_future(self._a2a_run(request, task.id, q.put_nowait))
-        run.add_done_callback(lambda _: q.put_nowait(None))
-        try:
-            yield a2a.StreamResponse(task=task)
-            first = True
-            while (text := await q.get()) is not None:
+        yield a2a.StreamResponse(task=task)
+        first = True
+        # closed with this stream: a client that goes away cancels the request (its target stream stops)
+        async with contextlib.aclosing(streaming.relay(lambda emit: self._a2a_run(request, task.id, emit))) as items:
+            async for item in items:
+                if not isinstance(item, str):  # the request's reply (its error is raised by relay)
+                    yield a2a.StreamResponse(task=self._finish(task, item))
+                    break
                 yield a2a.StreamResponse(artifact_update=a2a.TaskArtifactUpdateEvent(
                     task_id=task.id, context_id=task.context_id, append=not first, last_chunk=False,
-                    artifact=a2a.Artifact(artifact_id="answer", name="answer", parts=[a2a.Part(text=text)])))
+                    artifact=a2a.Artifact(artifact_id="answer", name="answer", parts=[a2a.Part(text=item)])))
                 first = False
-            yield a2a.StreamResponse(task=self._finish(task, run.result()))  # re-raises the request's error
-        finally:  # the client went away: cancel the request, as AskStream does (its target stream stops)
-            if not run.done():
-                run.cancel()
 
     async def _a2a_run(self, request: a2a.SendMessageRequest, task_id: str, emit):
         """The ask path (an AskReply) or, for a packet part, the receive path (a ReceiveReply)."""

@@ -7,6 +7,7 @@ after the RPCs of `AgentService` and the standard health service, as Serve's gRP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import collections
 import functools
 from collections.abc import AsyncIterator
@@ -197,16 +198,9 @@ class AgentServicer(refusals("source", pb.DESCRIPTOR.services_by_name["BridgeSer
     async def AskStream(self, request: pb.AskRequest, grpc_context=None) -> AsyncIterator[pb.AskChunk]:
         """Ask, the target's answer streamed through. A client that goes away cancels the request:
         its call to the target ends, and the target's stream stops its generation in turn."""
-        q: asyncio.Queue = asyncio.Queue()
-        task = asyncio.ensure_future(self._ask(request, q.put_nowait))
-        task.add_done_callback(lambda _: q.put_nowait(None))
-        try:
-            while (text := await q.get()) is not None:
-                yield pb.AskChunk(text=text)
-            yield pb.AskChunk(reply=task.result())  # re-raises the request's error, if any
-        finally:  # the client went away (CancelledError, GeneratorExit): stop the request's work
-            if not task.done():
-                task.cancel()
+        async with contextlib.aclosing(streaming.relay(lambda emit: self._ask(request, emit))) as items:
+            async for item in items:
+                yield pb.AskChunk(text=item) if isinstance(item, str) else pb.AskChunk(reply=item)
 
     def _stubs(self):
         # One aio channel per replica, created on the replica's event loop and reused by every request.
@@ -235,12 +229,15 @@ class AgentServicer(refusals("source", pb.DESCRIPTOR.services_by_name["BridgeSer
         try:
             if emit is None:
                 return await agent_stub.Receive(out, metadata=meta, timeout=timeout)
-            rr = None
-            async for chunk in agent_stub.ReceiveStream(out, metadata=meta, timeout=timeout):
-                if chunk.HasField("reply"):
-                    rr = chunk.reply
-                elif chunk.text:
-                    emit(chunk.text)
+            rr, call = None, agent_stub.ReceiveStream(out, metadata=meta, timeout=timeout)
+            try:
+                async for chunk in call:
+                    if chunk.HasField("reply"):
+                        rr = chunk.reply
+                    elif chunk.text:
+                        emit(chunk.text)
+            finally:  # left early (this request cancelled, its reader gone): end the target's stream now
+                call.cancel()
             if rr is None:
                 raise InvalidArgument("target stream ended without a reply", "target")
             return rr

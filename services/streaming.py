@@ -10,20 +10,33 @@ which raises `CancelledError` in the generator or closes it), the generation is 
 run to `max_new_tokens` on a core nobody reads: a `threading.Event` is set, and the thread's next
 `on_token` raises `Cancelled`, which unwinds the decode loop (`latentwire.engine.Engine.generate`
 calls `on_token` once per decoded piece of text).
+
+A consumer can also go away without closing the generator: when Serve's cancellation lands while its
+replica loop awaits its own work rather than this generator, the generator is left suspended at a
+`yield` until it is collected, which may be much later. So the thread also stops when pieces have
+waited `STALL_S` seconds with none taken: a live consumer takes each piece as soon as the event loop
+runs, so a backlog that old means no one is reading.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from latentwire.errors import LatentWireError
+
 _END = object()
+STALL_S = 3.0  # seconds pieces may wait untaken before the generation counts its reader as gone
 
 
-class Cancelled(Exception):
-    """Raised inside a generating thread whose consumer went away: it aborts the decode loop."""
+class Cancelled(LatentWireError):
+    """Raised inside a generating thread whose consumer went away: it aborts the decode loop. A reader
+    that was only slow (its pieces stale for STALL_S) gets UNAVAILABLE, which clients retry."""
+
+    code = "UNAVAILABLE"
 
 
 class Stats:
@@ -54,11 +67,20 @@ async def run(fn: Callable[[Callable[[str], None]], Any]) -> AsyncIterator[Any]:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
+    # pieces handed over (by the thread), taken (by the consumer), and since when the backlog has
+    # waited (a backlog starting, or a piece taken): plain values, each written by one side
+    handed, taken, since = [0], [0], [time.monotonic()]
 
     def on_token(text: str) -> None:
+        now = time.monotonic()
+        if handed[0] == taken[0]:
+            since[0] = now
+        elif now - since[0] > STALL_S:
+            stop.set()
         if stop.is_set():
-            raise Cancelled
+            raise Cancelled("the stream's reader went away (or took nothing for STALL_S seconds)")
         STATS.add(pieces=1)
+        handed[0] += 1
         loop.call_soon_threadsafe(queue.put_nowait, text)
 
     def work():
@@ -81,8 +103,40 @@ async def run(fn: Callable[[Callable[[str], None]], Any]) -> AsyncIterator[Any]:
     try:
         while (item := await queue.get()) is not _END:
             yield item
+            taken[0] += 1  # the consumer came back for more
+            since[0] = time.monotonic()
         yield task.result()  # the result, or the exception the generation raised
     finally:
         if not task.done():  # the consumer left early: stop the thread at its next token
             stop.set()
+            task.cancel()
+
+
+async def relay(fn: Callable[[Callable[[str], None]], Any]) -> AsyncIterator[Any]:
+    """`run` for a coroutine on this event loop: yield the pieces `await fn(emit)` emits, then its
+    result. The request task is cancelled when the consumer leaves, and, as in `run`, `emit` raises
+    `Cancelled` once pieces have waited STALL_S with none taken (a consumer that left without closing
+    this generator), which ends `fn`'s work, its calls to other services included."""
+    queue: asyncio.Queue = asyncio.Queue()
+    handed, taken, since = [0], [0], [time.monotonic()]
+
+    def emit(text: str) -> None:
+        now = time.monotonic()
+        if handed[0] == taken[0]:
+            since[0] = now
+        elif now - since[0] > STALL_S:
+            raise Cancelled("the stream's reader took nothing for STALL_S seconds")
+        handed[0] += 1
+        queue.put_nowait(text)
+
+    task = asyncio.ensure_future(fn(emit))
+    task.add_done_callback(lambda _: queue.put_nowait(_END))
+    try:
+        while (item := await queue.get()) is not _END:
+            yield item
+            taken[0] += 1
+            since[0] = time.monotonic()
+        yield task.result()  # the result, or the exception the request raised
+    finally:  # the consumer left (CancelledError, GeneratorExit): stop the request's work
+        if not task.done():
             task.cancel()

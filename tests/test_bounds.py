@@ -87,6 +87,43 @@ def test_a_stream_whose_consumer_leaves_stops_its_generating_thread():
     assert after["cancelled"] - before["cancelled"] == 1 and after["running"] == before["running"]
 
 
+def test_a_stream_whose_consumer_stops_reading_without_closing_it_stops_too(monkeypatch):
+    """A consumer left suspended at a `yield` (never closed, never collected) stops the thread once
+    its pieces have waited STALL_S untaken; a reader that keeps up is never stopped by it."""
+    monkeypatch.setattr(streaming, "STALL_S", 0.3)
+    tokens, ended = [], threading.Event()
+
+    def generate(on_token):
+        try:
+            for i in range(100_000):
+                time.sleep(0.001)
+                on_token(f"t{i} ")
+                tokens.append(i)
+            return "all"
+        finally:
+            ended.set()
+
+    async def abandoned():
+        gen = streaming.run(generate)  # referenced until the end: no aclose, no collection
+        first = await gen.__anext__()
+        stopped = await asyncio.to_thread(ended.wait, 10)
+        return first, stopped, gen
+
+    first, stopped, _ = asyncio.run(abandoned())
+    assert first == "t0 " and stopped and len(tokens) < 2000
+
+    def slow_but_live(on_token):
+        for i in range(30):
+            time.sleep(0.02)  # pieces taken within ms of each other: never stale
+            on_token(str(i))
+        return "done"
+
+    async def read_all():
+        return [item async for item in streaming.run(slow_but_live)]
+
+    assert asyncio.run(read_all())[-1] == "done"
+
+
 def test_a_stream_yields_every_piece_then_the_result_or_the_error():
     async def collect(fn):
         return [item async for item in streaming.run(fn)]
