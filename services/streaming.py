@@ -61,26 +61,42 @@ class Stats:
 STATS = Stats()
 
 
+class _Reader:
+    """Whether a stream's consumer still reads: pieces handed over (by the producer), taken (by the
+    consumer), and since when the backlog has waited (it started, or a piece was taken). Each count
+    is written by one side only, so no lock is needed."""
+
+    def __init__(self):
+        self.handed = self.taken = 0
+        self.since = time.monotonic()
+
+    def gone(self) -> bool:
+        """Called by the producer before handing a piece over: has the backlog waited STALL_S?"""
+        now = time.monotonic()
+        if self.handed == self.taken:
+            self.since = now
+            return False
+        return now - self.since > STALL_S
+
+    def took(self) -> None:
+        self.taken += 1
+        self.since = time.monotonic()
+
+
 async def run(fn: Callable[[Callable[[str], None]], Any]) -> AsyncIterator[Any]:
     """Yield the text pieces `fn(on_token)` emits from its worker thread, then its result; an
     exception `fn` raises is raised here after the pieces before it."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
-    # pieces handed over (by the thread), taken (by the consumer), and since when the backlog has
-    # waited (a backlog starting, or a piece taken): plain values, each written by one side
-    handed, taken, since = [0], [0], [time.monotonic()]
+    reader = _Reader()
 
     def on_token(text: str) -> None:
-        now = time.monotonic()
-        if handed[0] == taken[0]:
-            since[0] = now
-        elif now - since[0] > STALL_S:
+        if stop.is_set() or reader.gone():
             stop.set()
-        if stop.is_set():
             raise Cancelled("the stream's reader went away (or took nothing for STALL_S seconds)")
         STATS.add(pieces=1)
-        handed[0] += 1
+        reader.handed += 1
         loop.call_soon_threadsafe(queue.put_nowait, text)
 
     def work():
@@ -103,8 +119,7 @@ async def run(fn: Callable[[Callable[[str], None]], Any]) -> AsyncIterator[Any]:
     try:
         while (item := await queue.get()) is not _END:
             yield item
-            taken[0] += 1  # the consumer came back for more
-            since[0] = time.monotonic()
+            reader.took()  # the consumer came back for more
         yield task.result()  # the result, or the exception the generation raised
     finally:
         if not task.done():  # the consumer left early: stop the thread at its next token
@@ -118,15 +133,12 @@ async def relay(fn: Callable[[Callable[[str], None]], Any]) -> AsyncIterator[Any
     `Cancelled` once pieces have waited STALL_S with none taken (a consumer that left without closing
     this generator), which ends `fn`'s work, its calls to other services included."""
     queue: asyncio.Queue = asyncio.Queue()
-    handed, taken, since = [0], [0], [time.monotonic()]
+    reader = _Reader()
 
     def emit(text: str) -> None:
-        now = time.monotonic()
-        if handed[0] == taken[0]:
-            since[0] = now
-        elif now - since[0] > STALL_S:
+        if reader.gone():
             raise Cancelled("the stream's reader took nothing for STALL_S seconds")
-        handed[0] += 1
+        reader.handed += 1
         queue.put_nowait(text)
 
     task = asyncio.ensure_future(fn(emit))
@@ -134,8 +146,7 @@ async def relay(fn: Callable[[Callable[[str], None]], Any]) -> AsyncIterator[Any
     try:
         while (item := await queue.get()) is not _END:
             yield item
-            taken[0] += 1
-            since[0] = time.monotonic()
+            reader.took()
         yield task.result()  # the result, or the exception the request raised
     finally:  # the consumer left (CancelledError, GeneratorExit): stop the request's work
         if not task.done():
