@@ -114,11 +114,12 @@ class AgentServicer(refusals("source", pb.DESCRIPTOR.services_by_name["BridgeSer
             run = functools.partial(self._session_turn, request, payload, max_new)
         else:
             run = functools.partial(self.model.answer, payload, request.question, max_new)
-        async for item in streaming.run(run):
-            if isinstance(item, str):
-                yield pb.ReceiveChunk(text=item)
-            else:
-                yield pb.ReceiveChunk(reply=self._receive_reply(request, item, t0, t1))
+        async with contextlib.aclosing(streaming.run(run)) as items:  # closed with this stream: stops the thread
+            async for item in items:
+                if isinstance(item, str):
+                    yield pb.ReceiveChunk(text=item)
+                else:
+                    yield pb.ReceiveChunk(reply=self._receive_reply(request, item, t0, t1))
 
     async def _check_receive(self, req: pb.ReceiveRequest):
         """The request checked, and its payload decoded or tokenised off the event loop; sizes are
