@@ -40,19 +40,37 @@ COMPRESSORS: Registry[type["Compressor"]] = Registry("KV compression method")
 
 @dataclass(frozen=True)
 class Schedule:
-    """Where a window method compresses: sink + one super-token per full window of W + recent."""
+    """Where a window method compresses: sink + (keep exact entries + one super-token) per full window
+    of W + recent.
 
-    window: int = 8  # W tokens -> 1 super-token
+    `keep` > 0 is the hybrid memory: in each window the `keep` entries the method's query-agnostic
+    `importance` ranks highest stay exact and the other W - keep are pooled into the super-token, so a
+    window costs keep + 1 entries (reduction W / (keep + 1)). Pooling loses what sets one token apart
+    from its window (a name, a number in a sentence of prose); the kept entries are meant to be those.
+    """
+
+    window: int = 8  # W tokens -> keep + 1 entries
     sink: int = 4  # first tokens kept dense (attention sinks)
     recent: int = 64  # newest tokens kept dense
     enabled: bool = True
+    keep: int = 0  # exact entries kept per window, chosen by Compressor.importance
+
+    def __post_init__(self):
+        if self.keep < 0 or (self.keep and self.keep > self.window - 2):
+            raise ValueError(f"keep={self.keep}: a window of {self.window} keeps 0 to {self.window - 2} "
+                             f"exact entries (at least two are pooled)")
+
+    @property
+    def per_window(self) -> int:
+        """Entries a compressed window leaves: its kept exact entries and its super-token."""
+        return self.keep + 1
 
     def expected_length(self, n_tokens: int) -> int:
         """Stored entries after n_tokens (non-sliding layer)."""
         if not self.enabled or n_tokens < self.sink + self.window + self.recent:
             return n_tokens
         m = (n_tokens - self.sink - self.recent) // self.window
-        return n_tokens - m * (self.window - 1)
+        return n_tokens - m * (self.window - self.per_window)
 
 
 @dataclass
@@ -70,6 +88,14 @@ class Compressor:
 
     def __call__(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int):
         return self.pool(keys, values, layer_idx)
+
+    def importance(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """keys/values (B, H, m, W, head_dim) -> (B, H, m, W) scores, higher = keep exact (`Schedule.keep`).
+
+        Query-agnostic (no question is known when a window is compressed). The default is KNorm's
+        signal (Devoto et al., 2024; kvpress `KnormPress`): keys of low norm draw the most attention,
+        so the lowest-norm keys of a window stay exact."""
+        return -keys.float().norm(dim=-1)
 
     # ---- capabilities ---------------------------------------------------------------------------
     def compresses(self) -> bool:

@@ -4,6 +4,9 @@ Layout of every layer's cache, oldest first:
 
     [ sink tokens (dense) | one super-token per full window of W older tokens | recent tokens (dense) ]
 
+(with `Schedule.keep` = k > 0, each window leaves its k most important entries exact before its
+super-token, which pools the other W - k: the hybrid memory, W / (k + 1) times smaller.)
+
 After each update, while the dense tail holds at least `W + recent` tokens, its oldest W tokens are
 replaced by one super-token from a compressor (the FMKVC sidecar, or mean pooling). So after T tokens
 a layer holds `sink + m + r` entries with m = (T - sink - recent) // W and recent <= r < recent + W.
@@ -44,18 +47,40 @@ def proportional(compressor: Compressor | None) -> bool:
     return compressor is not None and compressor.proportional()
 
 
-def merge_log_count(log_count: torch.Tensor, start: int, m: int, window: int, compressor: Compressor) -> torch.Tensor:
-    """Log-counts after compress_tail replaced entries [start, start + m * window) by m super-tokens."""
-    mass = torch.full((m,), math.log(window) if proportional(compressor) else 0.0)
-    return torch.cat([log_count[:start], mass, log_count[start + m * window:]])
+def merge_log_count(log_count: torch.Tensor, start: int, m: int, schedule: Schedule,
+                    compressor: Compressor) -> torch.Tensor:
+    """Log-counts after compress_tail replaced entries [start, start + m * W) by m windows of
+    `schedule.keep` exact entries (count 1) and one super-token (count W - keep if proportional)."""
+    pooled = schedule.window - schedule.keep
+    window = torch.zeros(schedule.per_window)
+    window[-1] = math.log(pooled) if proportional(compressor) else 0.0
+    return torch.cat([log_count[:start], window.repeat(m), log_count[start + m * schedule.window:]])
+
+
+def merge_positions(last_pos: torch.Tensor, start: int, m: int, schedule: Schedule,
+                    kept: torch.Tensor | None) -> torch.Tensor:
+    """Newest true position of each entry after compress_tail: a kept entry its own (the latest over the
+    batch, so a sliding layer never evicts an entry a row still needs), a super-token its window's last."""
+    w = schedule.window
+    windows = last_pos[start:start + m * w].view(m, w)
+    parts = [windows[:, -1:]]
+    if kept is not None:  # (B, m, keep) indices within each window
+        own = torch.gather(windows.unsqueeze(0).expand(kept.shape[0], m, w), 2, kept.cpu()).amax(0)
+        parts.insert(0, own)
+    merged = torch.cat(parts, dim=1).reshape(-1)
+    return torch.cat([last_pos[:start], merged, last_pos[start + m * w:]])
 
 
 def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedule: Schedule,
-                  compressor: Compressor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+                  compressor: Compressor, layer_idx: int, kept_out: list | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Coarse-grain every full window of the dense tail that is older than `recent`.
 
-    keys/values: (B, H, L, D); entries [0, n_final) are final (sink + super-tokens).
-    Returns new keys, values, n_final and the number m of windows compressed.
+    keys/values: (B, H, L, D); entries [0, n_final) are final (sink + compressed windows).
+    Each window of W becomes, in this order, its `schedule.keep` most important entries
+    (`compressor.importance`, mean over heads, original order) and one super-token pooled from the rest.
+    Returns new keys, values, n_final and the number m of windows compressed; with `kept_out` given,
+    appends the kept entries' indices within their windows, (B, m, keep), or None when keep is 0.
     """
     length = keys.shape[-2]
     if n_final < schedule.sink:
@@ -64,14 +89,29 @@ def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedu
     if m == 0 or not schedule.enabled:
         return keys, values, n_final, 0
     b, h, _, d = keys.shape
-    end = n_final + m * schedule.window
-    kw = keys[:, :, n_final:end].reshape(b, h, m, schedule.window, d)
-    vw = values[:, :, n_final:end].reshape(b, h, m, schedule.window, d)
+    w, keep = schedule.window, schedule.keep
+    end = n_final + m * w
+    kw = keys[:, :, n_final:end].reshape(b, h, m, w, d)
+    vw = values[:, :, n_final:end].reshape(b, h, m, w, d)
+    kept = None
+    if keep:
+        score = compressor.importance(kw, vw, layer_idx).float().mean(1)  # (B, m, W): one choice per row
+        kept = score.topk(keep, dim=-1).indices.sort(-1).values
+        rest = (~torch.zeros(b, m, w, dtype=torch.bool, device=kw.device).scatter(-1, kept, True)
+                ).nonzero()[:, -1].view(b, m, w - keep)
+        take = lambda x, idx: torch.gather(x, 3, idx[:, None, :, :, None].expand(b, h, m, idx.shape[-1], d))  # noqa: E731
+        exact_k, exact_v = take(kw, kept), take(vw, kept)
+        kw, vw = take(kw, rest), take(vw, rest)
     kt, vt = compressor(kw, vw, layer_idx)
     kt, vt = kt.to(keys.dtype), vt.to(values.dtype)
+    if keep:  # per window: its kept entries, then its super-token
+        kt = torch.cat([exact_k, kt.unsqueeze(-2)], dim=-2).reshape(b, h, m * (keep + 1), d)
+        vt = torch.cat([exact_v, vt.unsqueeze(-2)], dim=-2).reshape(b, h, m * (keep + 1), d)
+    if kept_out is not None:
+        kept_out.append(kept)
     keys = torch.cat([keys[:, :, :n_final], kt, keys[:, :, end:]], dim=-2)
     values = torch.cat([values[:, :, :n_final], vt, values[:, :, end:]], dim=-2)
-    return keys, values, n_final + m, m
+    return keys, values, n_final + m * schedule.per_window, m
 
 
 class CompressedLayer(DynamicLayer):
@@ -108,14 +148,13 @@ class CompressedLayer(DynamicLayer):
                 keys, values, last_pos = keys[:, :, n_drop:], values[:, :, n_drop:], last_pos[n_drop:]
                 log_count = log_count[n_drop:]
                 self.n_final = max(self.n_final - n_drop, 0)
+        kept: list = []
         keys, values, self.n_final, m = compress_tail(keys, values, self.n_final, self.schedule,
-                                                      self.compressor, self.layer_idx)
+                                                      self.compressor, self.layer_idx, kept)
         if m:
-            start = self.n_final - m
-            w = self.schedule.window
-            window_last = last_pos[start:start + m * w].view(m, w)[:, -1]
-            last_pos = torch.cat([last_pos[:start], window_last, last_pos[start + m * w:]])
-            log_count = merge_log_count(log_count, start, m, w, self.compressor)
+            start = self.n_final - m * self.schedule.per_window
+            last_pos = merge_positions(last_pos, start, m, self.schedule, kept[0])
+            log_count = merge_log_count(log_count, start, m, self.schedule, self.compressor)
         self.keys, self.values, self.last_pos, self.log_count = keys, values, last_pos, log_count
         return full_k, full_v  # this step's attention still sees what it was given
 
@@ -220,11 +259,11 @@ def new_cache(model, compressor: Compressor, schedule: Schedule) -> FMKVCCache:
 
 
 def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, window: int = 8, sink: int = 4,
-                  recent: int = 64, **options) -> FMKVCCache:
+                  recent: int = 64, keep: int = 0, **options) -> FMKVCCache:
     """`new_cache` for the registered method named `method` with `options` for it (fmkvc: weights,
     refine_steps, refine_lr); pass `partial(cache_factory, method=..., profile=..., window=...)` (or
     `factory(...)`, which checks them first) as `AgentModel(cache_factory=...)`."""
-    return new_cache(model, _serving_method(method, profile, options), Schedule(window, sink, recent))
+    return new_cache(model, _serving_method(method, profile, options), Schedule(window, sink, recent, keep=keep))
 
 
 def factory(**kwargs) -> Callable:
@@ -232,7 +271,8 @@ def factory(**kwargs) -> Callable:
     name and its options are checked now (a clear error before any model loads), the cache is made
     per generation by `cache_factory`."""
     _serving_method(kwargs.get("method", "fmkvc"), kwargs.get("profile"),
-                    {k: v for k, v in kwargs.items() if k not in ("method", "profile", "window", "sink", "recent")})
+                    {k: v for k, v in kwargs.items() if k not in ("method", "profile", "window", "sink", "recent", "keep")})
+    Schedule(kwargs.get("window", 8), kwargs.get("sink", 4), kwargs.get("recent", 64), keep=kwargs.get("keep", 0))
     return partial(cache_factory, **kwargs)
 
 

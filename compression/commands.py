@@ -90,10 +90,14 @@ def _eval_session(args: argparse.Namespace) -> int:
     import sys
 
     from compression.evaluate import method_names
-    from compression.session_eval import SessionEvalConfig, run
+    from compression.session_eval import SessionEvalConfig, method_spec, run
 
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in method_names()]
+    try:
+        unknown = [m for m in methods if method_spec(m)[0] not in method_names()]
+    except ValueError as exc:
+        print(f"latentwire eval-session: error: {exc}", file=sys.stderr)
+        return 2
     if unknown:  # before the model loads
         print(f"latentwire eval-session: error: unknown KV compression method {', '.join(map(repr, unknown))}; "
               f"known: {', '.join(method_names())}", file=sys.stderr)
@@ -195,7 +199,8 @@ def register(sub, group) -> None:
                                             "per-turn latency of dense vs compressed session memory")
     p.add_argument("--model", default="gemma3-270m", help="target model profile")
     p.add_argument("--methods", default="dense,fmkvc,streamingllm,snapkv,knorm",
-                   help="comma list: dense, window methods (fmkvc, mean_pool) and kvpress scorer presses "
+                   help="comma list: dense, window methods (fmkvc, mean_pool; NAME:keep=K keeps K exact entries "
+                        "per window of ratio x (K + 1) tokens, the rest pooled) and kvpress scorer presses "
                         "(streamingllm, snapkv, knorm, expected_attention)")
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--turns", type=int, default=32)

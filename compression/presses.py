@@ -106,7 +106,7 @@ class WindowPress(BasePress):
         layer._fmkvc_final = n_final
         if m:
             layer.keys, layer.values = keys, values
-            log_count = merge_log_count(log_count, n_final - m, m, self.window, compressor)
+            log_count = merge_log_count(log_count, n_final - m * self.schedule.per_window, m, self.schedule, compressor)
             if proportional(compressor) and not isinstance(layer, ProportionalDynamicLayer):
                 # it now holds super-tokens: the cache's slot gets a layer that publishes their counts
                 layer = cache.layers[module.layer_idx] = ProportionalDynamicLayer.holding(layer, module.layer_idx)

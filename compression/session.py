@@ -99,15 +99,16 @@ def pruned_cache(model, compressor: Compressor, ratio: int, sink: int = 4, recen
 
 
 def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, window: int = 8, sink: int = 4,
-                  recent: int = 64, **options):
+                  recent: int = 64, keep: int = 0, **options):
     """The cache of an agent's generation, a session's included: a window method's `FMKVCCache`
-    (compression.cache.cache_factory), or for a pruning baseline a `PrunedCache` at ratio `window`."""
+    (compression.cache.cache_factory; `keep` exact entries per window), or for a pruning baseline a
+    `PrunedCache` at ratio `window`."""
     from compression import cache
 
     compressor = _method(method, profile, options)
     if compressor.serves():
         return cache.cache_factory(model, method=method, profile=profile, window=window, sink=sink, recent=recent,
-                                   **options)
+                                   keep=keep, **options)
     return pruned_cache(model, compressor, window, sink, recent)
 
 
@@ -120,9 +121,13 @@ def factory(**kwargs):
     from compression import cache
 
     compressor = _method(kwargs.get("method", "fmkvc"), kwargs.get("profile"),
-                         {k: v for k, v in kwargs.items() if k not in ("method", "profile", "window", "sink", "recent")})
+                         {k: v for k, v in kwargs.items()
+                          if k not in ("method", "profile", "window", "sink", "recent", "keep")})
     if compressor.serves():
         cache.factory(**kwargs)  # its own checks (e.g. the sidecar's weights)
+    elif kwargs.get("keep"):
+        raise ValueError(f"keep={kwargs['keep']} needs a window method (fmkvc, mean_pool, ...): "
+                         f"{compressor.name()!r} prunes whole entries")
     else:
         pruned_cache_check(compressor, kwargs.get("window", 8), kwargs.get("sink", 4), kwargs.get("recent", 64))
     return partial(cache_factory, **kwargs)

@@ -93,16 +93,31 @@ def conversations(cfg: SessionEvalConfig) -> list[list[dict]]:
 
 
 # ---- running -------------------------------------------------------------------------------------
-def agent_for(name: str, cfg: SessionEvalConfig, model, tok):
-    """The target as an agent with `name`'s session memory (None for dense: transformers' cache)."""
+def method_spec(spec: str) -> tuple[str, int]:
+    """"fmkvc" -> ("fmkvc", 0); "fmkvc:keep=1" -> ("fmkvc", 1): a window method that keeps `keep`
+    exact entries per window (compression.base.Schedule.keep) at the same ratio, so its window is
+    ratio x (keep + 1) tokens."""
+    name, _, opts = spec.partition(":")
+    keep = 0
+    for opt in filter(None, opts.split(",")):
+        key, _, value = opt.partition("=")
+        if key != "keep" or not value.isdigit():
+            raise ValueError(f"method {spec!r}: the one option a method takes here is keep=N, not {opt!r}")
+        keep = int(value)
+    return name, keep
+
+
+def agent_for(spec: str, cfg: SessionEvalConfig, model, tok):
+    """The target as an agent with `spec`'s session memory (None for dense: transformers' cache)."""
     from compression.session import factory
     from latentwire.runtime import AgentModel
 
+    name, keep = method_spec(spec)
     cache_factory = None
     if name != "dense":
         options = {"weights": cfg.weights} if name == "fmkvc" and cfg.weights else {}
-        cache_factory = factory(method=name, profile=cfg.model, window=cfg.ratio, sink=cfg.sink,
-                                recent=cfg.recent, **options)
+        cache_factory = factory(method=name, profile=cfg.model, window=cfg.ratio * (keep + 1), sink=cfg.sink,
+                                recent=cfg.recent, keep=keep, **options)
     return AgentModel(cfg.model, model=model, tokenizer=tok, cache_factory=cache_factory)
 
 
@@ -205,8 +220,9 @@ def collect(cfg: SessionEvalConfig, rows: dict, errors: dict, t_start: float, js
             m["recall_early_vs_dense"] = (m["recall_early"]["recall"] / dense["recall_early"]["recall"]
                                           if dense["recall_early"]["recall"] else None)
             m["turn_ms_p50_vs_dense"] = m["turn_ms_p50"] / dense["turn_ms_p50"]
-        if "fmkvc" in results["methods"]:
-            results["goals_fmkvc"] = goals(results, "fmkvc")
+        for name in results["methods"]:
+            if method_spec(name)[0] == "fmkvc":
+                results["goals_" + name] = goals(results, name)
     results["sessions_done"] = min((len({r["session"] for r in rs}) for rs in rows.values() if rs), default=0)
     results["answers"] = {name: [{k: r[k] for k in ("session", "turn", "asked", "hit", "answer")} for r in rs]
                           for name, rs in rows.items()}
@@ -238,7 +254,7 @@ def plot(results: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for name, m in results["methods"].items():
-        style = dict(marker="o", lw=2.5 if name == "fmkvc" else 1.2, ls="--" if name == "dense" else "-", label=name)
+        style = dict(marker="o", lw=2.5 if name.startswith("fmkvc") else 1.2, ls="--" if name == "dense" else "-", label=name)
         buckets = [b for b, v in m["recall_by_distance"].items() if v["n"]]
         axes[0].plot(buckets, [m["recall_by_distance"][b]["recall"] for b in buckets], **style)
         turns = sorted(m["by_turn"], key=int)

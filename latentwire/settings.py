@@ -86,6 +86,10 @@ class KVCompression(_Strict):
     window: int = Field(8, ge=2)  # W cached tokens -> 1 super-token (the nominal reduction)
     sink: int = Field(4, ge=0)  # first tokens kept dense
     recent: int = Field(64, ge=1)  # newest tokens kept dense
+    # window methods: exact entries kept per window by the method's query-agnostic importance (key
+    # norm), the rest pooled into the super-token; a window then costs keep + 1 entries, so the
+    # reduction is window / (keep + 1) (window 16, keep 1: 8x). 0: super-tokens only
+    keep: int = Field(0, ge=0)
     # fmkvc: after each prompt's prefill, fit the super-tokens to the prompt's own newest tokens
     # (compression/refine.py). Better answers from old text, at the price of `refine_steps` forward and
     # backward passes over `recent` tokens in the prefill (about 18 s a 768-token prompt on 2 CPU cores

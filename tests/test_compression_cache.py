@@ -1,6 +1,7 @@
 """FMKVC cache: dense when off, the expected length schedule when on, positions/masks right."""
 
 from functools import partial
+import math
 
 import pytest
 import torch
@@ -93,3 +94,85 @@ def test_agentmodel_generate_matches_model_generate_with_compressed_cache():
                              do_sample=False, past_key_values=factory(model), eos_token_id=None, pad_token_id=0)
     assert gen.token_ids == ref[0, 120:].tolist()
     assert len(gen.token_ids) == 20
+
+
+# ---- the hybrid memory: `keep` exact entries per window, the rest pooled -----------------------------
+def test_keep_leaves_each_windows_most_important_entries_exact_and_pools_the_rest():
+    from compression.cache import compress_tail
+    from compression.methods.mean_pool import MeanPool
+
+    g = torch.Generator().manual_seed(0)
+    b, h, w, keep, sink, recent = 2, 3, 8, 2, 2, 4
+    keys, values = torch.randn(b, h, 30, 5, generator=g), torch.randn(b, h, 30, 5, generator=g)
+    sched = Schedule(w, sink, recent, keep=keep)
+    kept = []
+    k2, v2, n_final, m = compress_tail(keys, values, 0, sched, MeanPool(), 0, kept)
+    assert m == 3 and n_final == sink + m * (keep + 1) and k2.shape[-2] == sched.expected_length(30) == 15
+    for row in range(b):
+        for i in range(m):
+            win = slice(sink + i * w, sink + (i + 1) * w)
+            norms = keys[row, :, win].norm(dim=-1).mean(0)  # the default importance: low key norm, mean over heads
+            want = norms.topk(keep, largest=False).indices.sort().values
+            assert kept[0][row, i].tolist() == want.tolist()  # each batch row chooses for itself
+            out = slice(sink + i * (keep + 1), sink + (i + 1) * (keep + 1))
+            got_k, got_v = k2[row, :, out], v2[row, :, out]
+            assert torch.equal(got_k[:, :keep], keys[row, :, win][:, want])  # kept entries are exact
+            assert torch.equal(got_v[:, :keep], values[row, :, win][:, want])
+            rest = [j for j in range(w) if j not in want.tolist()]
+            torch.testing.assert_close(got_k[:, keep], keys[row, :, win][:, rest].mean(1))  # the rest pooled
+            torch.testing.assert_close(got_v[:, keep], values[row, :, win][:, rest].mean(1))
+    assert torch.equal(k2[:, :, :sink], keys[:, :, :sink]) and torch.equal(k2[:, :, -recent:], keys[:, :, -recent:])
+
+
+def test_a_keep_that_leaves_nothing_to_pool_is_refused():
+    with pytest.raises(ValueError, match="keep=7"):
+        Schedule(8, 4, 16, keep=7)
+    with pytest.raises(ValueError, match="keep=7"):
+        cache_factory  # noqa: B018  (the serving factory checks the schedule before any model loads)
+        from compression.cache import factory
+        factory(method="mean_pool", window=8, keep=7)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_a_hybrid_cache_follows_its_schedule_and_keeps_counts_and_positions(name):
+    """Prefill and decode with keep=1: every full-attention layer holds expected_length entries, the
+    super-tokens (and only they) carry the log-count of the W - keep tokens they pool, the kept
+    entries keep their own true positions, and sliding layers evict by those positions."""
+    from compression.methods.mean_pool import MeanPoolMass
+
+    model = tiny_gemma3() if name == "tiny-gemma3" else profiles.load(name)[0]
+    from compression import attention
+    attention.enable(model)
+    sched = Schedule(window=8, sink=4, recent=16, keep=1)
+    cache = FMKVCCache(model.config, sched, MeanPoolMass())
+    ids = _ids(model, 300, seed=4)
+    out = _run(model, ids, cache, 200)
+    assert torch.isfinite(out).all()
+    for layer in cache.layers:
+        n = layer.stored()
+        assert layer.log_count.shape[0] == n == layer.last_pos.shape[0]
+        assert bool((layer.last_pos[1:] >= layer.last_pos[:-1]).all())  # in order: sliding eviction drops a prefix
+        if layer.sliding_window is None:
+            assert n == sched.expected_length(300)
+            body = layer.log_count[4:layer.n_final].view(-1, 2)  # (kept, super) per window
+            assert bool((body[:, 0] == 0).all()) and torch.allclose(body[:, 1], torch.tensor(math.log(7.0)))
+            assert layer.last_pos[4:layer.n_final].view(-1, 2)[:, 1].tolist() == [
+                4 + 8 * i + 7 for i in range(body.shape[0])]  # a super-token stands until its window's last token
+        else:
+            assert int(layer.last_pos[0]) >= 300 - layer.sliding_window
+    hybrid_entries = sum(cache.kv_lengths())
+    plain = FMKVCCache(model.config, Schedule(window=8, sink=4, recent=16), MeanPoolMass())
+    _run(model, ids, plain, 200)
+    assert hybrid_entries > sum(plain.kv_lengths())  # the kept entries cost what they cost
+
+
+def test_keep_passes_from_the_agent_setting_to_the_session_cache_and_pruning_methods_refuse_it():
+    from compression.session import factory
+    from latentwire.settings import KVCompression
+
+    spec = KVCompression(method="mean_pool", window=16, keep=1, sink=2, recent=8)
+    model, _ = profiles.load("tiny-llama")
+    cache = factory(profile="tiny-llama", **spec.model_dump())(model)
+    assert cache.schedule.keep == 1 and cache.schedule.per_window == 2
+    with pytest.raises(ValueError, match="keep=1 needs a window method"):
+        factory(method="knorm", profile="tiny-llama", window=8, keep=1)
