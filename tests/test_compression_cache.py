@@ -136,8 +136,9 @@ def test_a_keep_that_leaves_nothing_to_pool_is_refused():
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
 def test_a_hybrid_cache_follows_its_schedule_and_keeps_counts_and_positions(name):
     """Prefill and decode with keep=1: every full-attention layer holds expected_length entries, the
-    super-tokens (and only they) carry the log-count of the W - keep tokens they pool, the kept
-    entries keep their own true positions, and sliding layers evict by those positions."""
+    super-tokens (and only they) carry the log-count of the W - keep tokens they pool, and a window's
+    entries leave a sliding layer together, so the layers of one type hold equally many entries
+    (one mask per layer type) although each chose its own kept entries."""
     from compression.methods.mean_pool import MeanPoolMass
 
     model = tiny_gemma3() if name == "tiny-gemma3" else profiles.load(name)[0]
@@ -156,10 +157,14 @@ def test_a_hybrid_cache_follows_its_schedule_and_keeps_counts_and_positions(name
             assert n == sched.expected_length(300)
             body = layer.log_count[4:layer.n_final].view(-1, 2)  # (kept, super) per window
             assert bool((body[:, 0] == 0).all()) and torch.allclose(body[:, 1], torch.tensor(math.log(7.0)))
-            assert layer.last_pos[4:layer.n_final].view(-1, 2)[:, 1].tolist() == [
-                4 + 8 * i + 7 for i in range(body.shape[0])]  # a super-token stands until its window's last token
+            assert layer.last_pos[4:layer.n_final].view(-1, 2).tolist() == [
+                [4 + 8 * i + 7] * 2 for i in range(body.shape[0])]  # a window's entries stand until its last token
         else:
             assert int(layer.last_pos[0]) >= 300 - layer.sliding_window
+    by_type: dict = {}
+    for layer in cache.layers:
+        by_type.setdefault(layer.sliding_window, set()).add(layer.stored())
+    assert all(len(sizes) == 1 for sizes in by_type.values()), by_type
     hybrid_entries = sum(cache.kv_lengths())
     plain = FMKVCCache(model.config, Schedule(window=8, sink=4, recent=16), MeanPoolMass())
     _run(model, ids, plain, 200)
