@@ -187,15 +187,21 @@ class CompressedLayer(DynamicLayer):
 class FMKVCCache(Cache):
     """Cache whose layers compress themselves; `compressor=None` (or schedule.enabled=False) is dense."""
 
-    def __init__(self, config, schedule: Schedule = Schedule(), compressor: Compressor | None = None):
+    def __init__(self, config, schedule: Schedule = Schedule(), compressor: Compressor | None = None,
+                 sliding_schedule: Schedule | None = None):
+        """`sliding_schedule`: the schedule of the model's sliding-window layers (None: `schedule`).
+        Those layers forget everything older than their window anyway (Gemma 3: 512 tokens), so
+        they can be pooled coarser than the full-attention layers that hold a long session's facts."""
         cfg = config.get_text_config(decoder=True)
         sliding = getattr(cfg, "sliding_window", None)
         types = getattr(cfg, "layer_types", None) or [
             "sliding_attention" if sliding else "full_attention"] * cfg.num_hidden_layers
         if compressor is None:
             schedule = Schedule(schedule.window, schedule.sink, schedule.recent, enabled=False)
-        layers = [CompressedLayer(i, schedule, compressor,
-                                  sliding if t in ("sliding_attention", "chunked_attention") else None)
+            sliding_schedule = None
+        local = sliding_schedule or schedule
+        layers = [CompressedLayer(i, local if t in ("sliding_attention", "chunked_attention") else schedule,
+                                  compressor, sliding if t in ("sliding_attention", "chunked_attention") else None)
                   for i, t in enumerate(types)]
         super().__init__(layers=layers)
         self.schedule = schedule
@@ -242,24 +248,40 @@ def cache_nbytes(cache) -> int:
     return total
 
 
-def new_cache(model, compressor: Compressor, schedule: Schedule) -> FMKVCCache:
+def new_cache(model, compressor: Compressor, schedule: Schedule, sliding_schedule: Schedule | None = None) -> FMKVCCache:
     """A fresh cache for `model` that `compressor` (a window method, compression.methods) keeps
     compressed with `schedule`; with refinement on (fmkvc refine_steps > 0) it refits its super-tokens
     on the prompt's tail after each prefill (`FMKVCCache.after_prefill`)."""
     compresses = compressor.compresses() and schedule.enabled
     schedule = replace(schedule, enabled=compresses)
     compressor.bind(model, schedule)
-    cache = FMKVCCache(model.config, schedule, compressor if compresses else None)
+    if sliding_schedule is not None:
+        sliding_schedule = replace(sliding_schedule, enabled=compresses)
+        compressor.bind(model, sliding_schedule)  # the same checks (e.g. the sidecar's largest window)
+    cache = FMKVCCache(model.config, schedule, compressor if compresses else None, sliding_schedule)
     cache.refine = compressor.refinement()
     return cache
 
 
 def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, window: int = 8, sink: int = 4,
-                  recent: int = 64, keep: int = 0, **options) -> FMKVCCache:
+                  recent: int = 64, keep: int = 0, sliding_layer_window: int | None = None, **options) -> FMKVCCache:
     """`new_cache` for the registered method named `method` with `options` for it (fmkvc: weights,
     refine_steps, refine_lr); pass `partial(cache_factory, method=..., profile=..., window=...)` (or
     `factory(...)`, which checks them first) as `AgentModel(cache_factory=...)`."""
-    return new_cache(model, _serving_method(method, profile, options), Schedule(window, sink, recent, keep=keep))
+    return new_cache(model, _serving_method(method, profile, options), Schedule(window, sink, recent, keep=keep),
+                     sliding_layer_schedule(sink, recent, sliding_layer_window))
+
+
+def sliding_layer_schedule(sink: int, recent: int, sliding_layer_window: int | None) -> Schedule | None:
+    """The schedule of a model's sliding-window layers: W = `sliding_layer_window` and no kept entries
+    (their facts leave with their window; the full-attention layers keep them), or None: the same as
+    the full-attention layers."""
+    if sliding_layer_window is None:
+        return None
+    return Schedule(sliding_layer_window, sink, recent)
+
+
+LAYOUT = ("method", "profile", "window", "sink", "recent", "keep", "sliding_layer_window")  # not method options
 
 
 def factory(**kwargs) -> Callable:
@@ -267,7 +289,7 @@ def factory(**kwargs) -> Callable:
     name and its options are checked now (a clear error before any model loads), the cache is made
     per generation by `cache_factory`."""
     _serving_method(kwargs.get("method", "fmkvc"), kwargs.get("profile"),
-                    {k: v for k, v in kwargs.items() if k not in ("method", "profile", "window", "sink", "recent", "keep")})
+                    {k: v for k, v in kwargs.items() if k not in LAYOUT})
     Schedule(kwargs.get("window", 8), kwargs.get("sink", 4), kwargs.get("recent", 64), keep=kwargs.get("keep", 0))
     return partial(cache_factory, **kwargs)
 

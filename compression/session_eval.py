@@ -93,18 +93,20 @@ def conversations(cfg: SessionEvalConfig) -> list[list[dict]]:
 
 
 # ---- running -------------------------------------------------------------------------------------
-def method_spec(spec: str) -> tuple[str, int]:
-    """"fmkvc" -> ("fmkvc", 0); "fmkvc:keep=1" -> ("fmkvc", 1): a window method that keeps `keep`
-    exact entries per window (compression.base.Schedule.keep) at the same ratio, so its window is
-    ratio x (keep + 1) tokens."""
-    name, _, opts = spec.partition(":")
-    keep = 0
-    for opt in filter(None, opts.split(",")):
+def method_spec(spec: str) -> tuple[str, dict[str, int]]:
+    """A --methods entry: a method name, then for a window method ":option=N" layout options:
+    "fmkvc" -> ("fmkvc", {}); "fmkvc:keep=1:sliding_layer_window=16" -> ("fmkvc", {"keep": 1,
+    "sliding_layer_window": 16}). `keep` exact entries per window (compression.base.Schedule.keep) at
+    the same ratio, so its window is ratio x (keep + 1) tokens; `sliding_layer_window` the W of the
+    model's sliding-window layers."""
+    name, *opts = spec.split(":")
+    layout = {}
+    for opt in opts:
         key, _, value = opt.partition("=")
-        if key != "keep" or not value.isdigit():
-            raise ValueError(f"method {spec!r}: the one option a method takes here is keep=N, not {opt!r}")
-        keep = int(value)
-    return name, keep
+        if key not in ("keep", "sliding_layer_window") or not value.isdigit():
+            raise ValueError(f"method {spec!r}: options are keep=N and sliding_layer_window=N, not {opt!r}")
+        layout[key] = int(value)
+    return name, layout
 
 
 def agent_for(spec: str, cfg: SessionEvalConfig, model, tok):
@@ -112,12 +114,12 @@ def agent_for(spec: str, cfg: SessionEvalConfig, model, tok):
     from compression.session import factory
     from latentwire.runtime import AgentModel
 
-    name, keep = method_spec(spec)
+    name, layout = method_spec(spec)
     cache_factory = None
     if name != "dense":
         options = {"weights": cfg.weights} if name == "fmkvc" and cfg.weights else {}
-        cache_factory = factory(method=name, profile=cfg.model, window=cfg.ratio * (keep + 1), sink=cfg.sink,
-                                recent=cfg.recent, keep=keep, **options)
+        cache_factory = factory(method=name, profile=cfg.model, window=cfg.ratio * (layout.get("keep", 0) + 1),
+                                sink=cfg.sink, recent=cfg.recent, **layout, **options)
     return AgentModel(cfg.model, model=model, tokenizer=tok, cache_factory=cache_factory)
 
 

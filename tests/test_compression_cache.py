@@ -181,3 +181,22 @@ def test_keep_passes_from_the_agent_setting_to_the_session_cache_and_pruning_met
     assert cache.schedule.keep == 1 and cache.schedule.per_window == 2
     with pytest.raises(ValueError, match="keep=1 needs a window method"):
         factory(method="knorm", profile="tiny-llama", window=8, keep=1)
+
+
+def test_sliding_window_layers_follow_their_own_schedule():
+    """`sliding_layer_window`: Gemma 3's sliding layers pool by their own W (no kept entries), the
+    full-attention layers by the main schedule; a coarser W there leaves fewer entries in those layers only."""
+    from compression.cache import factory
+
+    model = tiny_gemma3()
+    ids = _ids(model, 300, seed=5)
+    same = factory(method="mean_pool", window=8, sink=4, recent=16, keep=1)(model)
+    coarse = factory(method="mean_pool", window=8, sink=4, recent=16, keep=1, sliding_layer_window=16)(model)
+    a, b = _run(model, ids, same, 200), _run(model, ids, coarse, 200)
+    assert torch.isfinite(b).all() and not torch.equal(a, b)
+    for la, lb in zip(same.layers, coarse.layers):
+        if la.sliding_window is None:
+            assert lb.schedule.keep == 1 and lb.stored() == la.stored() == la.schedule.expected_length(300)
+        else:
+            assert lb.schedule == Schedule(16, 4, 16)
+            assert lb.stored() < la.stored()

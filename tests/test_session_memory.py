@@ -33,25 +33,28 @@ def run_turns(agent, n: int):
 
 
 @pytest.mark.parametrize("profile,method", [("tiny-mistral", "mean_pool"), ("tiny-llama", "snapkv"),
-                                            ("tiny-llama", "knorm"), ("tiny-llama", "streamingllm")])
+                                            ("tiny-llama", "knorm"), ("tiny-llama", "streamingllm"),
+                                            ("tiny-mistral", "mean_pool:keep=1")])
 def test_a_compressed_session_stays_within_its_budget_and_still_answers(profile, method):
     dense = AgentModel(profile)
     dense.eos_ids = set()  # random weights: every answer runs its 3 tokens
+    name, _, keep = method.partition(":keep=")
+    keep = int(keep or 0)  # the hybrid: keep exact entries per window of RATIO x (keep + 1), the same budget
     compressed = AgentModel(profile, model=dense.model, tokenizer=dense.tok,
-                            cache_factory=factory(method=method, profile=profile, window=RATIO, sink=SINK,
-                                                  recent=RECENT))
+                            cache_factory=factory(method=name, profile=profile, window=RATIO * (keep + 1), sink=SINK,
+                                                  recent=RECENT, keep=keep))
     compressed.eos_ids = set()
     d, c = run_turns(dense, 6), run_turns(compressed, 6)
     seen = c[-1][3].get_seq_length()
     assert seen == d[-1][1] > 4 * (SINK + RATIO + RECENT)  # the same tokens read, well past the budget
     for (gd, dense_entries, dense_bytes, _), (gc, entries, nbytes, cache) in zip(d, c):
         assert len(gc.token_ids) == 3 and gc.text  # an answer every turn
-        budget = SINK + (cache.get_seq_length() - SINK - RECENT) // RATIO + RECENT + RATIO
+        budget = SINK + (cache.get_seq_length() - SINK - RECENT) // RATIO + RECENT + RATIO * (keep + 1)
         turn = 4 + 1  # a pruned cache reaches its budget at the prompt; the answer and its end come after
         assert entries <= budget + turn, (entries, budget)
         assert nbytes < dense_bytes
     assert d[-1][2] / c[-1][2] > 2.5  # about RATIO x fewer bytes at the end
-    if method != "mean_pool":
+    if name != "mean_pool":
         assert isinstance(c[-1][3], PrunedCache) and c[-1][3].pruned > 0
 
 
@@ -64,12 +67,12 @@ def test_eval_session_cli_writes_json_and_plot(tmp_path, capsys):
     from latentwire.cli import main
 
     out, png = tmp_path / "s.json", tmp_path / "s.png"
-    rc = main(["eval-session", "--model", "tiny-llama", "--methods", "dense,mean_pool,knorm", "--sessions", "1",
+    rc = main(["eval-session", "--model", "tiny-llama", "--methods", "dense,mean_pool,knorm,mean_pool:keep=1", "--sessions", "1",
                "--turns", "3", "--ratio", "4", "--sink", "2", "--recent", "16", "--filler-tokens", "8",
                "--max-new-tokens", "2", "--json", str(out), "--plot", str(png)])
     assert rc == 0 and png.stat().st_size > 0
     res = json.loads(out.read_text())
-    assert set(res["methods"]) == {"dense", "mean_pool", "knorm"} and res["errors"] == {}
+    assert set(res["methods"]) == {"dense", "mean_pool", "knorm", "mean_pool:keep=1"} and res["errors"] == {}
     for m in res["methods"].values():
         assert m["n"] == 3 and len(m["by_turn"]) == 3 and 0 <= m["recall"] <= 1
     assert res["methods"]["knorm"]["kv_reduction"] > 1 and res["methods"]["mean_pool"]["kv_reduction"] > 1
@@ -81,3 +84,5 @@ def test_eval_session_refuses_an_unknown_method(capsys):
 
     assert main(["eval-session", "--methods", "dense,nope", "--json", "/dev/null"]) == 2
     assert "unknown KV compression method 'nope'" in capsys.readouterr().err
+    assert main(["eval-session", "--methods", "dense,fmkvc:keep=x", "--json", "/dev/null"]) == 2
+    assert "keep=N and sliding_layer_window=N, not 'keep=x'" in capsys.readouterr().err
