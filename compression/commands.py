@@ -112,12 +112,14 @@ def _eval_session(args: argparse.Namespace) -> int:
     _setup(args.threads)
     cfg = SessionEvalConfig(model=args.model, methods=methods, sessions=args.sessions, turns=args.turns,
                             ratio=args.ratio, sink=args.sink, recent=args.recent, filler_tokens=args.filler_tokens,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.weights)
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, weights=args.weights,
+                            asks=args.asks, probes=args.probes)
     res = run(cfg, json_out=args.json, plot_out=args.plot, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps({"json": args.json, "errors": res["errors"], **{
-        name: {k: m.get(k) for k in ("recall", "recall_early", "kv_bytes_final", "kv_reduction", "turn_ms_p50",
-                                     "tokens_final")} for name, m in res["methods"].items()},
-                      **({"goals_fmkvc": res["goals_fmkvc"]} if "goals_fmkvc" in res else {})}, indent=1))
+        name: {k: m.get(k) for k in ("recall", "recall_early", "probe_recall", "probe_recall_early", "kv_bytes_final",
+                                     "kv_reduction", "turn_ms_p50", "tokens_final", "empty_answers")}
+        for name, m in res["methods"].items()},
+                      **{k: v for k, v in res.items() if k.startswith("goals_")}}, indent=1))
     return 0
 
 
@@ -211,6 +213,11 @@ def register(sub, group) -> None:
     p.add_argument("--filler-tokens", type=int, default=96, help="prose tokens around each turn's record")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--weights", default=None, help="fmkvc sidecar weights (default: the packaged one)")
+    p.add_argument("--asks", choices=("current", "mixed"), default="current",
+                   help="what each turn asks: its own record, or an earlier one half the time")
+    p.add_argument("--probes", type=int, default=2,
+                   help="questions about earlier records after each turn from the 4th, answered from a copy "
+                        "of the session's cache that is then dropped (the first about one of the first 4 records)")
     add_seed_option(p, 0)
     add_threads_option(p, 1)
     p.add_argument("--json", required=True)

@@ -46,6 +46,13 @@ class SessionEvalConfig:
     split: str = "val"
     seed: int = 0
     weights: str | None = None  # fmkvc sidecar; None: the packaged one for the model
+    # what each turn asks: "current" its own record (what a conversation mostly does; the answers that
+    # stay in the session are then mostly right), "mixed" an earlier record half the time
+    asks: str = "current"
+    # probe questions after each turn t >= EARLY, each about an earlier record (the first about an early
+    # one), answered from a copy of the session's cache that is then dropped: the question comes after
+    # compression and its answer never enters the conversation
+    probes: int = 2
 
 
 # ---- conversations -------------------------------------------------------------------------------
@@ -85,11 +92,30 @@ def conversations(cfg: SessionEvalConfig) -> list[list[dict]]:
                     break
             body.insert(rng.randrange(len(body) + 1), record)
             asked = rng.randrange(min(t, EARLY - 1) + 1) if rng.random() < 0.5 else rng.randrange(t + 1)
+            if cfg.asks == "current":  # the same draws either way: records and prose do not depend on it
+                asked = t
             p, r, v = records[asked]
             turns.append({"text": " ".join(body), "question": rng.choice(tpl[r][1]).format(p=p), "answer": v,
-                          "asked": asked, "distance": t - asked})
+                          "asked": asked, "distance": t - asked, "probes": []})
+        probe_rng = random.Random(f"eval-session-probes:{cfg.split}:{cfg.seed}:{len(out)}")
+        for t in range(EARLY, cfg.turns):
+            for k in range(cfg.probes):
+                asked = probe_rng.randrange(EARLY) if k == 0 else probe_rng.randrange(t)
+                p, r, v = records[asked]
+                turns[t]["probes"].append({"question": probe_rng.choice(tpl[r][1]).format(p=p), "answer": v,
+                                           "asked": asked, "distance": t - asked})
         out.append(turns)
     return out
+
+
+def fork(cache):
+    """A copy of a session's cache that a probe can extend and drop: its layers copied, their tensors
+    shared (a cache update replaces a layer's tensors, it never writes into them)."""
+    import copy
+
+    twin = copy.copy(cache)
+    twin.layers = [copy.copy(layer) for layer in cache.layers]
+    return twin
 
 
 # ---- running -------------------------------------------------------------------------------------
@@ -139,14 +165,29 @@ def run_session(agent, turns: list[dict], cfg: SessionEvalConfig, sid: str) -> l
         rows.append({"turn": t, "distance": turn["distance"], "asked": turn["asked"], "answer": gen.text,
                      "hit": exact_match(gen.text, turn["answer"]), "ms": ms, "prefill_ms": gen.prefill_ms,
                      "decode_ms": gen.decode_ms, "kv_bytes": cache_nbytes(cache), "kv_entries": s.tokens,
-                     "tokens": cache.get_seq_length()})
+                     "tokens": cache.get_seq_length(), "probes": []})
+        for probe in turn["probes"]:
+            import torch
+
+            with torch.no_grad():
+                got = agent.generate(agent.target_inputs(None, probe["question"]), cfg.max_new_tokens,
+                                     cache=fork(cache))
+            rows[-1]["probes"].append({"turn": t, "asked": probe["asked"], "distance": probe["distance"],
+                                       "answer": got.text, "hit": exact_match(got.text, probe["answer"])})
     return rows
 
 
+def recall(sel) -> dict:
+    sel = list(sel)
+    return {"recall": sum(r["hit"] for r in sel) / len(sel), "n": len(sel)} if sel else {"recall": None, "n": 0}
+
+
+def by_distance(rows: list[dict]) -> dict:
+    return {f"{lo}-{hi}" if hi < 1 << 30 else f"{lo}+": recall(r for r in rows if lo <= r["distance"] <= hi)
+            for lo, hi in BUCKETS}
+
+
 def summarize(rows: list[dict], turns: int) -> dict:
-    def recall(sel):
-        sel = list(sel)
-        return {"recall": sum(r["hit"] for r in sel) / len(sel), "n": len(sel)} if sel else {"recall": None, "n": 0}
 
     last = [r for r in rows if r["turn"] == turns - 1]
     ms = sorted(r["ms"] for r in rows)
@@ -156,11 +197,16 @@ def summarize(rows: list[dict], turns: int) -> dict:
         by_turn[str(t)] = {"kv_bytes": statistics.mean(r["kv_bytes"] for r in sel),
                            "tokens": statistics.mean(r["tokens"] for r in sel),
                            "ms_p50": statistics.median(r["ms"] for r in sel), "recall": recall(sel)["recall"]}
+    probes = [p for r in rows for p in r["probes"]]
     return {
         **recall(rows),
         "recall_early": recall(r for r in rows if r["asked"] < EARLY and r["turn"] >= turns // 2),
-        "recall_by_distance": {f"{lo}-{hi}" if hi < 1 << 30 else f"{lo}+": recall(
-            r for r in rows if lo <= r["distance"] <= hi) for lo, hi in BUCKETS},
+        "recall_by_distance": by_distance(rows),
+        # probes: questions after compression about earlier records, answered on a copy of the cache
+        "probe_recall": recall(probes),
+        "probe_recall_early": recall(p for p in probes if p["asked"] < EARLY and p["turn"] >= turns // 2),
+        "probe_recall_by_distance": by_distance(probes),
+        "empty_answers": sum(not r["answer"].strip() for r in rows) + sum(not p["answer"].strip() for p in probes),
         "kv_bytes_final": statistics.mean(r["kv_bytes"] for r in last),
         "kv_entries_final": statistics.mean(r["kv_entries"] for r in last),
         "tokens_final": statistics.mean(r["tokens"] for r in last),
@@ -196,7 +242,9 @@ def run(cfg: SessionEvalConfig, json_out: str, plot_out: str | None = None, log=
             for r in got:
                 r["session"] = i
             rows[name] += got
+            probes = [p["hit"] for r in got for p in r["probes"]]
             log(f"session {i} {name}: recall {sum(r['hit'] for r in got) / len(got):.2f} "
+                f"probes {sum(probes)}/{len(probes)} "
                 f"kv {got[-1]['kv_bytes'] / 2**20:.2f} MiB tokens {got[-1]['tokens']} ({time.time() - t0:.0f}s)")
         results = collect(cfg, rows, errors, t_start, json_out)  # finished sessions survive a kill
     if plot_out:
@@ -221,12 +269,17 @@ def collect(cfg: SessionEvalConfig, rows: dict, errors: dict, t_start: float, js
             m["recall_vs_dense"] = m["recall"] / dense["recall"] if dense["recall"] else None
             m["recall_early_vs_dense"] = (m["recall_early"]["recall"] / dense["recall_early"]["recall"]
                                           if dense["recall_early"]["recall"] else None)
+            m["probe_recall_early_vs_dense"] = (
+                m["probe_recall_early"]["recall"] / dense["probe_recall_early"]["recall"]
+                if dense["probe_recall_early"]["recall"] else None)
             m["turn_ms_p50_vs_dense"] = m["turn_ms_p50"] / dense["turn_ms_p50"]
         for name in results["methods"]:
             if method_spec(name)[0] == "fmkvc":
                 results["goals_" + name] = goals(results, name)
     results["sessions_done"] = min((len({r["session"] for r in rs}) for rs in rows.values() if rs), default=0)
-    results["answers"] = {name: [{k: r[k] for k in ("session", "turn", "asked", "hit", "answer")} for r in rs]
+    results["answers"] = {name: [{**{k: r[k] for k in ("session", "turn", "asked", "hit", "answer")},
+                                  "probes": [{k: p[k] for k in ("asked", "hit", "answer")} for p in r["probes"]]}
+                                 for r in rs]
                           for name, rs in rows.items()}
     results["elapsed_s"] = round(time.time() - t_start, 1)
     Path(json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -237,12 +290,16 @@ def collect(cfg: SessionEvalConfig, rows: dict, errors: dict, t_start: float, js
 def goals(results: dict, method: str) -> dict:
     """The issue's session goals for `method` against the dense session."""
     cfg, m, d = results["config"], results["methods"][method], results["methods"]["dense"]
+    early = m["probe_recall_early_vs_dense"] if cfg.get("probes") else m["recall_early_vs_dense"]
     return {
         "sessions_of_32_turns_and_4096_tokens": cfg["turns"] >= 32 and d["tokens_final"] >= 4096,
         "kv_reduction": m["kv_reduction"],
         "kv_at_least_6x_smaller": m["kv_reduction"] >= 6,
-        "recall_early_vs_dense": m["recall_early_vs_dense"],
-        "recall_early_at_least_80pct_of_dense": (m["recall_early_vs_dense"] or 0) >= 0.8,
+        # early facts as the probes ask them (after compression, answers kept out of the session) when
+        # the run has probes, else as the turns ask them
+        "recall_early_from": "probes" if cfg.get("probes") else "turns",
+        "recall_early_vs_dense": early,
+        "recall_early_at_least_80pct_of_dense": (early or 0) >= 0.8,
         "turn_p50_vs_dense": m["turn_ms_p50_vs_dense"],
         "turn_p50_not_slower_than_dense": m["turn_ms_p50_vs_dense"] <= 1.0,
     }
@@ -257,12 +314,15 @@ def plot(results: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for name, m in results["methods"].items():
         style = dict(marker="o", lw=2.5 if name.startswith("fmkvc") else 1.2, ls="--" if name == "dense" else "-", label=name)
-        buckets = [b for b, v in m["recall_by_distance"].items() if v["n"]]
-        axes[0].plot(buckets, [m["recall_by_distance"][b]["recall"] for b in buckets], **style)
+        curve = m["probe_recall_by_distance"] if m.get("probe_recall", {}).get("n") else m["recall_by_distance"]
+        buckets = [b for b, v in curve.items() if v["n"]]
+        axes[0].plot(buckets, [curve[b]["recall"] for b in buckets], **style)
         turns = sorted(m["by_turn"], key=int)
         axes[1].plot([int(t) for t in turns], [m["by_turn"][t]["kv_bytes"] / 2**20 for t in turns], **style)
         axes[2].plot([int(t) for t in turns], [m["by_turn"][t]["ms_p50"] for t in turns], **style)
-    axes[0].set(title="recall (EM) vs turn distance", xlabel="turns between record and question", ylim=(0, 1.05))
+    probed = any(m.get("probe_recall", {}).get("n") for m in results["methods"].values())
+    axes[0].set(title="probe recall (EM) vs turn distance" if probed else "recall (EM) vs turn distance",
+                xlabel="turns between record and question", ylim=(0, 1.05))
     axes[1].set(title="session KV cache (MiB)", xlabel="turn")
     axes[2].set(title="per-turn latency p50 (ms)", xlabel="turn")
     axes[2].legend(fontsize=8)

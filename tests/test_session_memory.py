@@ -75,6 +75,7 @@ def test_eval_session_cli_writes_json_and_plot(tmp_path, capsys):
     assert set(res["methods"]) == {"dense", "mean_pool", "knorm", "mean_pool:keep=1"} and res["errors"] == {}
     for m in res["methods"].values():
         assert m["n"] == 3 and len(m["by_turn"]) == 3 and 0 <= m["recall"] <= 1
+        assert m["probe_recall"]["n"] == 0  # probes start after the 4th turn
     assert res["methods"]["knorm"]["kv_reduction"] > 1 and res["methods"]["mean_pool"]["kv_reduction"] > 1
     assert json.loads(capsys.readouterr().out)["json"] == str(out)
 
@@ -86,3 +87,31 @@ def test_eval_session_refuses_an_unknown_method(capsys):
     assert "unknown KV compression method 'nope'" in capsys.readouterr().err
     assert main(["eval-session", "--methods", "dense,fmkvc:keep=x", "--json", "/dev/null"]) == 2
     assert "keep=N and sliding_layer_window=N, not 'keep=x'" in capsys.readouterr().err
+
+
+def test_probes_ask_earlier_records_on_a_copy_of_the_session_cache():
+    """A probe is answered from a fork of the session's cache that is then dropped: the session's cache
+    after the run equals (length, entries, values) a run without probes, and every probe asks a record
+    delivered before it, the first one of the first four."""
+    import torch
+
+    from compression.session_eval import EARLY, SessionEvalConfig, conversations, run_session
+
+    cfg = SessionEvalConfig(model="tiny-llama", sessions=1, turns=6, filler_tokens=8, max_new_tokens=2, probes=2)
+    turns = conversations(cfg)[0]
+    assert [t["asked"] for t in turns] == list(range(6))  # asks="current": each turn its own record
+    for t, turn in enumerate(turns):
+        assert len(turn["probes"]) == (2 if t >= EARLY else 0)
+        for k, p in enumerate(turn["probes"]):
+            assert p["asked"] < (EARLY if k == 0 else t) and p["distance"] == t - p["asked"]
+    agent = AgentModel("tiny-mistral", cache_factory=factory(method="mean_pool", profile="tiny-mistral", window=4,
+                                                             sink=2, recent=8))
+    agent.eos_ids = set()
+    caches = []
+    for probes in (2, 0):
+        store_rows = run_session(agent, [dict(t, probes=t["probes"] if probes else []) for t in turns], cfg, "s")
+        caches.append(store_rows)
+    with_probes, without = caches
+    assert sum(len(r["probes"]) for r in with_probes) == 4 and all(not r["probes"] for r in without)
+    for a, b in zip(with_probes, without):
+        assert (a["answer"], a["kv_bytes"], a["tokens"]) == (b["answer"], b["kv_bytes"], b["tokens"])
