@@ -124,6 +124,7 @@ class CompressedLayer(DynamicLayer):
         self.last_pos = torch.zeros(0, dtype=torch.long)  # newest true position each entry stands for
         self.proportional = proportional(compressor)
         self.log_count = torch.zeros(0)  # log of the tokens each stored entry stands for
+        self.deferred = False  # FMKVCCache.begin_turn: hold everything exact until end_turn
 
     def update(self, key_states, value_states, cache_kwargs=None):
         if not self.is_initialized:
@@ -145,14 +146,21 @@ class CompressedLayer(DynamicLayer):
                 keys, values, last_pos = keys[:, :, n_drop:], values[:, :, n_drop:], last_pos[n_drop:]
                 log_count = log_count[n_drop:]
                 self.n_final = max(self.n_final - n_drop, 0)
-        keys, values, self.n_final, m = compress_tail(keys, values, self.n_final, self.schedule,
+        self.keys, self.values, self.last_pos, self.log_count = keys, values, last_pos, log_count
+        if not self.deferred:
+            self.compact()
+        return full_k, full_v  # this step's attention still sees what it was given
+
+    def compact(self) -> None:
+        """Compress every full window older than the newest `recent` entries (what `update` does after
+        each step unless the cache's owner deferred it to the end of a session's turn)."""
+        keys, values, self.n_final, m = compress_tail(self.keys, self.values, self.n_final, self.schedule,
                                                       self.compressor, self.layer_idx)
         if m:
             start = self.n_final - m * self.schedule.per_window
-            last_pos = merge_positions(last_pos, start, m, self.schedule)
-            log_count = merge_log_count(log_count, start, m, self.schedule, self.compressor)
-        self.keys, self.values, self.last_pos, self.log_count = keys, values, last_pos, log_count
-        return full_k, full_v  # this step's attention still sees what it was given
+            self.last_pos = merge_positions(self.last_pos, start, m, self.schedule)
+            self.log_count = merge_log_count(self.log_count, start, m, self.schedule, self.compressor)
+        self.keys, self.values = keys, values
 
     def prefix_view(self, n_tail: int, keys: torch.Tensor, values: torch.Tensor) -> "CompressedLayer":
         """This layer as it was before its newest n_tail tokens arrived, with `keys`/`values` in place of
@@ -218,6 +226,21 @@ class FMKVCCache(Cache):
     def kv_lengths(self) -> list[int]:
         """Stored entries per layer (what the memory holds), as opposed to tokens seen."""
         return [layer.stored() for layer in self.layers]
+
+    # ---- the hooks a session calls around each turn (latentwire.sessions) -----------------------------
+    def begin_turn(self) -> None:
+        """Hold the turn about to be read and answered exact: nothing is compressed until `end_turn`,
+        so the answer is decoded over the whole turn (a turn is longer than `recent`: compressing as it
+        is read pooled the record being asked about before its answer was written)."""
+        for layer in self.layers:
+            layer.deferred = True
+
+    def end_turn(self) -> None:
+        """Compress what the turn left beyond the schedule: between turns the session holds the budget."""
+        for layer in self.layers:
+            layer.deferred = False
+            if layer.stored():
+                layer.compact()
 
     # ---- the hook a generation loop calls around its prefill (latentwire.runtime, eval-cache) ----------
     def tail_tokens(self, n_prompt: int) -> int:

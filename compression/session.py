@@ -51,24 +51,43 @@ class PrunedCache(FMKVCCache):
         stored, budget = layer.stored(), self.budget(layer)
         if stored <= budget:
             return
-        if layer.sliding_window is not None:  # the newest entries, the same in every sliding layer
-            keep = torch.arange(stored - budget, stored)
-            self._keep(layer, keep)
+        if layer.sliding_window is None:
+            hidden = kwargs["hidden_states"]
+            press = dataclasses.replace(self.press, compression_ratio=1.0 - budget / stored)
+            if hasattr(press, "window_size"):  # SnapKV reads the queries of the prompt's newest tokens
+                press = dataclasses.replace(press, window_size=min(press.window_size, hidden.shape[1] - 1))
+            layer.scores = press.score(module, hidden, layer.keys, layer.values, None, kwargs).float().mean((0, 1))
+        if not layer.deferred:  # else end_turn evicts, with these scores
+            self._evict(layer)
+
+    def _evict(self, layer) -> None:
+        """Evict down to the layer's budget: a sliding layer its oldest entries (the same in every one),
+        a full-attention layer its lowest-scored ones, never `sink` or the newest `recent`; entries
+        written after the scores (a turn's answer) count as newest."""
+        stored, budget = layer.stored(), self.budget(layer)
+        if stored <= budget:
             return
-        hidden = kwargs["hidden_states"]
-        press = dataclasses.replace(self.press, compression_ratio=1.0 - budget / stored)
-        if hasattr(press, "window_size"):  # SnapKV reads the queries of the prompt's newest tokens
-            press = dataclasses.replace(press, window_size=min(press.window_size, hidden.shape[1] - 1))
-        scores = press.score(module, hidden, layer.keys, layer.values, None, kwargs).float().mean((0, 1))
+        if layer.sliding_window is not None:
+            self._keep(layer, torch.arange(stored - budget, stored))
+            return
+        scores = getattr(layer, "scores", torch.zeros(0))[:stored]
+        scores = torch.cat([scores, torch.full((stored - scores.shape[0],), float("inf"))])
         s = self.budget_schedule
         scores[:s.sink] = float("inf")
         scores[max(stored - s.recent, 0):] = float("inf")
         self._keep(layer, scores.topk(budget).indices.sort().values)
 
+    def end_turn(self) -> None:
+        for layer in self.layers:
+            layer.deferred = False
+            self._evict(layer)
+
     def _keep(self, layer, keep: torch.Tensor) -> None:
         self.pruned += layer.stored() - len(keep)
         layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
         layer.last_pos, layer.log_count = layer.last_pos[keep], layer.log_count[keep]
+        if getattr(layer, "scores", None) is not None:
+            layer.scores = layer.scores[keep[keep < layer.scores.shape[0]]]
 
 
 def _hook(module, args, kwargs, output):

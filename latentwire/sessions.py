@@ -122,8 +122,16 @@ class SessionCaches(Sessions):
             self.check_room(s, embeds.shape[1] + max_new_tokens + 1)
             if s.state is None:
                 s.state = model.new_cache()
+            # a compressed cache (compression/) holds the turn exact while it is read and answered,
+            # and compresses it to its budget once the turn is done
+            begin, end = getattr(s.state, "begin_turn", None), getattr(s.state, "end_turn", None)
             try:
+                if begin is not None:
+                    begin()
                 gen = model.generate(embeds, max_new_tokens, on_token=on_token, cache=s.state)
+                if end is not None:
+                    end()
+                    gen.cache_tokens = max(s.state.kv_lengths())
             except BaseException:
                 self.evict(session_id, s)  # a turn cut short leaves a cache no later turn may continue
                 raise

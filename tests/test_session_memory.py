@@ -115,3 +115,36 @@ def test_probes_ask_earlier_records_on_a_copy_of_the_session_cache():
     assert sum(len(r["probes"]) for r in with_probes) == 4 and all(not r["probes"] for r in without)
     for a, b in zip(with_probes, without):
         assert (a["answer"], a["kv_bytes"], a["tokens"]) == (b["answer"], b["kv_bytes"], b["tokens"])
+
+
+@pytest.mark.parametrize("method", ["mean_pool:keep=1", "knorm"])
+def test_a_turn_is_held_exact_while_it_is_answered_and_compressed_after(method):
+    """begin_turn/end_turn (SessionCaches.answer calls them): while a turn is read and decoded nothing of
+    it is compressed, so the answer is written over the whole turn; once it ends the cache is back
+    within the budget, and the next turn starts from there."""
+    import torch
+
+    name, _, keep = method.partition(":keep=")
+    keep = int(keep or 0)
+    agent = AgentModel("tiny-llama", cache_factory=factory(method=name, profile="tiny-llama",
+                                                           window=RATIO * (keep + 1), sink=SINK, recent=RECENT,
+                                                           keep=keep))
+    cache = agent.new_cache()
+    lengths = []
+    for turn in range(3):
+        ids = torch.randint(3, 250, (1, 60), generator=torch.Generator().manual_seed(turn))
+        before = max(cache.kv_lengths())
+        cache.begin_turn()
+        with torch.no_grad():
+            agent.model(ids, past_key_values=cache, use_cache=True,
+                        position_ids=torch.arange(cache.get_seq_length(), cache.get_seq_length() + 60)[None])
+            for t in range(5):  # decode steps
+                agent.model(ids[:, t:t + 1], past_key_values=cache, use_cache=True,
+                            position_ids=torch.tensor([[cache.get_seq_length()]]))
+        assert cache.kv_lengths() == [before + 65] * len(cache.layers)  # all of the turn held, nothing pooled
+        cache.end_turn()
+        seen = cache.get_seq_length()
+        budget = SINK + (seen - SINK - RECENT) // RATIO + RECENT + RATIO * (keep + 1)
+        lengths.append(max(cache.kv_lengths()))
+        assert lengths[-1] <= budget and lengths[-1] < seen
+    assert lengths[0] < lengths[1] < lengths[2] < 3 * 65  # grows by about a turn / ratio
