@@ -54,6 +54,9 @@ class Schedule:
     recent: int = 64  # newest tokens kept dense
     enabled: bool = True
     keep: int = 0  # exact entries kept per window, chosen by Compressor.importance
+    # False: keep the newest entries instead of pooling (as many as pooling would leave): what a
+    # model's sliding-window layers get in a session (see compression.cache.sliding_layer_schedule)
+    pool: bool = True
 
     def __post_init__(self):
         if self.keep < 0 or (self.keep and self.keep > self.window - 2):

@@ -153,7 +153,16 @@ class CompressedLayer(DynamicLayer):
 
     def compact(self) -> None:
         """Compress every full window older than the newest `recent` entries (what `update` does after
-        each step unless the cache's owner deferred it to the end of a session's turn)."""
+        each step unless the cache's owner deferred it to the end of a session's turn); a schedule
+        that does not pool keeps the newest entries, as many as pooling would leave."""
+        if not self.schedule.pool:
+            if self.schedule.enabled:
+                seen = self.seen if self.sliding_window is None else min(self.seen, self.sliding_window - 1)
+                drop = self.stored() - self.schedule.expected_length(seen)
+                if drop > 0:
+                    self.keys, self.values = self.keys[:, :, drop:], self.values[:, :, drop:]
+                    self.last_pos, self.log_count = self.last_pos[drop:], self.log_count[drop:]
+            return
         keys, values, self.n_final, m = compress_tail(self.keys, self.values, self.n_final, self.schedule,
                                                       self.compressor, self.layer_idx)
         if m:
@@ -287,24 +296,29 @@ def new_cache(model, compressor: Compressor, schedule: Schedule, sliding_schedul
 
 
 def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, window: int = 8, sink: int = 4,
-                  recent: int = 64, keep: int = 0, sliding_layer_window: int | None = None, **options) -> FMKVCCache:
+                  recent: int = 64, keep: int = 0, sliding_layers: str = "pool", **options) -> FMKVCCache:
     """`new_cache` for the registered method named `method` with `options` for it (fmkvc: weights,
     refine_steps, refine_lr); pass `partial(cache_factory, method=..., profile=..., window=...)` (or
     `factory(...)`, which checks them first) as `AgentModel(cache_factory=...)`."""
     return new_cache(model, _serving_method(method, profile, options), Schedule(window, sink, recent, keep=keep),
-                     sliding_layer_schedule(sink, recent, sliding_layer_window))
+                     sliding_layer_schedule(Schedule(window, sink, recent, keep=keep), sliding_layers))
 
 
-def sliding_layer_schedule(sink: int, recent: int, sliding_layer_window: int | None) -> Schedule | None:
-    """The schedule of a model's sliding-window layers: W = `sliding_layer_window` and no kept entries
-    (their facts leave with their window; the full-attention layers keep them), or None: the same as
-    the full-attention layers."""
-    if sliding_layer_window is None:
-        return None
-    return Schedule(sliding_layer_window, sink, recent)
+SLIDING_LAYERS = ("pool", "newest")
 
 
-LAYOUT = ("method", "profile", "window", "sink", "recent", "keep", "sliding_layer_window")  # not method options
+def sliding_layer_schedule(schedule: Schedule, sliding_layers: str) -> Schedule | None:
+    """The schedule of a model's sliding-window layers (Gemma 3, Mistral): "pool" (None: the same as
+    the full-attention layers) or "newest": they keep their newest entries, as many as pooling would
+    leave, and no super-token. Those layers forget whatever leaves their window anyway (a long
+    session's facts live in the full-attention layers), and super-tokens there derail Gemma 3 in a
+    conversation (docs/sessions.md)."""
+    if sliding_layers not in SLIDING_LAYERS:
+        raise ValueError(f"sliding_layers={sliding_layers!r}: one of {', '.join(SLIDING_LAYERS)}")
+    return None if sliding_layers == "pool" else replace(schedule, keep=0, pool=False)
+
+
+LAYOUT = ("method", "profile", "window", "sink", "recent", "keep", "sliding_layers")  # not method options
 
 
 def factory(**kwargs) -> Callable:
@@ -313,7 +327,8 @@ def factory(**kwargs) -> Callable:
     per generation by `cache_factory`."""
     _serving_method(kwargs.get("method", "fmkvc"), kwargs.get("profile"),
                     {k: v for k, v in kwargs.items() if k not in LAYOUT})
-    Schedule(kwargs.get("window", 8), kwargs.get("sink", 4), kwargs.get("recent", 64), keep=kwargs.get("keep", 0))
+    sliding_layer_schedule(Schedule(kwargs.get("window", 8), kwargs.get("sink", 4), kwargs.get("recent", 64),
+                                    keep=kwargs.get("keep", 0)), kwargs.get("sliding_layers", "pool"))
     return partial(cache_factory, **kwargs)
 
 

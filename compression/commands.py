@@ -202,8 +202,9 @@ def register(sub, group) -> None:
     p.add_argument("--model", default="gemma3-270m", help="target model profile")
     p.add_argument("--methods", default="dense,fmkvc,streamingllm,snapkv,knorm",
                    help="comma list: dense, window methods (fmkvc, mean_pool; NAME:keep=K keeps K exact entries "
-                        "per window of ratio x (K + 1) tokens, the rest pooled; NAME:sliding_layer_window=W pools "
-                        "the model's sliding-window layers by W) and kvpress scorer presses "
+                        "per window of ratio x (K + 1) tokens, the rest pooled; NAME:sliding_layers=pool pools the "
+                        "model's sliding-window layers, which by default keep their newest entries) and kvpress "
+                        "scorer presses "
                         "(streamingllm, snapkv, knorm, expected_attention)")
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--turns", type=int, default=32)

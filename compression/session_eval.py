@@ -119,19 +119,25 @@ def fork(cache):
 
 
 # ---- running -------------------------------------------------------------------------------------
-def method_spec(spec: str) -> tuple[str, dict[str, int]]:
-    """A --methods entry: a method name, then for a window method ":option=N" layout options:
-    "fmkvc" -> ("fmkvc", {}); "fmkvc:keep=1:sliding_layer_window=16" -> ("fmkvc", {"keep": 1,
-    "sliding_layer_window": 16}). `keep` exact entries per window (compression.base.Schedule.keep) at
-    the same ratio, so its window is ratio x (keep + 1) tokens; `sliding_layer_window` the W of the
-    model's sliding-window layers."""
+def method_spec(spec: str) -> tuple[str, dict]:
+    """A --methods entry: a method name, then for a window method ":option=value" layout options:
+    "fmkvc" -> ("fmkvc", {}); "fmkvc:keep=1:sliding_layers=pool" -> ("fmkvc", {"keep": 1,
+    "sliding_layers": "pool"}). `keep` exact entries per window (compression.base.Schedule.keep) at
+    the same ratio, so its window is ratio x (keep + 1) tokens; `sliding_layers` what the model's
+    sliding-window layers do (compression.cache.sliding_layer_schedule; eval-session's default: newest)."""
+    from compression.cache import SLIDING_LAYERS
+
     name, *opts = spec.split(":")
-    layout = {}
+    layout: dict = {}
     for opt in opts:
         key, _, value = opt.partition("=")
-        if key not in ("keep", "sliding_layer_window") or not value.isdigit():
-            raise ValueError(f"method {spec!r}: options are keep=N and sliding_layer_window=N, not {opt!r}")
-        layout[key] = int(value)
+        if key == "keep" and value.isdigit():
+            layout[key] = int(value)
+        elif key == "sliding_layers" and value in SLIDING_LAYERS:
+            layout[key] = value
+        else:
+            raise ValueError(f"method {spec!r}: options are keep=N and sliding_layers={'|'.join(SLIDING_LAYERS)}, "
+                             f"not {opt!r}")
     return name, layout
 
 
@@ -140,10 +146,13 @@ def agent_for(spec: str, cfg: SessionEvalConfig, model, tok):
     from compression.session import factory
     from latentwire.runtime import AgentModel
 
+    from compression.methods import COMPRESSORS
+
     name, layout = method_spec(spec)
     cache_factory = None
     if name != "dense":
         options = {"weights": cfg.weights} if name == "fmkvc" and cfg.weights else {}
+        layout = {"sliding_layers": "newest", **layout} if COMPRESSORS.get(name)().serves() else layout
         cache_factory = factory(method=name, profile=cfg.model, window=cfg.ratio * (layout.get("keep", 0) + 1),
                                 sink=cfg.sink, recent=cfg.recent, **layout, **options)
     return AgentModel(cfg.model, model=model, tokenizer=tok, cache_factory=cache_factory)

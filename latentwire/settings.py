@@ -90,10 +90,12 @@ class KVCompression(_Strict):
     # norm), the rest pooled into the super-token; a window then costs keep + 1 entries, so the
     # reduction is window / (keep + 1) (window 16, keep 1: 8x). 0: super-tokens only
     keep: int = Field(0, ge=0)
-    # window methods on models with sliding-window layers (Gemma 3, Mistral): W of those layers, which
-    # forget everything older than their window anyway, so a long session's facts live in the
-    # full-attention layers; a larger W there shrinks the cache further. None: `window`
-    sliding_layer_window: int | None = Field(None, ge=2)
+    # window methods on models with sliding-window layers (Gemma 3, Mistral): "newest" keeps those
+    # layers' newest entries (as many as pooling would leave) and no super-token, "pool" pools them like
+    # the full-attention layers. They forget what leaves their window anyway, a long session's facts
+    # live in the full-attention layers, and super-tokens there derail Gemma 3 in a conversation
+    # (docs/sessions.md: eval-session)
+    sliding_layers: Literal["newest", "pool"] = "newest"
     # fmkvc: after each prompt's prefill, fit the super-tokens to the prompt's own newest tokens
     # (compression/refine.py). Better answers from old text, at the price of `refine_steps` forward and
     # backward passes over `recent` tokens in the prefill (about 18 s a 768-token prompt on 2 CPU cores

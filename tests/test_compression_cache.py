@@ -183,20 +183,23 @@ def test_keep_passes_from_the_agent_setting_to_the_session_cache_and_pruning_met
         factory(method="knorm", profile="tiny-llama", window=8, keep=1)
 
 
-def test_sliding_window_layers_follow_their_own_schedule():
-    """`sliding_layer_window`: Gemma 3's sliding layers pool by their own W (no kept entries), the
-    full-attention layers by the main schedule; a coarser W there leaves fewer entries in those layers only."""
+def test_sliding_window_layers_can_keep_their_newest_entries_instead_of_pooling():
+    """sliding_layers="newest": Gemma 3's sliding layers keep their newest entries (no super-token, as
+    many entries as pooling would leave, the same in every such layer); the full-attention layers pool
+    by the main schedule, kept entries included. "pool" (the FMKVCCache default) pools every layer."""
     from compression.cache import factory
 
     model = tiny_gemma3()
     ids = _ids(model, 300, seed=5)
-    same = factory(method="mean_pool", window=8, sink=4, recent=16, keep=1)(model)
-    coarse = factory(method="mean_pool", window=8, sink=4, recent=16, keep=1, sliding_layer_window=16)(model)
-    a, b = _run(model, ids, same, 200), _run(model, ids, coarse, 200)
+    pooled = factory(method="mean_pool", window=8, sink=4, recent=16, keep=1, sliding_layers="pool")(model)
+    newest = factory(method="mean_pool", window=8, sink=4, recent=16, keep=1, sliding_layers="newest")(model)
+    a, b = _run(model, ids, pooled, 200), _run(model, ids, newest, 200)
     assert torch.isfinite(b).all() and not torch.equal(a, b)
-    for la, lb in zip(same.layers, coarse.layers):
+    for la, lb in zip(pooled.layers, newest.layers):
         if la.sliding_window is None:
             assert lb.schedule.keep == 1 and lb.stored() == la.stored() == la.schedule.expected_length(300)
         else:
-            assert lb.schedule == Schedule(16, 4, 16)
-            assert lb.stored() < la.stored()
+            assert not lb.schedule.pool and lb.stored() == lb.schedule.expected_length(model.config.sliding_window - 1)
+            assert lb.last_pos.tolist() == list(range(300 - lb.stored(), 300))  # the newest, exact
+    with pytest.raises(ValueError, match="sliding_layers='some'"):
+        factory(method="mean_pool", window=8, sliding_layers="some")
