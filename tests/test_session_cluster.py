@@ -190,7 +190,10 @@ def test_bench_runs_sessions_against_both_targets_side_by_side(cluster, tmp_path
         assert (m["turns_ok"], m["turns_planned"], m["sessions_completed"], m["errors"]) == (6, 6, 2, {}), name
         assert 0 < m["turn_p50_ms"] <= m["turn_p95_ms"] and len(m["turn_p50_ms_by_turn"]) == 3
         kv = m["kv_cache_tokens_by_turn"]
-        assert len(kv) == 3 and kv[0] < kv[1] < kv[2] == m["kv_cache_tokens_last_turn"]
+        # the dense cache grows every turn; tiny Mistral's layers are all sliding-window layers, so the
+        # pooled one stops growing at its window's budget (they keep their newest entries)
+        assert len(kv) == 3 and kv[0] < kv[1] and (kv[1] < kv[2] if name == "default" else kv[1] <= kv[2])
+        assert kv[2] == m["kv_cache_tokens_last_turn"]
         assert m["replayed_turns"] == 0 and 0 <= m["exact_match"] <= 1
         recs = [r for r in run["records"] if r["target"] == name]
         assert sorted((r["session"], r["turn"]) for r in recs) == [(k, t) for k in range(2) for t in range(3)]
