@@ -9,19 +9,21 @@ What the target of the embedded pair can read of such slots decides how they are
 every adjacent pair half and half (a bigram per slot) left it unable to answer anything (0 of 16
 training items at M = 16, against 11 of 16 with one token per slot): an answer is copied token by
 token, and a blend of two tokens is read as neither. So this selector merges only where little is
-lost: a *light* token (a stop word or punctuation) shares a slot with its neighbour in the same run
-of context, while tokens that spell numbers, capitalised words (names, places, months) or other
-content stay alone. The slots this frees are given to
-more of the same records: the token budget rises from M until the merged message fills M slots, and
-each anchor's window grows with it (`after` x tokens / M), rather than more anchors being taken
-(more anchors bring more look-alike records: on the same 16 training items that scored 9 of 16,
-longer windows 11 of 16).
+lost: a *light* token (a lower-case stop word or punctuation) shares a slot with its neighbour in
+the same run of context, unless either of the two spells a digit, a capitalised word (names,
+places, months) or is a bare space piece (which starts a number: "Ġ" + "2"). The slots this frees
+go to more of the same records: the token budget rises from M until the merged message fills M
+slots, and each anchor's window grows with it (`after` x tokens / M). Giving them to more anchors
+instead brought in more look-alike records (9 of the 16 training items against 11 of 16 with
+longer windows, `results/budget/train_700_*.jsonl`, M = 16).
 
 Scoring and windows are `lexical`'s; `Message.slot_of` / `slot_weight` say which slot each kept
 token goes to and with what weight (a slot's weights sum to 1), and `merge_slots` turns the
-bridge's per-token soft tokens into the message's slots. The gRPC packets do not carry slot groups,
-so serving refuses this selector (services/agent.py); `latentwire eval --budgets` measures it
-(`--latent-selectors merge`, beside today's LATENT and EXTRACT).
+bridge's per-token soft tokens into the message's slots. A served source sends the groups with the
+hidden states (`HiddenStatePacket.slot_of`, `slot_weight`) and the bridge service merges before it
+signs the packet; an agent picks the selector with `selection: {method: merge}`. EXTRACT has no
+slots: a text message of this selector is `lexical`'s M tokens. `latentwire eval --budgets
+--latent-selectors merge` scores it beside today's LATENT and EXTRACT on the same read.
 """
 
 from __future__ import annotations
@@ -85,8 +87,7 @@ class MergeSelector(LexicalSelector):
         if not 0.0 < self.weight < 1.0:
             raise ValueError(f"merge weight must be in (0, 1), not {self.weight}")
 
-    def select(self, view: SourceView, budget: int) -> list[int]:
-        return self.plan(view, budget)[0]
+    # `select` is lexical's: at most M tokens, what a text message (EXTRACT) of this selector sends
 
     def plan(self, view: SourceView, budget: int) -> tuple[list[int], list[list[int]]]:
         """The kept context tokens (indices into the context, in order) and their slots (indices

@@ -12,8 +12,9 @@ context and question together, so it can spend the budget on what the question n
 - `lexical`: anchors are context tokens that spell a content word of the question, rarest in the
   context first, each with the tokens after it (the crude probe the budget issue describes).
 - `prefix`: the first M context tokens (what truncation sends; the floor of any selector).
-- `merge` (latentwire.merging): `lexical`'s windows with light tokens sharing a slot with a
-  neighbour, so that M soft tokens cover more than M context tokens (LATENT only).
+- `merge` (latentwire.merging, registered when that module is imported, as the source agent and
+  `latentwire eval` do): `lexical`'s windows with light tokens sharing a slot with a neighbour, so
+  that M soft tokens cover more than M context tokens (LATENT only).
 
 Selectors are registered by name (`SELECTORS`); a new one is one class and its registration.
 Selected positions are returned in context order: the target reads the chosen tokens as they
@@ -296,7 +297,11 @@ def plan_prompt(agent, prompt: Prompt, question: str, budget: int | None, select
 def keep_tokens(agent, prompt: Prompt, question: str, budget: int | None, selector: Selector,
                 attention: torch.Tensor | None, states: torch.Tensor | None) -> Message:
     """The message of a prompt already read: the selector's choice of at most `budget` context
-    tokens (None: all) given the attention it needs, with their rows of `states` (T x d) if any."""
+    tokens (None: all) given the attention it needs, with their rows of `states` (T x d) if any.
+
+    A merging selector (latentwire.merging) plans at most `budget` slots of more tokens for a message
+    with states (LATENT: the bridge merges their soft tokens); a message without states is text
+    (EXTRACT), which cannot merge, and gets the selector's `select`: at most `budget` tokens."""
     ids, span, asked = prompt
     n = span.stop - span.start
     slot_of = slot_weight = None
@@ -305,7 +310,7 @@ def keep_tokens(agent, prompt: Prompt, question: str, budget: int | None, select
     else:
         view = SourceView(ids=ids, context=span, question=asked, question_text=question, attention=attention,
                           tokens=agent.tok.convert_ids_to_tokens(ids[span].tolist()))
-        if selector.merges_slots:
+        if selector.merges_slots and states is not None:  # slots are merged soft tokens: LATENT only
             keep, slots = selector.plan(view, budget)
             slot_of = torch.tensor([s for s, group in enumerate(slots) for _ in group], dtype=torch.long)
             slot_weight = torch.tensor(selector.slot_weights(view, keep, slots), dtype=torch.float32)
@@ -341,6 +346,3 @@ def plan_messages(agent, jobs: list[tuple[Prompt, str, int | None, int | None]],
     states = dict(zip(want, agent.hidden_states_many([(jobs[i][0][0], jobs[i][3]) for i in want])))
     return [keep_tokens(agent, prompt, q, budget, selector, None, states.get(i))
             for i, (prompt, q, budget, _) in enumerate(jobs)]
-
-
-import latentwire.merging  # noqa: E402,F401  registers "merge" (it builds on the selectors above)
