@@ -180,6 +180,18 @@ def plot(result: dict, path: str | Path, title: str = "") -> Path:
     return Path(path)
 
 
+def _selector_spec(spec: str) -> tuple[str, ...]:
+    """`name` or `name:key=value;key=value` (numbers) -> (name, {params}), for `--latent-selectors`."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for part in filter(None, rest.split(";")):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ValueError(f"--latent-selectors: {spec!r}: parameters are key=value, not {part!r}")
+        params[key.strip()] = float(value) if "." in value else int(value)
+    return name, params
+
+
 def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -199,8 +211,9 @@ def run(args) -> int:
     source = AgentModel(bridge.cfg.source_model, prefill_dtype=args.prefill_dtype, limits=limits)
     params = json.loads(args.selector_params) if args.selector_params else {}
     selector = make_selector(args.selector, **params)
-    latent_selectors = {name: make_selector(name) for name in
-                        (n.strip() for n in getattr(args, "latent_selectors", "").split(",")) if name}
+    specs = [n.strip() for n in getattr(args, "latent_selectors", "").split(",") if n.strip()]
+    latent_selectors = {spec: make_selector(name, **params) for spec, (name, params) in
+                        ((spec, _selector_spec(spec)) for spec in specs)}
     modes = {m.strip().lower() for m in args.modes.split(",") if m.strip()}
     text_budgets = [b for b in parse_budgets(args.text_budgets) if b is not None] if "text" in modes else []
     result = evaluate(items, source, target, bridge, selector, budgets=parse_budgets(args.budgets),

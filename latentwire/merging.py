@@ -56,15 +56,17 @@ def heavy(token: str) -> bool:
     return not w or bool(re.search(r"[0-9]", w)) or w[:1].isupper()
 
 
-def pair_slots(tokens: list[str], positions: list[int]) -> list[list[int]]:
+def pair_slots(tokens: list[str], positions: list[int], left: bool = False) -> list[list[int]]:
     """Slots of kept tokens (indices into `positions`, in order): two adjacent tokens of one run of
-    context share a slot when one is `light` and neither is `heavy`; the rest stay alone."""
+    context share a slot when one is `light` and neither is `heavy`; the rest stay alone. `left`: only
+    the second of the two may be the light one (a stop word joins the token before it, never the
+    content word after it: "as a" + "painter", not "as" + "a painter")."""
     slots: list[list[int]] = []
     i = 0
     while i < len(positions):
         j = i + 1
         if (j < len(positions) and positions[j] == positions[i] + 1
-                and (light(tokens[i]) or light(tokens[j]))
+                and (light(tokens[j]) or (not left and light(tokens[i])))
                 and not (heavy(tokens[i]) or heavy(tokens[j]))):
             slots.append([i, j])
             i += 2
@@ -81,6 +83,7 @@ class MergeSelector(LexicalSelector):
     given to more context: at most M slots that cover up to 2M context tokens."""
 
     weight: float = 0.5  # a light token's share of the slot it merges into (0.5: a plain mean)
+    left: int = 0  # 1: a light token merges only into the token before it (`pair_slots`); 0: either side
     merges_slots = True  # a class flag, not a parameter: its messages need `merge_slots`
 
     def __post_init__(self):
@@ -99,7 +102,7 @@ class MergeSelector(LexicalSelector):
         scores = self.score(view)
         for tokens_budget in range(min(2 * budget, n), budget - 1, -1):
             keep = windows(scores, tokens_budget, self.before, round(self.after * tokens_budget / budget))
-            slots = pair_slots([view.tokens[p] for p in keep], keep)
+            slots = pair_slots([view.tokens[p] for p in keep], keep, bool(self.left))
             if len(slots) <= budget:
                 return keep, slots
         raise AssertionError("a budget of M tokens always fits M slots")  # pairs only ever reduce the count

@@ -24,6 +24,11 @@ def test_light_tokens_share_a_slot_and_numbers_and_names_never_do():
     assert [[tokens[i] for i in s] for s in slots] == [
         ["ĠWalter"], ["Ġhas", "Ġa"], ["Ġdentist"], ["Ġappointment", "Ġon"], ["ĠFebruary"], ["Ġ"], ["8"],
         [".", "Ġthe"], ["Ġroom"]]
+    # `left`: a stop word joins the token before it, never the content word after it (an answer
+    # such as a job follows "as a": it keeps its own slot)
+    job = ["Ġliving", "Ġas", "Ġa", "Ġpainter"]
+    assert pair_slots(job, [0, 1, 2, 3], left=True) == [[0, 1], [2], [3]]
+    assert pair_slots(job, [0, 1, 2, 3]) == [[0, 1], [2, 3]]
     # only tokens adjacent in the context share a slot: a gap between runs keeps them apart
     assert pair_slots(["Ġof", "Ġthe"], [3, 7]) == [[0], [1]]
     assert light("Ġthe") and light(",") and not light("ĠThe") and not light("Ġ") and not light("7")
