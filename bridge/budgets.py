@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from bridge.eval import chance_em, diversity, exact_match, item_nll, soft_token_stats, token_f1, transfer_ratio
 from latentwire.codec import wire
-from latentwire.runtime import AgentModel
 from latentwire.merging import merge_slots
+from latentwire.runtime import AgentModel
 from latentwire.selection import Selector, extract_text, keep_tokens, question_attention
 
 FULL = None  # the budget of the unbudgeted packet
@@ -180,7 +180,7 @@ def plot(result: dict, path: str | Path, title: str = "") -> Path:
     return Path(path)
 
 
-def _selector_spec(spec: str) -> tuple[str, ...]:
+def _selector_spec(spec: str) -> tuple[str, dict[str, int | float]]:
     """`name` or `name:key=value;key=value` (numbers) -> (name, {params}), for `--latent-selectors`."""
     name, _, rest = spec.partition(":")
     params = {}

@@ -193,3 +193,12 @@ def test_eval_scores_merged_latent_beside_latent_and_extract(aligned_service, ti
     alone = budgets.evaluate(items, tiny_source, tiny_target, aligned_service.bridge, make_selector("merge"),
                              budgets=[4], baselines=(), max_new_tokens=2, nll=False, progress=False)
     assert set(alone["modes"]) == {"latent@4"}
+
+
+def test_latent_selector_specs_name_their_parameters():
+    from bridge.budgets import _selector_spec
+
+    assert _selector_spec("merge") == ("merge", {})
+    assert _selector_spec("merge:left=1;weight=0.25") == ("merge", {"left": 1, "weight": 0.25})
+    with pytest.raises(ValueError, match="key=value"):
+        _selector_spec("merge:left")
