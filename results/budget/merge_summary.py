@@ -1,4 +1,4 @@
-"""Markdown tables of the slot-merging runs (results/budget/merge_*.json, `run_merge.sh`): EM per mode
+"""Markdown tables of the slot-merging runs (results/budget/merge_{,left_}val_*.json, `run_merge.sh`): EM per mode
 at M = 16 and 32, the context tokens each LATENT packet carries, and item-by-item wins and losses of
 each merged LATENT against today's LATENT and EXTRACT on the same items.
 
@@ -14,7 +14,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 from bridge.eval import exact_match  # noqa: E402
 
 BUDGETS = (16, 32)
-files = sorted(HERE.glob("merge_val_*.json"))
+files = sorted(HERE.glob("merge_val_*.json")) + sorted(HERE.glob("merge_left_val_*.json"))
 runs = {p.name: json.loads(p.read_text()) for p in files}
 kinds = sorted({k.split("@")[0] for r in runs.values() for k in r["modes"] if k.startswith("latent-")})
 
