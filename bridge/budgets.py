@@ -6,7 +6,9 @@ layer and the bridge's layer in one forward); then, for every budget M,
 - EXTRACT@M: the same kept tokens sent as text (the extractive relay, no generation),
 - TEXT@M (`--text-budgets`): a message of at most M tokens the source writes,
 beside DIRECT (the target reads the whole context) and NONE (only the question). `full` is the
-unbudgeted packet (every context token). Every payload goes through the serving functions of
+unbudgeted packet (every context token). `latent_selectors` adds LATENT@M of other selectors on
+the same read (mode `latent-<name>@M`), e.g. the slot-merging `merge` (latentwire.merging) beside
+today's LATENT and EXTRACT. Every payload goes through the serving functions of
 `latentwire.runtime.AgentModel`, rounded to the wire dtype as over gRPC. The metrics are those of
 `bridge.eval` (EM, F1, answer NLL, transfer ratio, diversity, soft-token cosine and RMS ratio),
 plus per mode the message's token count and the positions the target prefills.
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from bridge.eval import chance_em, diversity, exact_match, item_nll, soft_token_stats, token_f1, transfer_ratio
 from latentwire.codec import wire
+from latentwire.merging import merge_slots
 from latentwire.runtime import AgentModel
 from latentwire.selection import Selector, extract_text, keep_tokens, question_attention
 
@@ -50,8 +53,13 @@ def parse_budgets(text: str) -> list[int | None]:
 def evaluate(items: list[dict], source: AgentModel, target: AgentModel, bridge, selector: Selector, *,
              budgets: list[int | None], text_budgets: list[int] = (), extract: bool = True,
              baselines: tuple[str, ...] = ("direct", "none"), max_new_tokens: int = 16,
-             wire_dtype: str | None = "bfloat16", nll: bool = True, progress: bool = True) -> dict:
+             wire_dtype: str | None = "bfloat16", nll: bool = True, progress: bool = True,
+             latent_selectors: dict[str, Selector] | None = None) -> dict:
     layer = bridge.cfg.source_layer
+    latent_selectors = latent_selectors or {}
+    if any(s.needs_attention_layer not in (None, selector.needs_attention_layer) for s in latent_selectors.values()):
+        raise ValueError("--latent-selectors share the source's read: they may need no other attention layer")
+    extract = extract and not selector.merges_slots  # a merged message has no text within its budget
     recs: dict[str, dict] = defaultdict(lambda: defaultdict(list))
     softs: dict[str, list] = defaultdict(list)
 
@@ -79,16 +87,19 @@ def evaluate(items: list[dict], source: AgentModel, target: AgentModel, bridge, 
         n = span.stop - span.start
         t_source = time.perf_counter() - t0
         for b in budgets:
-            t1 = time.perf_counter()
-            msg = keep_tokens(source, prompt, q, b, selector, attention, states)
-            soft = wire(bridge(wire(msg.states.float(), wire_dtype)[None], token_ids=msg.token_ids[None])[0],
-                        wire_dtype)
             name = budget_name(b)
-            softs[f"latent@{name}"].append(soft)
-            # the source's shared read is charged to every budget, as serving would pay it
-            score(f"latent@{name}", soft, it, t1 - t_source, len(soft))
-            if extract and b is not None:
-                score(f"extract@{name}", extract_text(source, msg), it, time.perf_counter(), len(msg.positions))
+            for kind, sel in [("latent", selector)] + [(f"latent-{k}", s) for k, s in latent_selectors.items()]:
+                t1 = time.perf_counter()
+                msg = keep_tokens(source, prompt, q, b, sel, attention, states)
+                soft = bridge(wire(msg.states.float(), wire_dtype)[None], token_ids=msg.token_ids[None])[0]
+                # slots merged on the bridge's side of the wire, from its per-token soft tokens
+                soft = wire(merge_slots(soft, msg.slot_of, msg.slot_weight), wire_dtype)
+                softs[f"{kind}@{name}"].append(soft)
+                # the source's shared read is charged to every budget, as serving would pay it
+                score(f"{kind}@{name}", soft, it, t1 - t_source, len(soft))
+                recs[f"{kind}@{name}"]["context_covered"].append(len(msg.positions))  # tokens the slots carry
+                if kind == "latent" and extract and b is not None:
+                    score(f"extract@{name}", extract_text(source, msg), it, time.perf_counter(), len(msg.positions))
         for b in text_budgets:
             t1 = time.perf_counter()
             gen = source.write_message(ids, b)
@@ -103,7 +114,8 @@ def evaluate(items: list[dict], source: AgentModel, target: AgentModel, bridge, 
     for mode, rec in recs.items():
         if mode.startswith("_"):
             continue
-        m = {k: sum(rec[k]) / len(rec[k]) for k in ("em", "f1", "nll", "seconds", "target_tokens") if rec[k]}
+        m = {k: sum(rec[k]) / len(rec[k]) for k in ("em", "f1", "nll", "seconds", "target_tokens", "context_covered")
+             if rec[k]}
         m["diversity"] = diversity(rec["prediction"])
         if rec["message_tokens"]:
             m["message_tokens"] = sum(rec["message_tokens"]) / len(rec["message_tokens"])
@@ -141,7 +153,8 @@ def plot(result: dict, path: str | Path, title: str = "") -> Path:
     modes = result["modes"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     xs_full = max([int(k.split("@")[1]) for k in modes if "@" in k and not k.endswith("@full")] or [64]) * 2
-    for kind, style in (("latent", "o-"), ("extract", "s--"), ("text", "^:")):
+    extra = sorted({k.split("@")[0] for k in modes if k.startswith("latent-")})
+    for kind, style in (("latent", "o-"), ("extract", "s--"), ("text", "^:"), *((k, "D-") for k in extra)):
         pts = sorted((xs_full if k.endswith("@full") else int(k.split("@")[1]), m["em"])
                      for k, m in modes.items() if k.startswith(kind + "@"))
         if pts:
@@ -167,6 +180,18 @@ def plot(result: dict, path: str | Path, title: str = "") -> Path:
     return Path(path)
 
 
+def _selector_spec(spec: str) -> tuple[str, dict[str, int | float]]:
+    """`name` or `name:key=value;key=value` (numbers) -> (name, {params}), for `--latent-selectors`."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for part in filter(None, rest.split(";")):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ValueError(f"--latent-selectors: {spec!r}: parameters are key=value, not {part!r}")
+        params[key.strip()] = float(value) if "." in value else int(value)
+    return name, params
+
+
 def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -186,13 +211,18 @@ def run(args) -> int:
     source = AgentModel(bridge.cfg.source_model, prefill_dtype=args.prefill_dtype, limits=limits)
     params = json.loads(args.selector_params) if args.selector_params else {}
     selector = make_selector(args.selector, **params)
+    specs = [n.strip() for n in getattr(args, "latent_selectors", "").split(",") if n.strip()]
+    latent_selectors = {spec: make_selector(name, **params) for spec, (name, params) in
+                        ((spec, _selector_spec(spec)) for spec in specs)}
     modes = {m.strip().lower() for m in args.modes.split(",") if m.strip()}
     text_budgets = [b for b in parse_budgets(args.text_budgets) if b is not None] if "text" in modes else []
     result = evaluate(items, source, target, bridge, selector, budgets=parse_budgets(args.budgets),
                       text_budgets=text_budgets, extract="extract" in modes,
                       baselines=tuple(m for m in ("direct", "none") if m in modes),
-                      max_new_tokens=args.max_new_tokens, wire_dtype=args.wire_dtype, nll=not args.no_nll)
+                      max_new_tokens=args.max_new_tokens, wire_dtype=args.wire_dtype, nll=not args.no_nll,
+                      latent_selectors=latent_selectors)
     result["config"] = {"data": str(args.data), "selector": args.selector, "selector_params": params,
+                        "latent_selectors": sorted(latent_selectors),
                         "limit": args.limit, "nll": not args.no_nll,
                         "budgets": args.budgets, "text_budgets": args.text_budgets,
                         "bridge": str(args.bridge or default_weights_path()), "bridge_id": bridge.bridge_id,

@@ -146,6 +146,10 @@ def _eval_arguments(p) -> None:
     p.add_argument("--text-budgets", default="64", help="with --budgets: budgets of the TEXT relay (it generates)")
     p.add_argument("--selector", default="lexical", help="with --budgets: packet selector (latentwire.selection)")
     p.add_argument("--selector-params", default=None, help='with --budgets: its parameters as JSON, e.g. {"after": 12}')
+    p.add_argument("--latent-selectors", default="",
+                   help="with --budgets: more selectors whose LATENT packets are scored on the same read, as modes "
+                        "latent-<spec>@M; a spec is a name or name:key=value;key=value (e.g. merge,merge:left=0: "
+                        "latentwire.merging)")
     p.add_argument("--max-context-tokens", type=int, default=8192, help="with --budgets: the models' context limit")
     p.add_argument("--plot", default=None, help="with --budgets: write the EM-vs-budget PNG here")
     p.add_argument("--no-nll", action="store_true",

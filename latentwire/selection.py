@@ -12,6 +12,9 @@ context and question together, so it can spend the budget on what the question n
 - `lexical`: anchors are context tokens that spell a content word of the question, rarest in the
   context first, each with the tokens after it (the crude probe the budget issue describes).
 - `prefix`: the first M context tokens (what truncation sends; the floor of any selector).
+- `merge` (latentwire.merging, registered when that module is imported, as the source agent and
+  `latentwire eval` do): `lexical`'s windows with light tokens sharing a slot with a neighbour, so
+  that M soft tokens cover more than M context tokens (LATENT only).
 
 Selectors are registered by name (`SELECTORS`); a new one is one class and its registration.
 Selected positions are returned in context order: the target reads the chosen tokens as they
@@ -56,6 +59,8 @@ class Selector:
     before: int = 0  # tokens kept before each anchor
     after: int = 12  # tokens kept after each anchor
     needs_attention_layer: int | None = None  # a source layer whose attention `score` reads
+    # a class flag: whether its messages put several tokens in one slot (`plan`, latentwire.merging)
+    merges_slots = False
 
     def score(self, view: SourceView) -> torch.Tensor:
         """(n_context,) anchor scores; higher first. Tokens scoring -inf never anchor."""
@@ -253,8 +258,16 @@ class Message:
 
     ids: torch.Tensor  # (T,) the source prompt
     context: slice  # the context's tokens in `ids`
-    positions: torch.Tensor  # (K,) positions in `ids` of the kept tokens, in order; K <= budget
+    positions: torch.Tensor  # (K,) positions in `ids` of the kept tokens, in order; K <= budget unless merged
     states: torch.Tensor | None = None  # (K, d) hidden states of the kept tokens at the state layer
+    # a merging selector's slots (latentwire.merging.merge_slots): each kept token's slot (K,), in
+    # order, at most `budget` of them, and its weight in that slot (K,); None: one token per slot
+    slot_of: torch.Tensor | None = None
+    slot_weight: torch.Tensor | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.positions) if self.slot_of is None else int(self.slot_of.max()) + 1 if len(self.slot_of) else 0
 
     @property
     def token_ids(self) -> torch.Tensor:
@@ -284,22 +297,35 @@ def plan_prompt(agent, prompt: Prompt, question: str, budget: int | None, select
 def keep_tokens(agent, prompt: Prompt, question: str, budget: int | None, selector: Selector,
                 attention: torch.Tensor | None, states: torch.Tensor | None) -> Message:
     """The message of a prompt already read: the selector's choice of at most `budget` context
-    tokens (None: all) given the attention it needs, with their rows of `states` (T x d) if any."""
+    tokens (None: all) given the attention it needs, with their rows of `states` (T x d) if any.
+
+    A merging selector (latentwire.merging) plans at most `budget` slots of more tokens for a message
+    with states (LATENT: the bridge merges their soft tokens); a message without states is text
+    (EXTRACT), which cannot merge, and gets the selector's `select`: at most `budget` tokens."""
     ids, span, asked = prompt
     n = span.stop - span.start
+    slot_of = slot_weight = None
     if budget is None or budget >= n:
         keep = list(range(n))
     else:
         view = SourceView(ids=ids, context=span, question=asked, question_text=question, attention=attention,
                           tokens=agent.tok.convert_ids_to_tokens(ids[span].tolist()))
-        keep = selector.select(view, budget)
+        if selector.merges_slots and states is not None:  # slots are merged soft tokens: LATENT only
+            keep, slots = selector.plan(view, budget)
+            slot_of = torch.tensor([s for s, group in enumerate(slots) for _ in group], dtype=torch.long)
+            slot_weight = torch.tensor(selector.slot_weights(view, keep, slots), dtype=torch.float32)
+        else:
+            keep = selector.select(view, budget)
     positions = torch.tensor(keep, dtype=torch.long, device=ids.device) + span.start
-    return Message(ids, span, positions, states[positions] if states is not None else None)
+    return Message(ids, span, positions, states[positions] if states is not None else None, slot_of, slot_weight)
 
 
 def extract_text(agent, message: Message) -> str:
     """The kept tokens as text (the extractive relay): each run of adjacent tokens decoded as it
-    stood, runs joined by an ellipsis so that the reader sees where text was left out."""
+    stood, runs joined by an ellipsis so that the reader sees where text was left out. A merged
+    message (more tokens than slots) has no text of its budget: refused."""
+    if message.slot_of is not None:
+        raise ValueError("a message whose slots merge tokens has no extractive text within its budget")
     pos = message.positions.tolist()
     runs: list[list[int]] = []
     for p in pos:

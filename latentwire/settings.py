@@ -116,7 +116,8 @@ class SessionLimits(_Strict):
 
 class PacketSelection(_Strict):
     """How a source spends the message budget M (latentwire.selection): a registered selector
-    (`prefix`, `lexical`, `attention`) and its parameters (`before`, `after`, `needs_attention_layer`...)."""
+    (`prefix`, `lexical`, `attention`, `merge`) and its parameters (`before`, `after`,
+    `needs_attention_layer`, `weight`...)."""
 
     method: str = "lexical"
     params: dict[str, float | int] = {}

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
-from latentwire import codec, selection
+from latentwire import codec, merging, selection  # noqa: F401  (merging registers the `merge` selector)
 from latentwire.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from latentwire.runtime import AgentModel, now_ms
 from latentwire.sessions import SessionCaches, Sessions, TurnLog, check_turn
@@ -280,6 +280,9 @@ class AgentServicer(refusals("source", pb.DESCRIPTOR.services_by_name["BridgeSer
             prov.source_layer, prov.source_hidden_size = layer, self.model.hidden_size
             packet = pb.HiddenStatePacket(hidden=codec.encode(msg.states, self.settings.wire_dtype), provenance=prov,
                                           source_token_ids=msg.token_ids.tolist())  # the bridge's token index
+            if msg.slot_of is not None:  # a merging selector's slots: the bridge sends one soft token per slot
+                packet.slot_of.extend(msg.slot_of.tolist())
+                packet.slot_weight.extend(msg.slot_weight.tolist())
             t2 = now_ms()
             try:
                 tr = await bridge_stub.Translate(packet, metadata=(("application", route.bridge_app),)

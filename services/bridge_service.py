@@ -6,7 +6,8 @@ import torch
 
 from bridge.load import default_weights_path, load_bridge
 from latentwire import codec
-from latentwire.errors import InvalidArgument, ResourceExhausted
+from latentwire.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from latentwire.merging import merge_slots
 from latentwire.runtime import now_ms
 from latentwire.settings import BridgeSettings
 from protos.latentwire.v1 import latentwire_pb2 as pb
@@ -61,6 +62,7 @@ class BridgeServicer(refusals("bridge", AGENT_SERVICE, a2a_wire.SERVICE)):
                                     "source_token_ids")
         if n_ids and n_ids != rows:
             raise InvalidArgument(f"{n_ids} source token ids for {rows} rows of hidden", "source_token_ids")
+        slot_of, slot_weight = self._slots(packet, rows)
         hidden = codec.decode(packet.hidden, field="hidden", ndim=2, last_dim=cfg.d_src,
                               max_elements=self.limits.max_packet_elements)
         ids = None
@@ -70,6 +72,7 @@ class BridgeServicer(refusals("bridge", AGENT_SERVICE, a2a_wire.SERVICE)):
                 raise InvalidArgument(f"source token id {int(ids.min())} is negative", "source_token_ids")
         t1 = now_ms()
         soft, batch_size = await self.batcher.submit((hidden, ids))
+        soft = merge_slots(soft, slot_of, slot_weight)  # one soft token per slot (none given: per row)
         t2 = now_ms()
         prov = pb.Provenance()
         prov.CopyFrom(p)
@@ -80,6 +83,31 @@ class BridgeServicer(refusals("bridge", AGENT_SERVICE, a2a_wire.SERVICE)):
         t3 = now_ms()
         return pb.TranslateReply(latent=latent, bridge_ms=t2 - t1, packet_decode_ms=t1 - t0,
                                  packet_encode_ms=t3 - t2, total_ms=now_ms() - t0, batch_size=batch_size)
+
+    def _slots(self, packet: pb.HiddenStatePacket, rows: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A merging selector's slot groups (latentwire.merging), checked: one slot and one weight per
+        row, slots numbered 0, 1, ... in row order, each slot's weights positive and summing to 1;
+        None, None for a packet without them."""
+        n_of, n_w = len(packet.slot_of), len(packet.slot_weight)
+        if not n_of and not n_w:
+            return None, None
+        for field, n in (("slot_of", n_of), ("slot_weight", n_w)):
+            if n != rows:
+                raise InvalidArgument(f"{n} {field} entries for {rows} rows of hidden", field)
+        if self.bridge.num_soft_tokens(rows) != rows:
+            raise FailedPrecondition(f"bridge {self.bridge.bridge_id} ({self.bridge.arch}) makes "
+                                     f"{self.bridge.num_soft_tokens(rows)} soft tokens of {rows} rows, not one per "
+                                     f"row: it cannot merge slots", "slot_of")
+        slot_of = torch.tensor(packet.slot_of, dtype=torch.long)
+        steps = torch.diff(slot_of, prepend=slot_of.new_tensor([-1]))
+        if not bool(((steps == 0) | (steps == 1)).all()):
+            raise InvalidArgument("slots must number the rows 0, 1, ... in order, the rows of one slot adjacent",
+                                  "slot_of")
+        weight = torch.tensor(packet.slot_weight, dtype=torch.float32)
+        sums = torch.zeros(int(slot_of[-1]) + 1).index_add_(0, slot_of, weight)
+        if not bool(torch.isfinite(weight).all() and (weight > 0).all() and ((sums - 1).abs() <= 1e-3).all()):
+            raise InvalidArgument("each slot's weights must be positive and sum to 1", "slot_weight")
+        return slot_of, weight
 
     @torch.no_grad()
     def translate_many(self, hiddens: list[torch.Tensor], token_ids: list[torch.Tensor | None] | None = None

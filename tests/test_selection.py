@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentwire import selection
+from latentwire import merging, selection  # noqa: F401  (merging registers the `merge` selector)
 from latentwire.selection import (SELECTORS, extract_text, make_selector, plan_message, plan_messages,
                                   question_attention, windows)
 
@@ -29,10 +29,10 @@ def test_windows_fill_the_budget_when_too_few_tokens_anchor():
 
 
 def test_every_selector_is_registered_and_unknown_parameters_are_named():
-    assert {"prefix", "lexical", "attention"} <= set(SELECTORS.names())
+    assert {"prefix", "lexical", "attention", "merge"} <= set(SELECTORS.names())
     with pytest.raises(ValueError, match="wrong"):
         make_selector("lexical", wrong=3)
-    with pytest.raises(KeyError, match="known: attention, lexical, prefix"):
+    with pytest.raises(KeyError, match="known: attention, lexical, merge, prefix"):
         make_selector("nope")
 
 
@@ -41,7 +41,10 @@ def test_a_message_holds_at_most_the_budget_and_the_states_of_its_tokens(tiny_so
     for name in SELECTORS.names():
         sel = make_selector(name, **({"needs_attention_layer": 2} if name == "attention" else {}))
         msg = plan_message(tiny_source, RECORDS, "How old is Omar?", budget, sel, state_layer=2)
-        assert len(msg.positions) == budget
+        if sel.merges_slots:  # more tokens in at most M slots (tests/test_merging.py)
+            assert msg.num_slots <= budget <= len(msg.positions)
+        else:
+            assert len(msg.positions) == msg.num_slots == budget
         assert bool((msg.positions >= msg.context.start).all() and (msg.positions < msg.context.stop).all())
         assert torch.equal(msg.positions, msg.positions.sort().values)  # in context order
         full = tiny_source.hidden_states(msg.ids, 2)

@@ -24,45 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/latentwire/v1/latentwire.proto\x12\rlatentwire.v1\"Y\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.latentwire.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x03(\x02\"\xc4\x01\n\nProvenance\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0csource_model\x18\x02 \x01(\t\x12\x14\n\x0csource_layer\x18\x03 \x01(\x05\x12\x1a\n\x12source_hidden_size\x18\x04 \x01(\x05\x12\x14\n\x0ctarget_model\x18\x05 \x01(\t\x12\x1a\n\x12target_hidden_size\x18\x06 \x01(\x05\x12\x11\n\tbridge_id\x18\x07 \x01(\t\x12\x15\n\rbridge_sha256\x18\x08 \x01(\t\"\x83\x01\n\x11HiddenStatePacket\x12%\n\x06hidden\x18\x01 \x01(\x0b\x32\x15.latentwire.v1.Tensor\x12-\n\nprovenance\x18\x02 \x01(\x0b\x32\x19.latentwire.v1.Provenance\x12\x18\n\x10source_token_ids\x18\x03 \x03(\x05\"|\n\x0cLatentPacket\x12*\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x15.latentwire.v1.Tensor\x12-\n\nprovenance\x18\x02 \x01(\x0b\x32\x19.latentwire.v1.Provenance\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"]\n\nTextPacket\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12-\n\nprovenance\x18\x03 \x01(\x0b\x32\x19.latentwire.v1.Provenance\"\xc3\x02\n\x07Timings\x12\x19\n\x11source_prefill_ms\x18\x01 \x01(\x01\x12\x18\n\x10source_decode_ms\x18\x02 \x01(\x01\x12\x18\n\x10packet_encode_ms\x18\x03 \x01(\x01\x12\x15\n\rbridge_hop_ms\x18\x04 \x01(\x01\x12\x11\n\tbridge_ms\x18\x05 \x01(\x01\x12\x15\n\rtarget_hop_ms\x18\x06 \x01(\x01\x12\x18\n\x10packet_decode_ms\x18\x07 \x01(\x01\x12\x19\n\x11target_prefill_ms\x18\x08 \x01(\x01\x12\x18\n\x10target_decode_ms\x18\t \x01(\x01\x12\x17\n\x0fsource_total_ms\x18\n \x01(\x01\x12\x14\n\x0csource_batch\x18\x0b \x01(\r\x12\x14\n\x0c\x62ridge_batch\x18\x0c \x01(\r\x12\x14\n\x0ctarget_batch\x18\r \x01(\r\"\xd6\x01\n\nAskRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\x10\n\x08question\x18\x03 \x01(\t\x12!\n\x04mode\x18\x04 \x01(\x0e\x32\x13.latentwire.v1.Mode\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x14\n\x0ctarget_agent\x18\x06 \x01(\t\x12\x16\n\x0emessage_tokens\x18\x07 \x01(\r\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x14\n\x0csession_turn\x18\t \x01(\r\"\xf4\x02\n\x08\x41skReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12!\n\x04mode\x18\x03 \x01(\x0e\x32\x13.latentwire.v1.Mode\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.latentwire.v1.Timings\x12\x14\n\x0cpacket_bytes\x18\x05 \x01(\x04\x12\x15\n\rsource_tokens\x18\x06 \x01(\r\x12\x16\n\x0emessage_tokens\x18\x07 \x01(\r\x12\x15\n\ranswer_tokens\x18\x08 \x01(\r\x12\x14\n\x0csource_model\x18\t \x01(\t\x12\x14\n\x0ctarget_model\x18\n \x01(\t\x12\x14\n\x0ctarget_agent\x18\x0b \x01(\t\x12\x17\n\x0fkv_cache_tokens\x18\x0c \x01(\r\x12\x12\n\nsession_id\x18\r \x01(\t\x12\x15\n\rsession_turns\x18\x0e \x01(\r\x12\x16\n\x0ereplayed_turns\x18\x0f \x01(\r\"@\n\x08\x41skChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\x05reply\x18\x02 \x01(\x0b\x32\x17.latentwire.v1.AskReply\"\x80\x02\n\x0eReceiveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x04mode\x18\x02 \x01(\x0e\x32\x13.latentwire.v1.Mode\x12\x10\n\x08question\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12-\n\x06latent\x18\x05 \x01(\x0b\x32\x1b.latentwire.v1.LatentPacketH\x00\x12)\n\x04text\x18\x06 \x01(\x0b\x32\x19.latentwire.v1.TextPacketH\x00\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x14\n\x0csession_turn\x18\x08 \x01(\rB\t\n\x07payload\"\x8a\x02\n\x0cReceiveReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\x15\n\ranswer_tokens\x18\x03 \x01(\r\x12\x18\n\x10packet_decode_ms\x18\x04 \x01(\x01\x12\x12\n\nprefill_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x14\n\x0ctarget_model\x18\x08 \x01(\t\x12\x17\n\x0fkv_cache_tokens\x18\t \x01(\r\x12\x12\n\nbatch_size\x18\n \x01(\r\x12\x12\n\nsession_id\x18\x0b \x01(\t\x12\x15\n\rsession_turns\x18\x0c \x01(\r\"H\n\x0cReceiveChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x05reply\x18\x02 \x01(\x0b\x32\x1b.latentwire.v1.ReceiveReply\"\xaa\x01\n\x0eTranslateReply\x12+\n\x06latent\x18\x01 \x01(\x0b\x32\x1b.latentwire.v1.LatentPacket\x12\x11\n\tbridge_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x18\n\x10packet_decode_ms\x18\x04 \x01(\x01\x12\x18\n\x10packet_encode_ms\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\r*P\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x08\n\x04INT8\x10\x04*?\n\x04Mode\x12\n\n\x06LATENT\x10\x00\x12\x08\n\x04TEXT\x10\x01\x12\n\n\x06\x44IRECT\x10\x02\x12\x08\n\x04NONE\x10\x03\x12\x0b\n\x07\x45XTRACT\x10\x04\x32\xa2\x02\n\x0c\x41gentService\x12\x39\n\x03\x41sk\x12\x19.latentwire.v1.AskRequest\x1a\x17.latentwire.v1.AskReply\x12\x41\n\tAskStream\x12\x19.latentwire.v1.AskRequest\x1a\x17.latentwire.v1.AskChunk0\x01\x12\x45\n\x07Receive\x12\x1d.latentwire.v1.ReceiveRequest\x1a\x1b.latentwire.v1.ReceiveReply\x12M\n\rReceiveStream\x12\x1d.latentwire.v1.ReceiveRequest\x1a\x1b.latentwire.v1.ReceiveChunk0\x01\x32]\n\rBridgeService\x12L\n\tTranslate\x12 .latentwire.v1.HiddenStatePacket\x1a\x1d.latentwire.v1.TranslateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/latentwire/v1/latentwire.proto\x12\rlatentwire.v1\"Y\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.latentwire.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x03(\x02\"\xc4\x01\n\nProvenance\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0csource_model\x18\x02 \x01(\t\x12\x14\n\x0csource_layer\x18\x03 \x01(\x05\x12\x1a\n\x12source_hidden_size\x18\x04 \x01(\x05\x12\x14\n\x0ctarget_model\x18\x05 \x01(\t\x12\x1a\n\x12target_hidden_size\x18\x06 \x01(\x05\x12\x11\n\tbridge_id\x18\x07 \x01(\t\x12\x15\n\rbridge_sha256\x18\x08 \x01(\t\"\xa9\x01\n\x11HiddenStatePacket\x12%\n\x06hidden\x18\x01 \x01(\x0b\x32\x15.latentwire.v1.Tensor\x12-\n\nprovenance\x18\x02 \x01(\x0b\x32\x19.latentwire.v1.Provenance\x12\x18\n\x10source_token_ids\x18\x03 \x03(\x05\x12\x0f\n\x07slot_of\x18\x04 \x03(\r\x12\x13\n\x0bslot_weight\x18\x05 \x03(\x02\"|\n\x0cLatentPacket\x12*\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x15.latentwire.v1.Tensor\x12-\n\nprovenance\x18\x02 \x01(\x0b\x32\x19.latentwire.v1.Provenance\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"]\n\nTextPacket\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12-\n\nprovenance\x18\x03 \x01(\x0b\x32\x19.latentwire.v1.Provenance\"\xc3\x02\n\x07Timings\x12\x19\n\x11source_prefill_ms\x18\x01 \x01(\x01\x12\x18\n\x10source_decode_ms\x18\x02 \x01(\x01\x12\x18\n\x10packet_encode_ms\x18\x03 \x01(\x01\x12\x15\n\rbridge_hop_ms\x18\x04 \x01(\x01\x12\x11\n\tbridge_ms\x18\x05 \x01(\x01\x12\x15\n\rtarget_hop_ms\x18\x06 \x01(\x01\x12\x18\n\x10packet_decode_ms\x18\x07 \x01(\x01\x12\x19\n\x11target_prefill_ms\x18\x08 \x01(\x01\x12\x18\n\x10target_decode_ms\x18\t \x01(\x01\x12\x17\n\x0fsource_total_ms\x18\n \x01(\x01\x12\x14\n\x0csource_batch\x18\x0b \x01(\r\x12\x14\n\x0c\x62ridge_batch\x18\x0c \x01(\r\x12\x14\n\x0ctarget_batch\x18\r \x01(\r\"\xd6\x01\n\nAskRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\x10\n\x08question\x18\x03 \x01(\t\x12!\n\x04mode\x18\x04 \x01(\x0e\x32\x13.latentwire.v1.Mode\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x14\n\x0ctarget_agent\x18\x06 \x01(\t\x12\x16\n\x0emessage_tokens\x18\x07 \x01(\r\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x14\n\x0csession_turn\x18\t \x01(\r\"\xf4\x02\n\x08\x41skReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12!\n\x04mode\x18\x03 \x01(\x0e\x32\x13.latentwire.v1.Mode\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.latentwire.v1.Timings\x12\x14\n\x0cpacket_bytes\x18\x05 \x01(\x04\x12\x15\n\rsource_tokens\x18\x06 \x01(\r\x12\x16\n\x0emessage_tokens\x18\x07 \x01(\r\x12\x15\n\ranswer_tokens\x18\x08 \x01(\r\x12\x14\n\x0csource_model\x18\t \x01(\t\x12\x14\n\x0ctarget_model\x18\n \x01(\t\x12\x14\n\x0ctarget_agent\x18\x0b \x01(\t\x12\x17\n\x0fkv_cache_tokens\x18\x0c \x01(\r\x12\x12\n\nsession_id\x18\r \x01(\t\x12\x15\n\rsession_turns\x18\x0e \x01(\r\x12\x16\n\x0ereplayed_turns\x18\x0f \x01(\r\"@\n\x08\x41skChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\x05reply\x18\x02 \x01(\x0b\x32\x17.latentwire.v1.AskReply\"\x80\x02\n\x0eReceiveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x04mode\x18\x02 \x01(\x0e\x32\x13.latentwire.v1.Mode\x12\x10\n\x08question\x18\x03 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12-\n\x06latent\x18\x05 \x01(\x0b\x32\x1b.latentwire.v1.LatentPacketH\x00\x12)\n\x04text\x18\x06 \x01(\x0b\x32\x19.latentwire.v1.TextPacketH\x00\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x14\n\x0csession_turn\x18\x08 \x01(\rB\t\n\x07payload\"\x8a\x02\n\x0cReceiveReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\x15\n\ranswer_tokens\x18\x03 \x01(\r\x12\x18\n\x10packet_decode_ms\x18\x04 \x01(\x01\x12\x12\n\nprefill_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x14\n\x0ctarget_model\x18\x08 \x01(\t\x12\x17\n\x0fkv_cache_tokens\x18\t \x01(\r\x12\x12\n\nbatch_size\x18\n \x01(\r\x12\x12\n\nsession_id\x18\x0b \x01(\t\x12\x15\n\rsession_turns\x18\x0c \x01(\r\"H\n\x0cReceiveChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12*\n\x05reply\x18\x02 \x01(\x0b\x32\x1b.latentwire.v1.ReceiveReply\"\xaa\x01\n\x0eTranslateReply\x12+\n\x06latent\x18\x01 \x01(\x0b\x32\x1b.latentwire.v1.LatentPacket\x12\x11\n\tbridge_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x18\n\x10packet_decode_ms\x18\x04 \x01(\x01\x12\x18\n\x10packet_encode_ms\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\r*P\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x08\n\x04INT8\x10\x04*?\n\x04Mode\x12\n\n\x06LATENT\x10\x00\x12\x08\n\x04TEXT\x10\x01\x12\n\n\x06\x44IRECT\x10\x02\x12\x08\n\x04NONE\x10\x03\x12\x0b\n\x07\x45XTRACT\x10\x04\x32\xa2\x02\n\x0c\x41gentService\x12\x39\n\x03\x41sk\x12\x19.latentwire.v1.AskRequest\x1a\x17.latentwire.v1.AskReply\x12\x41\n\tAskStream\x12\x19.latentwire.v1.AskRequest\x1a\x17.latentwire.v1.AskChunk0\x01\x12\x45\n\x07Receive\x12\x1d.latentwire.v1.ReceiveRequest\x1a\x1b.latentwire.v1.ReceiveReply\x12M\n\rReceiveStream\x12\x1d.latentwire.v1.ReceiveRequest\x1a\x1b.latentwire.v1.ReceiveChunk0\x01\x32]\n\rBridgeService\x12L\n\tTranslate\x12 .latentwire.v1.HiddenStatePacket\x1a\x1d.latentwire.v1.TranslateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.latentwire.v1.latentwire_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2460
-  _globals['_DTYPE']._serialized_end=2540
-  _globals['_MODE']._serialized_start=2542
-  _globals['_MODE']._serialized_end=2605
+  _globals['_DTYPE']._serialized_start=2498
+  _globals['_DTYPE']._serialized_end=2578
+  _globals['_MODE']._serialized_start=2580
+  _globals['_MODE']._serialized_end=2643
   _globals['_TENSOR']._serialized_start=56
   _globals['_TENSOR']._serialized_end=145
   _globals['_PROVENANCE']._serialized_start=148
   _globals['_PROVENANCE']._serialized_end=344
   _globals['_HIDDENSTATEPACKET']._serialized_start=347
-  _globals['_HIDDENSTATEPACKET']._serialized_end=478
-  _globals['_LATENTPACKET']._serialized_start=480
-  _globals['_LATENTPACKET']._serialized_end=604
-  _globals['_TEXTPACKET']._serialized_start=606
-  _globals['_TEXTPACKET']._serialized_end=699
-  _globals['_TIMINGS']._serialized_start=702
-  _globals['_TIMINGS']._serialized_end=1025
-  _globals['_ASKREQUEST']._serialized_start=1028
-  _globals['_ASKREQUEST']._serialized_end=1242
-  _globals['_ASKREPLY']._serialized_start=1245
-  _globals['_ASKREPLY']._serialized_end=1617
-  _globals['_ASKCHUNK']._serialized_start=1619
-  _globals['_ASKCHUNK']._serialized_end=1683
-  _globals['_RECEIVEREQUEST']._serialized_start=1686
-  _globals['_RECEIVEREQUEST']._serialized_end=1942
-  _globals['_RECEIVEREPLY']._serialized_start=1945
-  _globals['_RECEIVEREPLY']._serialized_end=2211
-  _globals['_RECEIVECHUNK']._serialized_start=2213
-  _globals['_RECEIVECHUNK']._serialized_end=2285
-  _globals['_TRANSLATEREPLY']._serialized_start=2288
-  _globals['_TRANSLATEREPLY']._serialized_end=2458
-  _globals['_AGENTSERVICE']._serialized_start=2608
-  _globals['_AGENTSERVICE']._serialized_end=2898
-  _globals['_BRIDGESERVICE']._serialized_start=2900
-  _globals['_BRIDGESERVICE']._serialized_end=2993
+  _globals['_HIDDENSTATEPACKET']._serialized_end=516
+  _globals['_LATENTPACKET']._serialized_start=518
+  _globals['_LATENTPACKET']._serialized_end=642
+  _globals['_TEXTPACKET']._serialized_start=644
+  _globals['_TEXTPACKET']._serialized_end=737
+  _globals['_TIMINGS']._serialized_start=740
+  _globals['_TIMINGS']._serialized_end=1063
+  _globals['_ASKREQUEST']._serialized_start=1066
+  _globals['_ASKREQUEST']._serialized_end=1280
+  _globals['_ASKREPLY']._serialized_start=1283
+  _globals['_ASKREPLY']._serialized_end=1655
+  _globals['_ASKCHUNK']._serialized_start=1657
+  _globals['_ASKCHUNK']._serialized_end=1721
+  _globals['_RECEIVEREQUEST']._serialized_start=1724
+  _globals['_RECEIVEREQUEST']._serialized_end=1980
+  _globals['_RECEIVEREPLY']._serialized_start=1983
+  _globals['_RECEIVEREPLY']._serialized_end=2249
+  _globals['_RECEIVECHUNK']._serialized_start=2251
+  _globals['_RECEIVECHUNK']._serialized_end=2323
+  _globals['_TRANSLATEREPLY']._serialized_start=2326
+  _globals['_TRANSLATEREPLY']._serialized_end=2496
+  _globals['_AGENTSERVICE']._serialized_start=2646
+  _globals['_AGENTSERVICE']._serialized_end=2936
+  _globals['_BRIDGESERVICE']._serialized_start=2938
+  _globals['_BRIDGESERVICE']._serialized_end=3031
 # @@protoc_insertion_point(module_scope)

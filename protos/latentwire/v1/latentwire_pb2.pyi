@@ -66,14 +66,18 @@ class Provenance(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., source_model: _Optional[str] = ..., source_layer: _Optional[int] = ..., source_hidden_size: _Optional[int] = ..., target_model: _Optional[str] = ..., target_hidden_size: _Optional[int] = ..., bridge_id: _Optional[str] = ..., bridge_sha256: _Optional[str] = ...) -> None: ...
 
 class HiddenStatePacket(_message.Message):
-    __slots__ = ("hidden", "provenance", "source_token_ids")
+    __slots__ = ("hidden", "provenance", "source_token_ids", "slot_of", "slot_weight")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_OF_FIELD_NUMBER: _ClassVar[int]
+    SLOT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     provenance: Provenance
     source_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., source_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    slot_of: _containers.RepeatedScalarFieldContainer[int]
+    slot_weight: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., source_token_ids: _Optional[_Iterable[int]] = ..., slot_of: _Optional[_Iterable[int]] = ..., slot_weight: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class LatentPacket(_message.Message):
     __slots__ = ("soft_tokens", "provenance", "signature")
