@@ -148,6 +148,20 @@ class KVPressBaseline(Compressor):
         return False
 
 
+def method_spec(spec: str) -> tuple[str, int]:
+    """"fmkvc" -> ("fmkvc", 0); "fmkvc:keep=1" -> ("fmkvc", 1): a window method that keeps `keep`
+    exact entries per window (`Schedule.keep`) at the same ratio, so its window is ratio x (keep + 1)
+    tokens. The --methods spec of eval-cache and eval-session."""
+    name, _, opts = spec.partition(":")
+    keep = 0
+    for opt in filter(None, opts.split(",")):
+        key, _, value = opt.partition("=")
+        if key != "keep" or not value.isdigit():
+            raise ValueError(f"method {spec!r}: the one option a method takes here is keep=N, not {opt!r}")
+        keep = int(value)
+    return name, keep
+
+
 def takes(option: str) -> list[str]:
     """Registered methods that take `option`."""
     return [n for n in COMPRESSORS if option in COMPRESSORS.get(n).options()]

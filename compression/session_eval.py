@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from compression.base import method_spec
+
 RELATIONS = ("city", "age", "year", "room", "date", "pet")  # relations with many values in the validation split
 EARLY = 4  # records of the first turns: "early facts"
 BUCKETS = ((0, 0), (1, 3), (4, 7), (8, 15), (16, 31), (32, 1 << 30))
@@ -93,20 +95,6 @@ def conversations(cfg: SessionEvalConfig) -> list[list[dict]]:
 
 
 # ---- running -------------------------------------------------------------------------------------
-def method_spec(spec: str) -> tuple[str, int]:
-    """"fmkvc" -> ("fmkvc", 0); "fmkvc:keep=1" -> ("fmkvc", 1): a window method that keeps `keep`
-    exact entries per window (compression.base.Schedule.keep) at the same ratio, so its window is
-    ratio x (keep + 1) tokens."""
-    name, _, opts = spec.partition(":")
-    keep = 0
-    for opt in filter(None, opts.split(",")):
-        key, _, value = opt.partition("=")
-        if key != "keep" or not value.isdigit():
-            raise ValueError(f"method {spec!r}: the one option a method takes here is keep=N, not {opt!r}")
-        keep = int(value)
-    return name, keep
-
-
 def agent_for(spec: str, cfg: SessionEvalConfig, model, tok):
     """The target as an agent with `spec`'s session memory (None for dense: transformers' cache)."""
     from compression.session import factory
