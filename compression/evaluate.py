@@ -323,6 +323,10 @@ def run(cfg: EvalConfig, json_out: str, plot_out: str | None = None, log=print, 
         if old.get("config") == results["config"] or all(old["config"].get(k, defaults[k]) == v
                                                           for k, v in asdict(cfg).items() if k not in ("ratios", "methods")):
             results["methods"], done = old["methods"], old["methods"]
+            # the file describes every cell it holds: the ratios and methods of both runs
+            results["nominal_budget"] = dict(old.get("nominal_budget", {}))
+            results["config"]["ratios"] = sorted({*old["config"]["ratios"], *cfg.ratios})
+            results["config"]["methods"] = list(dict.fromkeys([*old["config"]["methods"], *cfg.methods]))
     dense_res, dense_attn = eval_method(model, tok, items, "dense", cfg, 1, eos_ids)
     dense_res["attention_cosine"] = 1.0
     results["methods"]["dense"] = {"1": dense_res}
