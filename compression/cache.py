@@ -57,17 +57,16 @@ def merge_log_count(log_count: torch.Tensor, start: int, m: int, schedule: Sched
     return torch.cat([log_count[:start], window.repeat(m), log_count[start + m * schedule.window:]])
 
 
-def merge_positions(last_pos: torch.Tensor, start: int, m: int, schedule: Schedule,
-                    kept: torch.Tensor | None) -> torch.Tensor:
-    """Newest true position of each entry after compress_tail: a kept entry its own (the latest over the
-    batch, so a sliding layer never evicts an entry a row still needs), a super-token its window's last."""
+def merge_positions(last_pos: torch.Tensor, start: int, m: int, schedule: Schedule) -> torch.Tensor:
+    """Newest true position of each entry after compress_tail: every entry of a compressed window, its
+    kept exact entries and its super-token alike, stands until the window's last token. A sliding layer
+    then evicts a window's entries together, so every sliding layer holds the same number of entries
+    whichever tokens each layer kept (transformers builds one attention mask per layer type, sized by
+    the first layer of the type; per-layer eviction by the kept tokens' own positions gave layers of
+    one type different lengths and that mask the wrong size)."""
     w = schedule.window
     windows = last_pos[start:start + m * w].view(m, w)
-    parts = [windows[:, -1:]]
-    if kept is not None:  # (B, m, keep) indices within each window
-        own = torch.gather(windows.unsqueeze(0).expand(kept.shape[0], m, w), 2, kept.cpu()).amax(0)
-        parts.insert(0, own)
-    merged = torch.cat(parts, dim=1).reshape(-1)
+    merged = windows[:, -1:].expand(m, schedule.per_window).reshape(-1)
     return torch.cat([last_pos[:start], merged, last_pos[start + m * w:]])
 
 
@@ -148,12 +147,11 @@ class CompressedLayer(DynamicLayer):
                 keys, values, last_pos = keys[:, :, n_drop:], values[:, :, n_drop:], last_pos[n_drop:]
                 log_count = log_count[n_drop:]
                 self.n_final = max(self.n_final - n_drop, 0)
-        kept: list = []
         keys, values, self.n_final, m = compress_tail(keys, values, self.n_final, self.schedule,
-                                                      self.compressor, self.layer_idx, kept)
+                                                      self.compressor, self.layer_idx)
         if m:
             start = self.n_final - m * self.schedule.per_window
-            last_pos = merge_positions(last_pos, start, m, self.schedule, kept[0])
+            last_pos = merge_positions(last_pos, start, m, self.schedule)
             log_count = merge_log_count(log_count, start, m, self.schedule, self.compressor)
         self.keys, self.values, self.last_pos, self.log_count = keys, values, last_pos, log_count
         return full_k, full_v  # this step's attention still sees what it was given

@@ -136,8 +136,8 @@ def test_a_keep_that_leaves_nothing_to_pool_is_refused():
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
 def test_a_hybrid_cache_follows_its_schedule_and_keeps_counts_and_positions(name):
     """Prefill and decode with keep=1: every full-attention layer holds expected_length entries, the
-    super-tokens (and only they) carry the log-count of the W - keep tokens they pool, the kept
-    entries keep their own true positions, and sliding layers evict by those positions."""
+    super-tokens (and only they) carry the log-count of the W - keep tokens they pool, and a window's
+    entries, kept and pooled, stand until its last token, by which sliding layers evict them."""
     from compression.methods.mean_pool import MeanPoolMass
 
     model = tiny_gemma3() if name == "tiny-gemma3" else profiles.load(name)[0]
@@ -176,3 +176,26 @@ def test_keep_passes_from_the_agent_setting_to_the_session_cache_and_pruning_met
     assert cache.schedule.keep == 1 and cache.schedule.per_window == 2
     with pytest.raises(ValueError, match="keep=1 needs a window method"):
         factory(method="knorm", profile="tiny-llama", window=8, keep=1)
+
+
+def test_sliding_layers_of_a_hybrid_cache_stay_aligned_when_chunks_follow_the_prefill():
+    """Each layer keeps its own tokens exact, but transformers builds one attention mask per layer type:
+    every sliding layer must hold as many entries as the first, or reading a chunk of several tokens
+    after compression (eval-cache's continuation, a session's next turn) fails on the mask's size.
+    Chunks after a prefill past the sliding window, with proportional attention (the fmkvc path)."""
+    from compression import attention
+    from compression.methods.mean_pool import MeanPoolMass
+
+    model = tiny_gemma3()
+    attention.enable(model)
+    cache = FMKVCCache(model.config, Schedule(window=8, sink=4, recent=16, keep=1), MeanPoolMass())
+    ids = _ids(model, 300, seed=0)
+    pos = 0
+    with torch.no_grad():
+        for n in (200, 7, 20, 1, 31, 1):
+            out = model(ids[:, pos:pos + n], past_key_values=cache, use_cache=True,
+                        position_ids=torch.arange(pos, pos + n)[None]).logits
+            pos += n
+            assert torch.isfinite(out).all()
+            sliding = {layer.stored() for layer in cache.layers if layer.sliding_window is not None}
+            assert len(sliding) == 1, sliding
