@@ -151,6 +151,29 @@ class KVPressBaseline(Compressor):
         return False
 
 
+SLIDING_LAYERS = ("pool", "newest")  # what a window method does on a model's sliding-window layers
+
+
+def method_spec(spec: str) -> tuple[str, dict]:
+    """A --methods entry of eval-cache and eval-session: a method name, then for a window method
+    ":option=value" layout options. "fmkvc" -> ("fmkvc", {}); "fmkvc:keep=1:sliding_layers=pool" ->
+    ("fmkvc", {"keep": 1, "sliding_layers": "pool"}). `keep` exact entries per window (`Schedule.keep`)
+    at the same ratio, so its window is ratio x (keep + 1) tokens; `sliding_layers` what the model's
+    sliding-window layers do (compression.cache.sliding_layer_schedule)."""
+    name, *opts = spec.split(":")
+    layout: dict = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key == "keep" and value.isdigit():
+            layout[key] = int(value)
+        elif key == "sliding_layers" and value in SLIDING_LAYERS:
+            layout[key] = value
+        else:
+            raise ValueError(f"method {spec!r}: options are keep=N and sliding_layers={'|'.join(SLIDING_LAYERS)}, "
+                             f"not {opt!r}")
+    return name, layout
+
+
 def takes(option: str) -> list[str]:
     """Registered methods that take `option`."""
     return [n for n in COMPRESSORS if option in COMPRESSORS.get(n).options()]

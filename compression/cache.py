@@ -39,7 +39,7 @@ from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
 from compression import attention
-from compression.base import Compressor, Schedule, build
+from compression.base import SLIDING_LAYERS, Compressor, Schedule, build
 from compression.refine import refine_super_tokens
 
 def proportional(compressor: Compressor | None) -> bool:
@@ -302,9 +302,6 @@ def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, w
     `factory(...)`, which checks them first) as `AgentModel(cache_factory=...)`."""
     return new_cache(model, _serving_method(method, profile, options), Schedule(window, sink, recent, keep=keep),
                      sliding_layer_schedule(Schedule(window, sink, recent, keep=keep), sliding_layers))
-
-
-SLIDING_LAYERS = ("pool", "newest")
 
 
 def sliding_layer_schedule(schedule: Schedule, sliding_layers: str) -> Schedule | None:

@@ -44,10 +44,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from compression.evaluate import EvalConfig, method_names, run
+    from compression.evaluate import EvalConfig, check_spec, method_names, run
 
-    unknown = [m for m in args.methods.split(",") if m not in method_names()]
-    if unknown:  # before the model loads: the registry's names (compression.methods)
+    try:  # before the model loads: the registry's names (compression.methods), keep=K on window methods only
+        unknown = [m for m in args.methods.split(",") if not check_spec(m)]
+    except ValueError as exc:
+        print(f"latentwire eval-cache: error: {exc}", file=sys.stderr)
+        return 2
+    if unknown:
         print(f"latentwire eval-cache: error: unknown KV compression method {', '.join(map(repr, unknown))}; "
               f"known: {', '.join(method_names())}", file=sys.stderr)
         return 2
@@ -89,8 +93,9 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_session(args: argparse.Namespace) -> int:
     import sys
 
+    from compression.base import method_spec
     from compression.evaluate import method_names
-    from compression.session_eval import SessionEvalConfig, method_spec, run
+    from compression.session_eval import SessionEvalConfig, run
 
     methods = args.methods.split(",")
     try:
@@ -182,7 +187,9 @@ def register(sub, group) -> None:
     p.add_argument("--methods", default="dense,fmkvc,streamingllm,snapkv,knorm,expected_attention,mean_pool",
                    help="comma list of KV compression methods registered in compression.methods (an unknown "
                         "name is refused with the list), e.g. also kvzip, mean_pool_mass (ablation) and "
-                        "fmkvc_refine (fmkvc with --refine-steps: super-tokens refitted at prefill)")
+                        "fmkvc_refine (fmkvc with --refine-steps: super-tokens refitted at prefill); a window "
+                        "method as NAME:keep=K keeps K exact entries per window of ratio x (K + 1) tokens and "
+                        "pools the rest (the hybrid memory, same entries as NAME)")
     p.add_argument("--weights", default=None, help="sidecar weights (default: the packaged one)")
     p.add_argument("--refine-steps", type=int, default=30,
                    help="fmkvc_refine: steps fitting the super-tokens to the context's own tail (compression/refine.py)")

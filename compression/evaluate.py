@@ -2,7 +2,10 @@
 
 For each nominal ratio r the window presses use W = r (plus `sink` and `recent` dense tokens) and the
 pruning baselines from kvpress get the same number of cache entries after prefill
-(compression_ratio = 1 - budget / context). With `window` set, the window presses instead use that W
+(compression_ratio = 1 - budget / context). A window method given as "NAME:keep=K" (`compression.base.
+method_spec`) is the hybrid memory: windows of W = r (K + 1) tokens, each leaving its K most important
+entries exact and one super-token, so it stores what NAME stores at r (its recent window is shortened
+where the remainder of the longer windows would otherwise take it over the budget). With `window` set, the window presses instead use that W
 at every ratio and spend the rest of the same budget on the longest recent window that fits
 (`window_layout`): fewer, coarser super-tokens for the old text, more dense tokens for the new. Protocol, identical for every method (it mirrors
 kvpress's pipeline: compress the context at prefill, then read the rest without pruning):
@@ -44,13 +47,32 @@ def method_names() -> list[str]:
     return sorted([*COMPRESSORS.names(), *ALIASES])
 
 
-def resolve(name: str, cfg: "EvalConfig", **context):
-    """The method a --methods name stands for, built with eval-cache's options; `context` (profile,
-    weights, tokenizer) goes to the methods that take it."""
+def resolve(spec: str, cfg: "EvalConfig", **context):
+    """The method a --methods spec ("NAME" or "NAME:keep=K") stands for, built with eval-cache's
+    options; `context` (profile, weights, tokenizer) goes to the methods that take it. keep=K is the
+    schedule's (`window_layout`), not the method's."""
+    from compression.base import method_spec
     from compression.methods import build
 
+    name, layout = method_spec(spec)
+    keep = layout.get("keep", 0)
     base, options = ALIASES.get(name, (name, lambda cfg: {}))
-    return build(base, context=context, **options(cfg))
+    method = build(base, context=context, **options(cfg))
+    if keep and not (method.compresses() and method.serves()):
+        raise ValueError(f"method {spec!r}: keep=K is an option of the window methods (fmkvc, mean_pool, ...), "
+                         f"not of {name!r}")
+    return method
+
+
+def check_spec(spec: str) -> bool:
+    """Whether --methods may name `spec`: False for an unknown method, ValueError for a keep=K a method
+    cannot take; nothing is loaded."""
+    from compression.base import method_spec
+
+    if method_spec(spec)[0] not in method_names():
+        return False
+    resolve(spec, EvalConfig())
+    return True
 
 
 @dataclass
@@ -75,19 +97,26 @@ class EvalConfig:
 
 
 # ---- methods ---------------------------------------------------------------------------------
-def window_layout(cfg: EvalConfig, ratio: int, n_context: int) -> tuple[int, int]:
-    """(W, recent) of the window presses at `ratio`: W = ratio and cfg.recent, or with cfg.window set,
-    that W and the longest recent window whose entries after n_context tokens stay within the budget
-    of (W = ratio, cfg.recent), the budget every method gets."""
+def window_layout(cfg: EvalConfig, ratio: int, n_context: int, keep: int = 0) -> tuple[int, int]:
+    """(W, recent) of the window presses at `ratio` with `keep` exact entries per window: W = ratio x
+    (keep + 1) and cfg.recent, or with cfg.window set, that W; either way the recent window is the
+    longest (up to cfg.recent without cfg.window) whose entries after n_context tokens stay within the
+    budget of (W = ratio, cfg.recent), the budget every method gets. Plain windows at W = ratio are that
+    budget by definition; longer windows leave a longer dense remainder before the recent tokens, which
+    a shorter recent window pays for."""
+    from compression.base import Schedule
     from compression.presses import nominal_budget
 
-    if not cfg.window or ratio == 1:
+    if ratio == 1 or (not cfg.window and not keep):
         return ratio, cfg.recent
+    window = cfg.window or ratio * (keep + 1)
     budget = nominal_budget(n_context, ratio, cfg.sink, cfg.recent)
-    fits = [r for r in range(1, n_context) if nominal_budget(n_context, cfg.window, cfg.sink, r) <= budget]
+    longest = n_context if cfg.window else cfg.recent
+    fits = [r for r in range(1, longest + 1)
+            if Schedule(window, cfg.sink, r, keep=keep).expected_length(n_context) <= budget]
     if not fits:
-        raise ValueError(f"W={cfg.window} does not fit the {ratio}x budget of {budget} entries")
-    return cfg.window, max(fits)
+        raise ValueError(f"W={window} (keep={keep}) does not fit the {ratio}x budget of {budget} entries")
+    return window, max(fits)
 
 
 def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int, tokenizer=None):
@@ -95,15 +124,20 @@ def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int, t
     from transformers import DynamicCache
 
     from compression.base import Schedule
-    from compression.cache import new_cache
+    from compression.base import method_spec
+    from compression.cache import new_cache, sliding_layer_schedule
     from compression.presses import nominal_budget
 
     method = resolve(name, cfg, profile=cfg.model, weights=cfg.weights, tokenizer=tokenizer)
     if not method.compresses():  # the ceiling: transformers' own cache
         return DynamicCache(config=model.config), None
     if method.serves():  # a window method: the serving cache (switches the model to proportional attention if needed)
-        window, recent = window_layout(cfg, ratio, n_context)
-        return new_cache(model, method, Schedule(window, cfg.sink, recent)), None
+        layout = method_spec(name)[1]
+        keep = layout.get("keep", 0)
+        window, recent = window_layout(cfg, ratio, n_context, keep)
+        schedule = Schedule(window, cfg.sink, recent, keep=keep)
+        return new_cache(model, method, schedule,
+                         sliding_layer_schedule(schedule, layout.get("sliding_layers", "pool"))), None
     budget = nominal_budget(n_context, ratio, cfg.sink, cfg.recent)
     return DynamicCache(), method.press(1.0 - budget / n_context, Schedule(ratio, cfg.sink, cfg.recent))
 
@@ -273,6 +307,7 @@ def long_context_timing(model, tok, cfg: EvalConfig, log=print) -> dict:
 
 
 def run(cfg: EvalConfig, json_out: str, plot_out: str | None = None, log=print, resume: bool = False) -> dict:
+    from compression.base import method_spec
     from compression.presses import nominal_budget
     from latentwire import profiles
     from latentwire.runtime import AgentModel
@@ -291,6 +326,10 @@ def run(cfg: EvalConfig, json_out: str, plot_out: str | None = None, log=print, 
         if old.get("config") == results["config"] or all(old["config"].get(k, defaults[k]) == v
                                                           for k, v in asdict(cfg).items() if k not in ("ratios", "methods")):
             results["methods"], done = old["methods"], old["methods"]
+            # the file describes every cell it holds: the ratios and methods of both runs
+            results["nominal_budget"] = dict(old.get("nominal_budget", {}))
+            results["config"]["ratios"] = sorted({*old["config"]["ratios"], *cfg.ratios})
+            results["config"]["methods"] = list(dict.fromkeys([*old["config"]["methods"], *cfg.methods]))
     dense_res, dense_attn = eval_method(model, tok, items, "dense", cfg, 1, eos_ids)
     dense_res["attention_cosine"] = 1.0
     results["methods"]["dense"] = {"1": dense_res}
@@ -310,7 +349,8 @@ def run(cfg: EvalConfig, json_out: str, plot_out: str | None = None, log=print, 
                 log(f"{name} x{ratio}: FAILED {type(exc).__name__}: {exc}")
                 continue
             if resolve(name, cfg).serves():  # a window method: the layout it used
-                res["window"], res["recent"] = window_layout(cfg, ratio, cfg.context)
+                res["keep"] = method_spec(name)[1].get("keep", 0)
+                res["window"], res["recent"] = window_layout(cfg, ratio, cfg.context, res["keep"])
             res["kv_reduction"] = dense_res["kv_bytes"] / res["kv_bytes"]
             res["perplexity_vs_dense"] = res["perplexity"] / dense_res["perplexity"]
             res["fact_recall_vs_dense"] = res["fact_recall"] / max(dense_res["fact_recall"], 1e-9)
@@ -334,31 +374,57 @@ def run(cfg: EvalConfig, json_out: str, plot_out: str | None = None, log=print, 
 
 
 def all_goals(results: dict, ratio: int) -> dict:
-    """{"goals_8x": FMKVC's goals, "goals_8x_fmkvc_refine": the same for the refined super-tokens}."""
+    """The goals of every FMKVC spec in the results: "goals_8x" for fmkvc, "goals_8x_<spec>" for the
+    others (fmkvc_refine, the hybrid fmkvc:keep=K)."""
+    from compression.base import method_spec
+
     out = {"goals_8x": goals(results, ratio)}
-    if "fmkvc_refine" in results["methods"]:
-        out["goals_8x_fmkvc_refine"] = goals(results, ratio, "fmkvc_refine")
+    for spec in results["methods"]:
+        name = method_spec(spec)[0]
+        if spec != "fmkvc" and ALIASES.get(name, (name,))[0] == "fmkvc":
+            out[f"goals_{ratio}x_{spec}"] = goals(results, ratio, spec)
     return out
 
 
+GOAL_BASELINES = (*BASELINES, "kvzip", "mean_pool")  # what FMKVC must beat (mean_pool_mass is an ablation)
+
+
 def goals(results: dict, ratio: int, method: str = "fmkvc") -> dict:
+    """Issue #26's goals for `method` (a --methods spec) at `ratio` (and at 4x where it was run):
+    perplexity and fact recall against dense and against every baseline present at the same entries."""
     m = results["methods"]
     r = str(ratio)
-    if method not in m or r not in m[method]:
+    if method not in m or r not in m[method] or "error" in m[method][r]:
         return {}
     f, d = m[method][r], m["dense"]["1"]
-    others = {k: v[r] for k, v in m.items() if k in (*BASELINES, "mean_pool") and r in v and "error" not in v[r]}
-    return {
+
+    def baselines(at: str) -> dict:
+        return {k: v[at] for k, v in m.items() if k in GOAL_BASELINES and at in v and "error" not in v[at]}
+
+    others = baselines(r)
+    out = {
         "perplexity_within_5pct_of_dense": f["perplexity"] <= 1.05 * d["perplexity"],
-        "perplexity_better_than_every_baseline": all(f["perplexity"] < o["perplexity"] for o in others.values()),
+        # None, not a vacuous True, where no baseline ran at this ratio
+        "perplexity_better_than_every_baseline": all(f["perplexity"] < o["perplexity"] for o in others.values())
+        if others else None,
+        "baselines_compared": sorted(others),
         "fact_recall_at_least_80pct_of_dense": f["fact_recall"] >= 0.8 * d["fact_recall"],
         "fact_recall_above_streamingllm_and_mean_pool": all(
-            f["fact_recall"] > others[k]["fact_recall"] for k in ("streamingllm", "mean_pool") if k in others),
+            f["fact_recall"] > others[k]["fact_recall"] for k in ("streamingllm", "mean_pool") if k in others)
+        if {"streamingllm", "mean_pool"} & set(others) else None,
+        **({"fact_recall_above_kvzip": f["fact_recall"] > others["kvzip"]["fact_recall"]} if "kvzip" in others else {}),
         "kv_reduction": f["kv_reduction"],
         "decode_not_slower_than_dense": f["decode_ms_per_token"] <= d["decode_ms_per_token"],
         **({"decode_not_slower_than_dense_long_context": results["decode_long_context"][method]["decode_vs_dense"] <= 1}
            if method in results.get("decode_long_context", {}) else {}),
     }
+    f4 = m[method].get("4", {})
+    if ratio != 4 and "fact_recall" in f4:  # the 4x recall goal
+        out["fact_recall_at_least_95pct_of_dense_at_4x"] = f4["fact_recall"] >= 0.95 * d["fact_recall"]
+        kvzip4 = baselines("4").get("kvzip")
+        if kvzip4:
+            out["fact_recall_above_kvzip_at_4x"] = f4["fact_recall"] > kvzip4["fact_recall"]
+    return out
 
 
 def plot(results: dict, path: str) -> None:

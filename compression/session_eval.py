@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from compression.base import method_spec
+
 RELATIONS = ("city", "age", "year", "room", "date", "pet")  # relations with many values in the validation split
 EARLY = 4  # records of the first turns: "early facts"
 BUCKETS = ((0, 0), (1, 3), (4, 7), (8, 15), (16, 31), (32, 1 << 30))
@@ -119,28 +121,6 @@ def fork(cache):
 
 
 # ---- running -------------------------------------------------------------------------------------
-def method_spec(spec: str) -> tuple[str, dict]:
-    """A --methods entry: a method name, then for a window method ":option=value" layout options:
-    "fmkvc" -> ("fmkvc", {}); "fmkvc:keep=1:sliding_layers=pool" -> ("fmkvc", {"keep": 1,
-    "sliding_layers": "pool"}). `keep` exact entries per window (compression.base.Schedule.keep) at
-    the same ratio, so its window is ratio x (keep + 1) tokens; `sliding_layers` what the model's
-    sliding-window layers do (compression.cache.sliding_layer_schedule; eval-session's default: newest)."""
-    from compression.cache import SLIDING_LAYERS
-
-    name, *opts = spec.split(":")
-    layout: dict = {}
-    for opt in opts:
-        key, _, value = opt.partition("=")
-        if key == "keep" and value.isdigit():
-            layout[key] = int(value)
-        elif key == "sliding_layers" and value in SLIDING_LAYERS:
-            layout[key] = value
-        else:
-            raise ValueError(f"method {spec!r}: options are keep=N and sliding_layers={'|'.join(SLIDING_LAYERS)}, "
-                             f"not {opt!r}")
-    return name, layout
-
-
 def agent_for(spec: str, cfg: SessionEvalConfig, model, tok):
     """The target as an agent with `spec`'s session memory (None for dense: transformers' cache)."""
     from compression.session import factory

@@ -203,3 +203,26 @@ def test_sliding_window_layers_can_keep_their_newest_entries_instead_of_pooling(
             assert lb.last_pos.tolist() == list(range(300 - lb.stored(), 300))  # the newest, exact
     with pytest.raises(ValueError, match="sliding_layers='some'"):
         factory(method="mean_pool", window=8, sliding_layers="some")
+
+
+def test_sliding_layers_of_a_hybrid_cache_stay_aligned_when_chunks_follow_the_prefill():
+    """Each layer keeps its own tokens exact, but transformers builds one attention mask per layer type:
+    every sliding layer must hold as many entries as the first, or reading a chunk of several tokens
+    after compression (eval-cache's continuation, a session's next turn) fails on the mask's size.
+    Chunks after a prefill past the sliding window, with proportional attention (the fmkvc path)."""
+    from compression import attention
+    from compression.methods.mean_pool import MeanPoolMass
+
+    model = tiny_gemma3()
+    attention.enable(model)
+    cache = FMKVCCache(model.config, Schedule(window=8, sink=4, recent=16, keep=1), MeanPoolMass())
+    ids = _ids(model, 300, seed=0)
+    pos = 0
+    with torch.no_grad():
+        for n in (200, 7, 20, 1, 31, 1):
+            out = model(ids[:, pos:pos + n], past_key_values=cache, use_cache=True,
+                        position_ids=torch.arange(pos, pos + n)[None]).logits
+            pos += n
+            assert torch.isfinite(out).all()
+            sliding = {layer.stored() for layer in cache.layers if layer.sliding_window is not None}
+            assert len(sliding) == 1, sliding

@@ -134,3 +134,36 @@ def test_a_serving_cache_refuses_a_sidecar_that_differs_from_the_pinned_digest(t
     assert cache_factory(model, **opts, weights_sha256=digest).layers  # the pinned bytes load
     with pytest.raises(WeightsError, match="pinned"):
         cache_factory(model, **opts, weights_sha256="0" * 64)
+
+
+def test_eval_cache_runs_a_hybrid_keep_spec_at_the_budget_of_its_ratio(tmp_path):
+    """`eval-cache --methods mean_pool:keep=1` through the CLI: windows of ratio x 2 tokens, each leaving one
+    exact entry and one super-token, hold no more entries than the ratio's budget (and within one window of
+    it), and bytes are those entries; the JSON is keyed by the spec and its goals handle hybrid specs."""
+    import json
+
+    from compression.base import Schedule
+    from latentwire.cli import main
+
+    out = tmp_path / "eval.json"
+    n, ratio, sink, recent = 300, 4, 4, 16
+    rc = main(["eval-cache", "--model", "tiny-llama", "--context", str(n), "--ratios", str(ratio), "--facts", "1",
+               "--ppl-tokens", "8", "--decode-tokens", "3", "--sink", str(sink), "--recent", str(recent),
+               "--methods", "dense,mean_pool,mean_pool:keep=1,mean_pool:keep=2", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    budget = nominal_budget(n, ratio, sink, recent)
+    dense = res["methods"]["dense"]["1"]
+    plain = res["methods"]["mean_pool"][str(ratio)]
+    assert plain["kv_entries_max_layer"] == budget
+    for keep in (1, 2):
+        hybrid = res["methods"][f"mean_pool:keep={keep}"][str(ratio)]
+        window = ratio * (keep + 1)
+        assert (hybrid["keep"], hybrid["window"]) == (keep, window) and hybrid["recent"] <= recent
+        entries = hybrid["kv_entries_max_layer"]
+        assert entries == Schedule(window, sink, hybrid["recent"], keep=keep).expected_length(n)
+        assert budget - window < entries <= budget
+        assert hybrid["kv_bytes"] == dense["kv_bytes"] * entries / n  # every layer holds those entries
+        assert hybrid["kv_reduction"] >= plain["kv_reduction"] > 1
+    # a pruning baseline has no windows to keep entries of: refused before the model loads
+    assert main(["eval-cache", "--model", "tiny-llama", "--methods", "snapkv:keep=1", "--json", str(out)]) == 2
