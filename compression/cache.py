@@ -69,15 +69,13 @@ def merge_positions(last_pos: torch.Tensor, start: int, m: int, schedule: Schedu
 
 
 def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedule: Schedule,
-                  compressor: Compressor, layer_idx: int, kept_out: list | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+                  compressor: Compressor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Coarse-grain every full window of the dense tail that is older than `recent`.
 
     keys/values: (B, H, L, D); entries [0, n_final) are final (sink + compressed windows).
     Each window of W becomes, in this order, its `schedule.keep` most important entries
     (`compressor.importance`, mean over heads, original order) and one super-token pooled from the rest.
-    Returns new keys, values, n_final and the number m of windows compressed; with `kept_out` given,
-    appends the kept entries' indices within their windows, (B, m, keep), or None when keep is 0.
+    Returns new keys, values, n_final and the number m of windows compressed.
     """
     length = keys.shape[-2]
     if n_final < schedule.sink:
@@ -90,7 +88,6 @@ def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedu
     end = n_final + m * w
     kw = keys[:, :, n_final:end].reshape(b, h, m, w, d)
     vw = values[:, :, n_final:end].reshape(b, h, m, w, d)
-    kept = None
     if keep:
         score = compressor.importance(kw, vw, layer_idx).float().mean(1)  # (B, m, W): one choice per row
         kept = score.topk(keep, dim=-1).indices.sort(-1).values
@@ -104,8 +101,6 @@ def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedu
     if keep:  # per window: its kept entries, then its super-token
         kt = torch.cat([exact_k, kt.unsqueeze(-2)], dim=-2).reshape(b, h, m * (keep + 1), d)
         vt = torch.cat([exact_v, vt.unsqueeze(-2)], dim=-2).reshape(b, h, m * (keep + 1), d)
-    if kept_out is not None:
-        kept_out.append(kept)
     keys = torch.cat([keys[:, :, :n_final], kt, keys[:, :, end:]], dim=-2)
     values = torch.cat([values[:, :, :n_final], vt, values[:, :, end:]], dim=-2)
     return keys, values, n_final + m * schedule.per_window, m
@@ -151,14 +146,18 @@ class CompressedLayer(DynamicLayer):
             self.compact()
         return full_k, full_v  # this step's attention still sees what it was given
 
+    def dense_length(self) -> int:
+        """Entries the dense model's layer would hold now: every token seen, or on a sliding-window
+        layer the newest window's worth."""
+        return self.seen if self.sliding_window is None else min(self.seen, self.sliding_window - 1)
+
     def compact(self) -> None:
         """Compress every full window older than the newest `recent` entries (what `update` does after
         each step unless the cache's owner deferred it to the end of a session's turn); a schedule
         that does not pool keeps the newest entries, as many as pooling would leave."""
         if not self.schedule.pool:
             if self.schedule.enabled:
-                seen = self.seen if self.sliding_window is None else min(self.seen, self.sliding_window - 1)
-                drop = self.stored() - self.schedule.expected_length(seen)
+                drop = self.stored() - self.schedule.expected_length(self.dense_length())
                 if drop > 0:
                     self.keys, self.values = self.keys[:, :, drop:], self.values[:, :, drop:]
                     self.last_pos, self.log_count = self.last_pos[drop:], self.log_count[drop:]
@@ -300,8 +299,9 @@ def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, w
     """`new_cache` for the registered method named `method` with `options` for it (fmkvc: weights,
     refine_steps, refine_lr); pass `partial(cache_factory, method=..., profile=..., window=...)` (or
     `factory(...)`, which checks them first) as `AgentModel(cache_factory=...)`."""
-    return new_cache(model, _serving_method(method, profile, options), Schedule(window, sink, recent, keep=keep),
-                     sliding_layer_schedule(Schedule(window, sink, recent, keep=keep), sliding_layers))
+    schedule = Schedule(window, sink, recent, keep=keep)
+    return new_cache(model, _serving_method(method, profile, options), schedule,
+                     sliding_layer_schedule(schedule, sliding_layers))
 
 
 def sliding_layer_schedule(schedule: Schedule, sliding_layers: str) -> Schedule | None:

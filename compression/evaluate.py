@@ -123,8 +123,7 @@ def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int, t
     """-> (fresh cache, press context manager factory or None) for the --methods name `name`."""
     from transformers import DynamicCache
 
-    from compression.base import Schedule
-    from compression.base import method_spec
+    from compression.base import Schedule, method_spec
     from compression.cache import new_cache, sliding_layer_schedule
     from compression.presses import nominal_budget
 

@@ -42,8 +42,7 @@ class PrunedCache(FMKVCCache):
         self.pruned = 0  # entries evicted so far (all layers)
 
     def budget(self, layer) -> int:
-        dense = layer.seen if layer.sliding_window is None else min(layer.seen, layer.sliding_window - 1)
-        return self.budget_schedule.expected_length(dense)
+        return self.budget_schedule.expected_length(layer.dense_length())
 
     @torch.no_grad()
     def prune_layer(self, module, kwargs: dict) -> None:

@@ -126,19 +126,21 @@ def agent_for(spec: str, cfg: SessionEvalConfig, model, tok):
     from compression.session import factory
     from latentwire.runtime import AgentModel
 
-    from compression.methods import COMPRESSORS
-
     name, layout = method_spec(spec)
     cache_factory = None
     if name != "dense":
         options = {"weights": cfg.weights} if name == "fmkvc" and cfg.weights else {}
-        layout = {"sliding_layers": "newest", **layout} if COMPRESSORS.get(name)().serves() else layout
+        # the agents' default (KVCompression.sliding_layers); pruning baselines keep their sliding
+        # layers' newest entries whatever it says
+        layout = {"sliding_layers": "newest", **layout}
         cache_factory = factory(method=name, profile=cfg.model, window=cfg.ratio * (layout.get("keep", 0) + 1),
                                 sink=cfg.sink, recent=cfg.recent, **layout, **options)
     return AgentModel(cfg.model, model=model, tokenizer=tok, cache_factory=cache_factory)
 
 
 def run_session(agent, turns: list[dict], cfg: SessionEvalConfig, sid: str) -> list[dict]:
+    import torch
+
     from bridge.eval import exact_match
     from compression.cache import cache_nbytes
     from latentwire.sessions import SessionCaches
@@ -156,8 +158,6 @@ def run_session(agent, turns: list[dict], cfg: SessionEvalConfig, sid: str) -> l
                      "decode_ms": gen.decode_ms, "kv_bytes": cache_nbytes(cache), "kv_entries": s.tokens,
                      "tokens": cache.get_seq_length(), "probes": []})
         for probe in turn["probes"]:
-            import torch
-
             with torch.no_grad():
                 got = agent.generate(agent.target_inputs(None, probe["question"]), cfg.max_new_tokens,
                                      cache=fork(cache))

@@ -53,6 +53,19 @@ def tiny_target():
     return AgentModel("tiny-mistral")
 
 
+def tiny_aligned_bridge(tiny_source, tiny_target):
+    """An aligned bridge (bridge.aligned) for the tiny pair, fitted by ridge regression to random
+    (source state, target embedding) pairs: a random map with the real projection, seeded."""
+    import torch
+
+    from bridge.align import AlignConfig, build_bridge, candidate_vocab, moments, solve
+
+    torch.manual_seed(0)
+    S, B = moments(torch.randn(50, tiny_source.hidden_size), torch.randn(50, tiny_target.hidden_size))
+    return build_bridge(tiny_source, tiny_target, AlignConfig(), 2, solve(S, B, 1.0),
+                        candidate_vocab(tiny_source, tiny_target))
+
+
 @pytest.fixture(scope="session")
 def tiny_bridge_path(tmp_path_factory, tiny_source, tiny_target):
     """A calibrated (untrained) tiny-llama -> tiny-mistral bridge with K=4 soft tokens."""

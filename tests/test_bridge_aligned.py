@@ -10,6 +10,7 @@ import torch
 
 from bridge.align import AlignConfig, candidate_vocab, moments, piece_targets, solve
 from bridge.aligned import AlignedBridge, AlignedConfig, vocab_digest
+from tests.conftest import tiny_aligned_bridge
 
 
 
@@ -146,14 +147,9 @@ def _tiny_embeddings():
 
 
 def test_bridge_service_trims_each_packet_to_its_own_rows(tmp_path, tiny_source, tiny_target):
-    from bridge.align import build_bridge, solve
     from services.bridge_service import BridgeServicer
 
-    torch.manual_seed(0)
-    d = tiny_source.hidden_size + 1
-    S, B = moments(torch.randn(50, d - 1), torch.randn(50, tiny_target.hidden_size))
-    bridge = build_bridge(tiny_source, tiny_target, AlignConfig(), 2, solve(S, B, 1.0),
-                          candidate_vocab(tiny_source, tiny_target))
+    bridge = tiny_aligned_bridge(tiny_source, tiny_target)
     bridge.save(tmp_path / "aligned.safetensors")
     svc = BridgeServicer(dict(weights=str(tmp_path / "aligned.safetensors"), threads=1))
     hiddens = [torch.randn(t, tiny_source.hidden_size) for t in (5, 9, 1)]
@@ -208,15 +204,10 @@ def test_a_token_index_searches_few_rows_and_gives_the_full_search_soft_tokens(t
     from the short lists; a token the index does not list is searched in the whole vocabulary;
     an index is refused by any other bridge."""
     from bridge import token_index as ti
-    from bridge.align import build_bridge
     from bridge.load import load_bridge
     from services.bridge_service import BridgeServicer
 
-    torch.manual_seed(0)
-    d = tiny_source.hidden_size + 1
-    S, B = moments(torch.randn(50, d - 1), torch.randn(50, tiny_target.hidden_size))
-    bridge = build_bridge(tiny_source, tiny_target, AlignConfig(), 2, solve(S, B, 1.0),
-                          candidate_vocab(tiny_source, tiny_target))
+    bridge = tiny_aligned_bridge(tiny_source, tiny_target)
     bridge.cfg.top_k = 4
     bridge.save(tmp_path / "aligned.safetensors")
     bridge = load_bridge(tmp_path / "aligned.safetensors")  # with its sha
@@ -271,13 +262,9 @@ def test_the_lexicon_brings_a_tokens_own_row_first_and_touches_nothing_else(tmp_
 
 
 def test_fit_lexicon_lists_only_tokens_the_map_sends_elsewhere(tiny_source, tiny_target):
-    from bridge.align import build_bridge, fit_lexicon, own_gap, own_rows, token_states, LEXICON_PREFIXES
+    from bridge.align import fit_lexicon, own_gap, own_rows, token_states, LEXICON_PREFIXES
 
-    torch.manual_seed(0)
-    d = tiny_source.hidden_size + 1
-    S, B = moments(torch.randn(50, d - 1), torch.randn(50, tiny_target.hidden_size))
-    bridge = build_bridge(tiny_source, tiny_target, AlignConfig(), 2, solve(S, B, 1.0),
-                          candidate_vocab(tiny_source, tiny_target))
+    bridge = tiny_aligned_bridge(tiny_source, tiny_target)
     stats = fit_lexicon(bridge, tiny_source, tiny_target, slack=4.0)
     # a random map sends most tokens elsewhere; the prior brings 9 in 10 back, in a context it was not fitted in
     assert stats["held_out_own_row_before"] < 0.5 and stats["held_out_own_row_after"] > 0.9

@@ -11,6 +11,7 @@ import torch
 from latentwire.errors import FailedPrecondition, InvalidArgument
 from latentwire.merging import heavy, light, merge_slots, pair_slots
 from latentwire.selection import extract_text, make_selector, plan_message, plan_messages
+from tests.conftest import tiny_aligned_bridge
 
 RECORDS = ("The archive keeps many notes about the harbour and its ships. Vera lives in Quito. "
            "The harbour master counts the boats every morning before the market opens. Omar is 51 years old. "
@@ -92,14 +93,9 @@ def test_a_merged_message_carries_more_tokens_in_at_most_M_slots(tiny_source, bu
 # ---- the bridge service merges a packet's rows ---------------------------------------------------
 @pytest.fixture(scope="module")
 def aligned_service(tmp_path_factory, tiny_source, tiny_target):
-    from bridge.align import AlignConfig, build_bridge, candidate_vocab, moments, solve
     from services.bridge_service import BridgeServicer
 
-    torch.manual_seed(0)
-    d = tiny_source.hidden_size + 1
-    S, B = moments(torch.randn(50, d - 1), torch.randn(50, tiny_target.hidden_size))
-    bridge = build_bridge(tiny_source, tiny_target, AlignConfig(), 2, solve(S, B, 1.0),
-                          candidate_vocab(tiny_source, tiny_target))
+    bridge = tiny_aligned_bridge(tiny_source, tiny_target)
     path = tmp_path_factory.mktemp("aligned") / "aligned.safetensors"
     bridge.save(path)
     return BridgeServicer(dict(weights=str(path), threads=1, wire_dtype="float32"))

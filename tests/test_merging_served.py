@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import free_port
+from tests.conftest import free_port, tiny_aligned_bridge
 
 CONTEXT = ("The archive keeps many notes about the harbour and its ships. Vera lives in Quito. "
            "The harbour master counts the boats every morning before the market opens. Omar is 51 years old. "
@@ -19,12 +19,7 @@ OVERHEAD = 400  # provenance (model names, bridge id and sha256, request id, twi
 
 @pytest.fixture(scope="module")
 def aligned_path(tmp_path_factory, tiny_source, tiny_target):
-    from bridge.align import AlignConfig, build_bridge, candidate_vocab, moments, solve
-
-    torch.manual_seed(0)
-    S, B = moments(torch.randn(50, tiny_source.hidden_size), torch.randn(50, tiny_target.hidden_size))
-    bridge = build_bridge(tiny_source, tiny_target, AlignConfig(), 2, solve(S, B, 1.0),
-                          candidate_vocab(tiny_source, tiny_target))
+    bridge = tiny_aligned_bridge(tiny_source, tiny_target)
     path = tmp_path_factory.mktemp("aligned") / "aligned.safetensors"
     bridge.save(path)
     return path, bridge.bridge_id
@@ -63,3 +58,26 @@ def test_a_merging_source_sends_more_rows_and_the_target_reads_at_most_M_slots(c
     assert tensors < reply.packet_bytes < tensors + 10 * rows + OVERHEAD
     # EXTRACT has no slots: the same selector's text message is lexical's M tokens
     assert client.ask(CONTEXT, QUESTION, "extract", max_new_tokens=4).message_tokens == M
+
+
+@pytest.mark.parametrize("slot_of, weight, field", [
+    ([0, 1, 0], [1.0, 1.0, 1.0], "slot_of"),  # out of order
+    ([0, 0, 1], [0.5, 0.4, 1.0], "slot_weight"),  # weights not summing to 1
+    ([0, 1], [1.0, 1.0], "slot_of"),  # a slot_of missing (3 rows)
+])
+def test_the_served_bridge_refuses_slots_that_do_not_fit_then_serves(client, slot_of, weight, field):
+    """The slot checks over real gRPC: INVALID_ARGUMENT naming the field, and the bridge still serves."""
+    import grpc
+
+    from latentwire import codec
+    from protos.latentwire.v1 import latentwire_pb2 as pb
+
+    def packet(**slots):
+        prov = pb.Provenance(source_model="tiny-llama", source_layer=2, source_hidden_size=64, request_id="t")
+        return pb.HiddenStatePacket(hidden=codec.encode(torch.randn(3, 64)), provenance=prov, **slots)
+
+    with pytest.raises(grpc.RpcError) as err:
+        client.translate(packet(slot_of=slot_of, slot_weight=weight))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+    reply = client.translate(packet(slot_of=[0, 0, 1], slot_weight=[0.5, 0.5, 1.0]))
+    assert tuple(reply.latent.soft_tokens.shape) == (2, 96)  # 3 rows, 2 slots

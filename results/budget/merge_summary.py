@@ -18,20 +18,23 @@ files = sorted(HERE.glob("merge_val_*.json")) + sorted(HERE.glob("merge_left_val
 runs = {p.name: json.loads(p.read_text()) for p in files}
 kinds = sorted({k.split("@")[0] for r in runs.values() for k in r["modes"] if k.startswith("latent-")})
 
-cols = [(f"{k}@{b}", f"{k.upper()} {b}") for b in BUDGETS for k in ("latent", "extract", *kinds)]
-print("| items | n | context tokens | " + " | ".join(name for _, name in cols) + " |")
-print("|" + "---|" * (len(cols) + 3))
-for name, r in runs.items():
-    cells = [f"{r['modes'][c]['em']:.2f}" if c in r["modes"] else "-" for c, _ in cols]
-    print(f"| `{name}` | {r['n']} | {r['context_tokens']:.0f} | " + " | ".join(cells) + " |")
+
+
+def table(kinds_shown, cell, head=(), row=lambda name, r: ()):
+    """One markdown row per run: `head` columns, then `cell(mode)` for each kind at each budget."""
+    cols = [(f"{k}@{b}", f"{k.upper()} {b}") for b in BUDGETS for k in kinds_shown]
+    print("| items | " + " | ".join([*head, *(name for _, name in cols)]) + " |")
+    print("|" + "---|" * (len(cols) + len(head) + 1))
+    for name, r in runs.items():
+        cells = [cell(r["modes"][c]) if c in r["modes"] else "-" for c, _ in cols]
+        print(f"| `{name}` | " + " | ".join([*row(name, r), *cells]) + " |")
+
+
+table(("latent", "extract", *kinds), lambda m: f"{m['em']:.2f}", head=("n", "context tokens"),
+      row=lambda name, r: (str(r["n"]), f"{r['context_tokens']:.0f}"))
 
 print("\nContext tokens carried per packet (mean):\n")
-cov = [(f"{k}@{b}", f"{k.upper()} {b}") for b in BUDGETS for k in ("latent", *kinds)]
-print("| items | " + " | ".join(name for _, name in cov) + " |")
-print("|" + "---|" * (len(cov) + 1))
-for name, r in runs.items():
-    cells = [f"{r['modes'][c].get('context_covered', float('nan')):.1f}" if c in r["modes"] else "-" for c, _ in cov]
-    print(f"| `{name}` | " + " | ".join(cells) + " |")
+table(("latent", *kinds), lambda m: f"{m.get('context_covered', float('nan')):.1f}")
 
 print("\nItems a merged LATENT got right / wrong where the other got them wrong / right:\n")
 print("| items | mode | vs LATENT (won / lost) | vs EXTRACT (won / lost) |")
