@@ -46,6 +46,14 @@ def _take(layer_idx: int) -> torch.Tensor | None:
 def proportional_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, **kwargs):
     """transformers' SDPA attention plus the published log-count bias of this layer's cache."""
     log_count = _take(module.layer_idx)
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+        # transformers builds one mask per layer type, sized by the first layer of the type; this layer
+        # holds another number of entries (a cache whose layers keep different budgets:
+        # compression.cache.FMKVCCache.allocate_exact, one unpadded sequence). Its past is all visible,
+        # the new queries causal among themselves.
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        qi = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+        attention_mask = (torch.arange(kv_len, device=query.device)[None] <= qi)[None, None]
     if log_count is not None:
         q_len, kv_len = query.shape[-2], key.shape[-2]
         bias = torch.zeros(kv_len, dtype=query.dtype, device=query.device)

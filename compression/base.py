@@ -152,6 +152,9 @@ class KVPressBaseline(Compressor):
 
 
 SLIDING_LAYERS = ("pool", "newest")  # what a window method does on a model's sliding-window layers
+# how the hybrid memory picks its exact entries: per window by the method's `importance`, or across
+# each prompt by context reconstruction (compression/reconstruction.py)
+SELECT = ("window", "reconstruction")
 
 
 def method_spec(spec: str) -> tuple[str, dict]:
@@ -159,18 +162,21 @@ def method_spec(spec: str) -> tuple[str, dict]:
     ":option=value" layout options. "fmkvc" -> ("fmkvc", {}); "fmkvc:keep=1:sliding_layers=pool" ->
     ("fmkvc", {"keep": 1, "sliding_layers": "pool"}). `keep` exact entries per window (`Schedule.keep`)
     at the same ratio, so its window is ratio x (keep + 1) tokens; `sliding_layers` what the model's
-    sliding-window layers do (compression.cache.sliding_layer_schedule)."""
+    sliding-window layers do (compression.cache.sliding_layer_schedule); `select` how the exact
+    entries are chosen (compression.cache.reconstruction)."""
     name, *opts = spec.split(":")
     layout: dict = {}
     for opt in opts:
         key, _, value = opt.partition("=")
         if key == "keep" and value.isdigit():
             layout[key] = int(value)
-        elif key == "sliding_layers" and value in SLIDING_LAYERS:
+        elif (key == "sliding_layers" and value in SLIDING_LAYERS) or (key == "select" and value in SELECT):
             layout[key] = value
         else:
-            raise ValueError(f"method {spec!r}: options are keep=N and sliding_layers={'|'.join(SLIDING_LAYERS)}, "
-                             f"not {opt!r}")
+            raise ValueError(f"method {spec!r}: options are keep=N, sliding_layers={'|'.join(SLIDING_LAYERS)} "
+                             f"and select={'|'.join(SELECT)}, not {opt!r}")
+    if layout.get("select", "window") != "window" and not layout.get("keep"):
+        raise ValueError(f"method {spec!r}: select={layout['select']} chooses the keep=N exact entries: set keep")
     return name, layout
 
 

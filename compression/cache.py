@@ -39,7 +39,7 @@ from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
 from compression import attention
-from compression.base import SLIDING_LAYERS, Compressor, Schedule, build
+from compression.base import SELECT, SLIDING_LAYERS, Compressor, Schedule, build
 from compression.refine import refine_super_tokens
 
 def proportional(compressor: Compressor | None) -> bool:
@@ -73,9 +73,11 @@ def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedu
     """Coarse-grain every full window of the dense tail that is older than `recent`.
 
     keys/values: (B, H, L, D); entries [0, n_final) are final (sink + compressed windows).
-    Each window of W becomes, in this order, its `schedule.keep` most important entries
-    (`compressor.importance`, mean over heads, original order) and one super-token pooled from the rest.
-    Returns new keys, values, n_final and the number m of windows compressed.
+    Each window of W becomes, in this order, `schedule.keep` exact entries and one super-token pooled
+    from the rest: each window's `keep` most important entries (`compressor.importance`, mean over
+    heads, original order: one choice for all heads). Returns new keys, values, n_final and the number
+    m of windows compressed.
+    (`compress_scored` is the one-shot variant whose exact entries are chosen across the windows.)
     """
     length = keys.shape[-2]
     if n_final < schedule.sink:
@@ -86,17 +88,17 @@ def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedu
     b, h, _, d = keys.shape
     w, keep = schedule.window, schedule.keep
     end = n_final + m * w
-    kw = keys[:, :, n_final:end].reshape(b, h, m, w, d)
-    vw = values[:, :, n_final:end].reshape(b, h, m, w, d)
+    kw, vw = keys[:, :, n_final:end], values[:, :, n_final:end]
     if keep:
-        score = compressor.importance(kw, vw, layer_idx).float().mean(1)  # (B, m, W): one choice per row
-        kept = score.topk(keep, dim=-1).indices.sort(-1).values
-        rest = (~torch.zeros(b, m, w, dtype=torch.bool, device=kw.device).scatter(-1, kept, True)
-                ).nonzero()[:, -1].view(b, m, w - keep)
-        take = lambda x, idx: torch.gather(x, 3, idx[:, None, :, :, None].expand(b, h, m, idx.shape[-1], d))  # noqa: E731
-        exact_k, exact_v = take(kw, kept), take(vw, kept)
+        score = compressor.importance(kw.view(b, h, m, w, d), vw.view(b, h, m, w, d), layer_idx).float().mean(1)
+        kept = score.topk(keep, dim=-1).indices.sort(-1).values  # (B, m, keep): one choice per row
+        kept = (kept + torch.arange(m, device=kw.device)[:, None] * w).reshape(b, 1, m * keep).expand(b, h, m * keep)
+        rest = (~torch.zeros(b, h, m * w, dtype=torch.bool, device=kw.device).scatter(-1, kept, True)
+                ).nonzero()[:, -1].view(b, h, m * (w - keep))
+        take = lambda x, idx: torch.gather(x, 2, idx[..., None].expand(b, h, idx.shape[-1], d))  # noqa: E731
+        exact_k, exact_v = take(kw, kept).view(b, h, m, keep, d), take(vw, kept).view(b, h, m, keep, d)
         kw, vw = take(kw, rest), take(vw, rest)
-    kt, vt = compressor(kw, vw, layer_idx)
+    kt, vt = compressor(kw.reshape(b, h, m, w - keep, d), vw.reshape(b, h, m, w - keep, d), layer_idx)
     kt, vt = kt.to(keys.dtype), vt.to(values.dtype)
     if keep:  # per window: its kept entries, then its super-token
         kt = torch.cat([exact_k, kt.unsqueeze(-2)], dim=-2).reshape(b, h, m * (keep + 1), d)
@@ -104,6 +106,47 @@ def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedu
     keys = torch.cat([keys[:, :, :n_final], kt, keys[:, :, end:]], dim=-2)
     values = torch.cat([values[:, :, :n_final], vt, values[:, :, end:]], dim=-2)
     return keys, values, n_final + m * schedule.per_window, m
+
+
+def compress_scored(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedule: Schedule,
+                    compressor: Compressor, layer_idx: int, scores: torch.Tensor, exact: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+    """compress_tail's m full windows, with their exact entries chosen across all of them by `scores`
+    (KV heads, L) (compression/reconstruction.py; NaN: not scored, chosen last): each head keeps its
+    `exact` best-scored entries of the m W, and the others are pooled, in order, into super-tokens of
+    W - keep tokens each (the last one of fewer). The region then holds the exact entries, then the
+    super-tokens. Returns new keys, values, n_final and the tokens each entry of the region stands
+    for (None: nothing compressed)."""
+    length = keys.shape[-2]
+    if n_final < schedule.sink:
+        n_final = min(schedule.sink, length)
+    m = max(length - n_final - schedule.recent, 0) // schedule.window
+    if m == 0 or not schedule.enabled:
+        return keys, values, n_final, None
+    b, h, _, d = keys.shape
+    region, group = m * schedule.window, schedule.window - schedule.keep
+    exact = min(max(exact, 0), region)
+    end = n_final + region
+    kw, vw = keys[:, :, n_final:end], values[:, :, n_final:end]
+    ranked = scores[:, n_final:end].float().nan_to_num(nan=float("-inf")).to(keys.device).expand(b, h, region)
+    kept = ranked.topk(exact, dim=-1).indices.sort(-1).values
+    rest = (~torch.zeros(b, h, region, dtype=torch.bool, device=keys.device).scatter(-1, kept, True)
+            ).nonzero()[:, -1].view(b, h, region - exact)
+    take = lambda x, idx: torch.gather(x, 2, idx[..., None].expand(b, h, idx.shape[-1], d))  # noqa: E731
+    out_k, out_v = [take(kw, kept)], [take(vw, kept)]
+    rk, rv = take(kw, rest), take(vw, rest)
+    full, part = divmod(region - exact, group)
+    counts = [1] * exact + [group] * full + ([part] if part else [])
+    for lo, n_groups, size in ((0, full, group), (full * group, 1 if part else 0, part)):
+        if n_groups:
+            hi = lo + n_groups * size
+            kt, vt = compressor(rk[:, :, lo:hi].reshape(b, h, n_groups, size, d),
+                                rv[:, :, lo:hi].reshape(b, h, n_groups, size, d), layer_idx)
+            out_k.append(kt.to(keys.dtype))
+            out_v.append(vt.to(values.dtype))
+    keys = torch.cat([keys[:, :, :n_final], *out_k, keys[:, :, end:]], dim=-2)
+    values = torch.cat([values[:, :, :n_final], *out_v, values[:, :, end:]], dim=-2)
+    return keys, values, n_final + len(counts), torch.tensor(counts, dtype=torch.float32)
 
 
 class CompressedLayer(DynamicLayer):
@@ -120,6 +163,12 @@ class CompressedLayer(DynamicLayer):
         self.proportional = proportional(compressor)
         self.log_count = torch.zeros(0)  # log of the tokens each stored entry stands for
         self.deferred = False  # FMKVCCache.begin_turn: hold everything exact until end_turn
+        # (KV heads, stored entries): scores by context reconstruction (compression/reconstruction.py),
+        # NaN where not scored; None: the windows choose their exact entries by the method's importance.
+        # `exact_budget`: how many of the next compressed windows' entries stay exact (set by
+        # FMKVCCache.allocate_exact right before it compacts)
+        self.exact_scores: torch.Tensor | None = None
+        self.exact_budget: int | None = None
 
     def update(self, key_states, value_states, cache_kwargs=None):
         if not self.is_initialized:
@@ -142,6 +191,8 @@ class CompressedLayer(DynamicLayer):
                 log_count = log_count[n_drop:]
                 self.n_final = max(self.n_final - n_drop, 0)
         self.keys, self.values, self.last_pos, self.log_count = keys, values, last_pos, log_count
+        if self.exact_scores is not None:  # the new entries are not scored (full-attention layers only)
+            self.exact_scores = torch.cat([self.exact_scores, self.exact_scores.new_full((len(self.exact_scores), q), float("nan"))], -1)
         if not self.deferred:
             self.compact()
         return full_k, full_v  # this step's attention still sees what it was given
@@ -162,13 +213,48 @@ class CompressedLayer(DynamicLayer):
                     self.keys, self.values = self.keys[:, :, drop:], self.values[:, :, drop:]
                     self.last_pos, self.log_count = self.last_pos[drop:], self.log_count[drop:]
             return
+        if self.exact_budget is not None and self.exact_scores is not None:
+            self.compact_scored()
+            return
         keys, values, self.n_final, m = compress_tail(self.keys, self.values, self.n_final, self.schedule,
                                                       self.compressor, self.layer_idx)
         if m:
             start = self.n_final - m * self.schedule.per_window
+            self._forget_scores(start, m * self.schedule.window, m * self.schedule.per_window)
             self.last_pos = merge_positions(self.last_pos, start, m, self.schedule)
             self.log_count = merge_log_count(self.log_count, start, m, self.schedule, self.compressor)
         self.keys, self.values = keys, values
+
+    def compact_scored(self) -> None:
+        """`compact` with the exact entries chosen by their scores, `exact_budget` of them, across the
+        windows it compresses (compress_scored)."""
+        budget, self.exact_budget = self.exact_budget, None
+        keys, values, self.n_final, counts = compress_scored(self.keys, self.values, self.n_final, self.schedule,
+                                                             self.compressor, self.layer_idx, self.exact_scores, budget)
+        if counts is None:
+            return
+        start, region = self.n_final - len(counts), int(counts.sum())
+        # every entry of the region takes its newest position (kept entries are out of order there)
+        self.last_pos = torch.cat([self.last_pos[:start], self.last_pos[start + region - 1].expand(len(counts)),
+                                   self.last_pos[start + region:]])
+        weight = counts.log() if self.proportional else torch.zeros(len(counts))
+        self.log_count = torch.cat([self.log_count[:start], weight, self.log_count[start + region:]])
+        self._forget_scores(start, region, len(counts))
+        self.keys, self.values = keys, values
+
+    def compressible(self) -> tuple[int, int]:
+        """(first entry, entries) of the full windows the next `compact` would compress."""
+        s = self.schedule
+        start = max(self.n_final, min(s.sink, self.stored()))
+        m = max(self.stored() - start - s.recent, 0) // s.window if s.enabled and s.pool else 0
+        return start, m * s.window
+
+    def _forget_scores(self, start: int, region: int, left: int) -> None:
+        """The `left` entries that replaced `region` entries from `start` are final: not scored."""
+        if self.exact_scores is not None:
+            s = self.exact_scores
+            self.exact_scores = torch.cat([s[:, :start], s.new_full((len(s), left), float("nan")),
+                                           s[:, start + region:]], -1)
 
     def prefix_view(self, n_tail: int, keys: torch.Tensor, values: torch.Tensor) -> "CompressedLayer":
         """This layer as it was before its newest n_tail tokens arrived, with `keys`/`values` in place of
@@ -222,6 +308,10 @@ class FMKVCCache(Cache):
         super().__init__(layers=layers)
         self.schedule = schedule
         self.refine = None  # a compression.refine.RefineConfig: refit the super-tokens after each prefill
+        # a compression.reconstruction.Reconstruction: score each prompt's entries by context
+        # reconstruction once it is read, and keep the best-scored exact (set by `new_cache`)
+        self.reconstruct = None
+        self.in_turn = False
         if schedule.enabled and proportional(compressor) and not attention.enabled(cfg):
             raise ValueError(f"this compressor's super-tokens need proportional attention: call "
                              f"compression.attention.enable(model) (attn_implementation={attention.NAME!r}) first")
@@ -240,15 +330,43 @@ class FMKVCCache(Cache):
         """Hold the turn about to be read and answered exact: nothing is compressed until `end_turn`,
         so the answer is decoded over the whole turn (a turn is longer than `recent`: compressing as it
         is read pooled the record being asked about before its answer was written)."""
-        for layer in self.layers:
-            layer.deferred = True
+        self.in_turn = True
+        self.hold()
 
     def end_turn(self) -> None:
         """Compress what the turn left beyond the schedule: between turns the session holds the budget."""
+        self.in_turn = False
+        self.allocate_exact()
         for layer in self.layers:
             layer.deferred = False
             if layer.stored():
                 layer.compact()
+
+    def allocate_exact(self) -> None:
+        """Spread the exact entries of the windows about to be compressed over the scored layers by
+        their scores, as KVzip spreads its budget: the layers' best-scored entries (the largest over
+        heads) together, as many as `keep` per window in every layer, less one per layer for the
+        super-token that pools a remainder. A layer whose entries draw no reconstruction attention
+        keeps few exact and more super-tokens; one that is read to repeat the text keeps many."""
+        scored = [layer for layer in self.layers if layer.exact_scores is not None and layer.schedule.keep]
+        regions = [layer.compressible() for layer in scored]
+        if not scored or not any(n for _, n in regions):
+            return
+        best = [layer.exact_scores[:, start:start + n].float().amax(0).nan_to_num(nan=float("-inf"))
+                for layer, (start, n) in zip(scored, regions)]
+        total = sum(n // layer.schedule.window * layer.schedule.keep - 1 for layer, (_, n) in zip(scored, regions) if n)
+        flat = torch.cat(best)
+        chosen = flat.topk(max(min(total, int(torch.isfinite(flat).sum())), 0)).indices
+        owner = torch.repeat_interleave(torch.arange(len(scored)), torch.tensor([len(b) for b in best]))
+        per_layer = torch.bincount(owner[chosen], minlength=len(scored))
+        for layer, k in zip(scored, per_layer.tolist()):
+            layer.exact_budget = k
+
+    def hold(self) -> None:
+        """Compress nothing until `end_turn` (a cache that scores by reconstruction holds each prompt
+        exact until it is scored)."""
+        for layer in self.layers:
+            layer.deferred = True
 
     # ---- the hook a generation loop calls around its prefill (latentwire.runtime, eval-cache) ----------
     def tail_tokens(self, n_prompt: int) -> int:
@@ -258,8 +376,15 @@ class FMKVCCache(Cache):
     def after_prefill(self, model, output, inputs_embeds: torch.Tensor | None = None,
                       input_ids: torch.Tensor | None = None) -> dict | None:
         """Called once the prompt (1, n) is prefilled, with the prefill's output (logits of the last
-        `tail_tokens(n)` positions): with `refine` set, refit the super-tokens on the prompt's tail
-        (compression/refine.py) and return what the refinement reports; otherwise nothing to do."""
+        `tail_tokens(n)` positions): with `reconstruct` set, score the prompt's entries by context
+        reconstruction and (unless a session's turn goes on: `end_turn` does it) compress; with
+        `refine` set, refit the super-tokens on the prompt's tail (compression/refine.py) and return
+        what the refinement reports."""
+        if self.reconstruct is not None:  # score the prompt's entries, then (outside a turn) compress
+            embeds = inputs_embeds if inputs_embeds is not None else model.get_input_embeddings()(input_ids)
+            self.reconstruct.score(model, self, embeds)
+            if not self.in_turn:
+                self.end_turn()
         tail = output.logits.shape[1]
         if self.refine is None or tail <= 1:
             return None
@@ -279,10 +404,15 @@ def cache_nbytes(cache) -> int:
     return total
 
 
-def new_cache(model, compressor: Compressor, schedule: Schedule, sliding_schedule: Schedule | None = None) -> FMKVCCache:
+def new_cache(model, compressor: Compressor, schedule: Schedule, sliding_schedule: Schedule | None = None,
+              reconstruct=None) -> FMKVCCache:
     """A fresh cache for `model` that `compressor` (a window method, compression.methods) keeps
     compressed with `schedule`; with refinement on (fmkvc refine_steps > 0) it refits its super-tokens
-    on the prompt's tail after each prefill (`FMKVCCache.after_prefill`)."""
+    on the prompt's tail after each prefill (`FMKVCCache.after_prefill`). `reconstruct` (a
+    compression.reconstruction.Reconstruction): the schedule's exact entries are chosen by context
+    reconstruction over each prompt (`select="reconstruction"`) instead of per window."""
+    if reconstruct is not None and schedule.enabled and not schedule.keep:
+        raise ValueError("select='reconstruction' chooses the exact entries of the hybrid memory: it needs keep >= 1")
     compresses = compressor.compresses() and schedule.enabled
     schedule = replace(schedule, enabled=compresses)
     compressor.bind(model, schedule)
@@ -291,17 +421,37 @@ def new_cache(model, compressor: Compressor, schedule: Schedule, sliding_schedul
         compressor.bind(model, sliding_schedule)  # the same checks (e.g. the sidecar's largest window)
     cache = FMKVCCache(model.config, schedule, compressor if compresses else None, sliding_schedule)
     cache.refine = compressor.refinement()
+    if reconstruct is not None and cache.schedule.enabled:
+        cache.reconstruct = reconstruct
+        cache.hold()  # the first prompt stays exact until it is scored
+        attention.enable(model)  # its layers hold different numbers of entries (proportional_sdpa's mask)
     return cache
 
 
 def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, window: int = 8, sink: int = 4,
-                  recent: int = 64, keep: int = 0, sliding_layers: str = "pool", **options) -> FMKVCCache:
+                  recent: int = 64, keep: int = 0, sliding_layers: str = "pool", select: str = "window",
+                  tokenizer=None, **options) -> FMKVCCache:
     """`new_cache` for the registered method named `method` with `options` for it (fmkvc: weights,
     refine_steps, refine_lr); pass `partial(cache_factory, method=..., profile=..., window=...)` (or
-    `factory(...)`, which checks them first) as `AgentModel(cache_factory=...)`."""
+    `factory(...)`, which checks them first) as `AgentModel(cache_factory=...)`. `select`: how the
+    `keep` exact entries are chosen ("window": each window's by the method's importance;
+    "reconstruction": by context reconstruction over each prompt, which needs the model's `tokenizer`)."""
     schedule = Schedule(window, sink, recent, keep=keep)
     return new_cache(model, _serving_method(method, profile, options), schedule,
-                     sliding_layer_schedule(schedule, sliding_layers))
+                     sliding_layer_schedule(schedule, sliding_layers), reconstruction(select, tokenizer))
+
+
+def reconstruction(select: str, tokenizer=None):
+    """The `reconstruct` of `new_cache` for a `select` option: None for "window"."""
+    if select not in SELECT:
+        raise ValueError(f"select={select!r}: one of {', '.join(SELECT)}")
+    if select == "window":
+        return None
+    if tokenizer is None:
+        raise ValueError("select='reconstruction' needs the model's tokenizer (the repeat prompt is text)")
+    from compression.reconstruction import Reconstruction
+
+    return Reconstruction.for_tokenizer(tokenizer)
 
 
 def sliding_layer_schedule(schedule: Schedule, sliding_layers: str) -> Schedule | None:
@@ -315,7 +465,8 @@ def sliding_layer_schedule(schedule: Schedule, sliding_layers: str) -> Schedule 
     return None if sliding_layers == "pool" else replace(schedule, keep=0, pool=False)
 
 
-LAYOUT = ("method", "profile", "window", "sink", "recent", "keep", "sliding_layers")  # not method options
+LAYOUT = ("method", "profile", "window", "sink", "recent", "keep", "sliding_layers", "select",
+          "tokenizer")  # not method options
 
 
 def factory(**kwargs) -> Callable:
@@ -326,6 +477,11 @@ def factory(**kwargs) -> Callable:
                     {k: v for k, v in kwargs.items() if k not in LAYOUT})
     sliding_layer_schedule(Schedule(kwargs.get("window", 8), kwargs.get("sink", 4), kwargs.get("recent", 64),
                                     keep=kwargs.get("keep", 0)), kwargs.get("sliding_layers", "pool"))
+    select = kwargs.get("select", "window")
+    if select not in SELECT:
+        raise ValueError(f"select={select!r}: one of {', '.join(SELECT)}")
+    if select == "reconstruction" and not kwargs.get("keep"):  # its tokenizer may come later (services.agent)
+        raise ValueError("select='reconstruction' chooses the exact entries of the hybrid memory: it needs keep >= 1")
     return partial(cache_factory, **kwargs)
 
 

@@ -124,7 +124,7 @@ def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int, t
     from transformers import DynamicCache
 
     from compression.base import Schedule, method_spec
-    from compression.cache import new_cache, sliding_layer_schedule
+    from compression.cache import new_cache, reconstruction, sliding_layer_schedule
     from compression.presses import nominal_budget
 
     method = resolve(name, cfg, profile=cfg.model, weights=cfg.weights, tokenizer=tokenizer)
@@ -135,8 +135,8 @@ def make_method(name: str, model, cfg: EvalConfig, ratio: int, n_context: int, t
         keep = layout.get("keep", 0)
         window, recent = window_layout(cfg, ratio, n_context, keep)
         schedule = Schedule(window, cfg.sink, recent, keep=keep)
-        return new_cache(model, method, schedule,
-                         sliding_layer_schedule(schedule, layout.get("sliding_layers", "pool"))), None
+        return new_cache(model, method, schedule, sliding_layer_schedule(schedule, layout.get("sliding_layers", "pool")),
+                         reconstruction(layout.get("select", "window"), tokenizer)), None
     budget = nominal_budget(n_context, ratio, cfg.sink, cfg.recent)
     return DynamicCache(), method.press(1.0 - budget / n_context, Schedule(ratio, cfg.sink, cfg.recent))
 

@@ -117,7 +117,8 @@ def pruned_cache(model, compressor: Compressor, ratio: int, sink: int = 4, recen
 
 
 def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, window: int = 8, sink: int = 4,
-                  recent: int = 64, keep: int = 0, sliding_layers: str = "pool", **options):
+                  recent: int = 64, keep: int = 0, sliding_layers: str = "pool", select: str = "window",
+                  tokenizer=None, **options):
     """The cache of an agent's generation, a session's included: a window method's `FMKVCCache`
     (compression.cache.cache_factory; `keep` exact entries per window), or for a pruning baseline a
     `PrunedCache` at ratio `window`."""
@@ -126,7 +127,8 @@ def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, w
     compressor = _method(method, profile, options)
     if compressor.serves():
         return cache.cache_factory(model, method=method, profile=profile, window=window, sink=sink, recent=recent,
-                                   keep=keep, sliding_layers=sliding_layers, **options)
+                                   keep=keep, sliding_layers=sliding_layers, select=select, tokenizer=tokenizer,
+                                   **options)
     return pruned_cache(model, compressor, window, sink, recent)
 
 
@@ -142,8 +144,9 @@ def factory(**kwargs):
                          {k: v for k, v in kwargs.items() if k not in cache.LAYOUT})
     if compressor.serves():
         cache.factory(**kwargs)  # its own checks (e.g. the sidecar's weights)
-    elif kwargs.get("keep"):
-        raise ValueError(f"keep={kwargs['keep']} needs a window method (fmkvc, mean_pool, ...): "
+    elif kwargs.get("keep") or kwargs.get("select", "window") != "window":
+        option = f"keep={kwargs['keep']}" if kwargs.get("keep") else f"select={kwargs['select']}"
+        raise ValueError(f"{option} needs a window method (fmkvc, mean_pool, ...): "
                          f"{compressor.name()!r} prunes whole entries")
     else:
         pruned_cache_check(compressor, kwargs.get("window", 8), kwargs.get("sink", 4), kwargs.get("recent", 64))

@@ -133,6 +133,8 @@ def agent_for(spec: str, cfg: SessionEvalConfig, model, tok):
         # the agents' default (KVCompression.sliding_layers); pruning baselines keep their sliding
         # layers' newest entries whatever it says
         layout = {"sliding_layers": "newest", **layout}
+        if layout.get("select", "window") != "window":  # the repeat prompt of context reconstruction
+            layout["tokenizer"] = tok
         cache_factory = factory(method=name, profile=cfg.model, window=cfg.ratio * (layout.get("keep", 0) + 1),
                                 sink=cfg.sink, recent=cfg.recent, **layout, **options)
     return AgentModel(cfg.model, model=model, tokenizer=tok, cache_factory=cache_factory)

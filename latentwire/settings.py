@@ -96,6 +96,10 @@ class KVCompression(_Strict):
     # live in the full-attention layers, and super-tokens there derail Gemma 3 in a conversation
     # (docs/sessions.md: eval-session)
     sliding_layers: Literal["newest", "pool"] = "newest"
+    # how the `keep` exact entries are chosen: "window", each window's by key norm as it is compressed;
+    # "reconstruction", across each prompt by context reconstruction (KVzip's signal, one more pass
+    # over the prompt; compression/reconstruction.py), spread over the layers by their scores
+    select: Literal["window", "reconstruction"] = "window"
     # fmkvc: after each prompt's prefill, fit the super-tokens to the prompt's own newest tokens
     # (compression/refine.py). Better answers from old text, at the price of `refine_steps` forward and
     # backward passes over `recent` tokens in the prefill (about 18 s a 768-token prompt on 2 CPU cores

@@ -43,6 +43,9 @@ class AgentServicer(refusals("source", pb.DESCRIPTOR.services_by_name["BridgeSer
         self.model = AgentModel(s.profile, device=s.device, dtype=s.dtype, limits=s.limits,
                                 local_path=s.local_path, cache_factory=cache_factory,
                                 batch_tokens=s.max_batch_tokens, prefill_dtype=s.prefill_dtype)
+        if cache_factory is not None and s.kv_compression.select != "window":  # its repeat prompt needs the tokenizer
+            self.model.engine.cache_factory = cache_factory = factory(
+                profile=s.profile, tokenizer=self.model.tok, **s.kv_compression.model_dump())
         if cache_factory is not None:  # a window the sidecar cannot compress: refuse the deployment, not each request
             cache_factory(self.model.model)
         self.limits = s.limits

@@ -86,7 +86,7 @@ def test_eval_session_refuses_an_unknown_method(capsys):
     assert main(["eval-session", "--methods", "dense,nope", "--json", "/dev/null"]) == 2
     assert "unknown KV compression method 'nope'" in capsys.readouterr().err
     assert main(["eval-session", "--methods", "dense,fmkvc:keep=x", "--json", "/dev/null"]) == 2
-    assert "options are keep=N and sliding_layers=pool|newest, not 'keep=x'" in capsys.readouterr().err
+    assert "options are keep=N, sliding_layers=pool|newest and select=window|reconstruction, not 'keep=x'" in capsys.readouterr().err
 
 
 def test_probes_ask_earlier_records_on_a_copy_of_the_session_cache():
