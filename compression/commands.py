@@ -189,7 +189,9 @@ def register(sub, group) -> None:
                         "name is refused with the list), e.g. also kvzip, mean_pool_mass (ablation) and "
                         "fmkvc_refine (fmkvc with --refine-steps: super-tokens refitted at prefill); a window "
                         "method as NAME:keep=K keeps K exact entries per window of ratio x (K + 1) tokens and "
-                        "pools the rest (the hybrid memory, same entries as NAME)")
+                        "pools the rest (the hybrid memory, same entries as NAME); NAME:keep=K:select=reconstruction "
+                        "chooses those exact entries across the context and the layers by context reconstruction "
+                        "(KVzip's scores, compression/reconstruction.py)")
     p.add_argument("--weights", default=None, help="sidecar weights (default: the packaged one)")
     p.add_argument("--refine-steps", type=int, default=30,
                    help="fmkvc_refine: steps fitting the super-tokens to the context's own tail (compression/refine.py)")
@@ -209,7 +211,8 @@ def register(sub, group) -> None:
     p.add_argument("--model", default="gemma3-270m", help="target model profile")
     p.add_argument("--methods", default="dense,fmkvc,streamingllm,snapkv,knorm",
                    help="comma list: dense, window methods (fmkvc, mean_pool; NAME:keep=K keeps K exact entries "
-                        "per window of ratio x (K + 1) tokens, the rest pooled; NAME:sliding_layers=pool pools the "
+                        "per window of ratio x (K + 1) tokens, the rest pooled; NAME:keep=K:select=reconstruction "
+                        "chooses them over each turn by context reconstruction; NAME:sliding_layers=pool pools the "
                         "model's sliding-window layers, which by default keep their newest entries) and kvpress "
                         "scorer presses "
                         "(streamingllm, snapkv, knorm, expected_attention)")

@@ -110,16 +110,6 @@ def conversations(cfg: SessionEvalConfig) -> list[list[dict]]:
     return out
 
 
-def fork(cache):
-    """A copy of a session's cache that a probe can extend and drop: its layers copied, their tensors
-    shared (a cache update replaces a layer's tensors, it never writes into them)."""
-    import copy
-
-    twin = copy.copy(cache)
-    twin.layers = [copy.copy(layer) for layer in cache.layers]
-    return twin
-
-
 # ---- running -------------------------------------------------------------------------------------
 def agent_for(spec: str, cfg: SessionEvalConfig, model, tok):
     """The target as an agent with `spec`'s session memory (None for dense: transformers' cache)."""
@@ -144,7 +134,7 @@ def run_session(agent, turns: list[dict], cfg: SessionEvalConfig, sid: str) -> l
     import torch
 
     from bridge.eval import exact_match
-    from compression.cache import cache_nbytes
+    from compression.cache import cache_nbytes, fork
     from latentwire.sessions import SessionCaches
     from latentwire.settings import SessionLimits
 

@@ -67,12 +67,14 @@ def test_eval_session_cli_writes_json_and_plot(tmp_path, capsys):
     from latentwire.cli import main
 
     out, png = tmp_path / "s.json", tmp_path / "s.png"
-    rc = main(["eval-session", "--model", "tiny-llama", "--methods", "dense,mean_pool,knorm,mean_pool:keep=1", "--sessions", "1",
+    methods = "dense,mean_pool,knorm,mean_pool:keep=1,mean_pool:keep=1:select=reconstruction"
+    rc = main(["eval-session", "--model", "tiny-llama", "--methods", methods, "--sessions", "1",
                "--turns", "3", "--ratio", "4", "--sink", "2", "--recent", "16", "--filler-tokens", "8",
                "--max-new-tokens", "2", "--json", str(out), "--plot", str(png)])
     assert rc == 0 and png.stat().st_size > 0
     res = json.loads(out.read_text())
-    assert set(res["methods"]) == {"dense", "mean_pool", "knorm", "mean_pool:keep=1"} and res["errors"] == {}
+    assert set(res["methods"]) == {"dense", "mean_pool", "knorm", "mean_pool:keep=1",
+                                  "mean_pool:keep=1:select=reconstruction"} and res["errors"] == {}
     for m in res["methods"].values():
         assert m["n"] == 3 and len(m["by_turn"]) == 3 and 0 <= m["recall"] <= 1
         assert m["probe_recall"]["n"] == 0  # probes start after the 4th turn
