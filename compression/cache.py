@@ -395,17 +395,6 @@ class FMKVCCache(Cache):
         return refine_super_tokens(model, self, input_ids[0, -tail:], output.logits[0], self.refine)
 
 
-def fork(cache):
-    """A copy of a cache that a forward pass can extend and drop (a session's probe question, the repeat
-    pass of compression/reconstruction.py): its layers copied, their tensors shared (an update
-    replaces a layer's tensors, it never writes into them)."""
-    import copy
-
-    twin = copy.copy(cache)
-    twin.layers = [copy.copy(layer) for layer in cache.layers]
-    return twin
-
-
 def cache_nbytes(cache) -> int:
     """Bytes held by any transformers cache (dense or compressed)."""
     total = 0

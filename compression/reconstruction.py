@@ -31,9 +31,18 @@ from functools import partial
 
 import torch
 
-from compression.cache import fork
-
 REPEAT = "\n\nRepeat the previous context exactly.\n"  # KVzip's prompt, as kvpress words it
+
+
+def fork(cache):
+    """A copy of a cache that a forward pass can extend and drop (the repeat pass below; eval-session's
+    probe questions): its layers copied, their tensors shared (an update replaces a layer's tensors,
+    it never writes into them)."""
+    import copy
+
+    twin = copy.copy(cache)
+    twin.layers = [copy.copy(layer) for layer in cache.layers]
+    return twin
 
 
 @dataclass

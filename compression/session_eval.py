@@ -134,7 +134,8 @@ def run_session(agent, turns: list[dict], cfg: SessionEvalConfig, sid: str) -> l
     import torch
 
     from bridge.eval import exact_match
-    from compression.cache import cache_nbytes, fork
+    from compression.cache import cache_nbytes
+    from compression.reconstruction import fork
     from latentwire.sessions import SessionCaches
     from latentwire.settings import SessionLimits
 

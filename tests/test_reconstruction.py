@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from compression.cache import FMKVCCache, Schedule, compress_scored, fork, new_cache
+from compression.cache import FMKVCCache, Schedule, compress_scored, new_cache
 from compression.methods.mean_pool import MeanPool, MeanPoolMass, mean_pool_compressor
-from compression.reconstruction import Reconstruction
+from compression.reconstruction import Reconstruction, fork
 from latentwire import profiles
 
 hf_logging.disable_progress_bar()
