@@ -67,7 +67,6 @@ class Reconstruction:
         full = [i for i, layer in enumerate(cache.layers) if layer.sliding_window is None and layer.stored() >= n]
         if not full or n == 0:
             return
-        stored = cache.layers[full[0]].stored()
         heads = cache.layers[full[0]].keys.shape[1]
         scores = {i: torch.full((heads, n), float("-inf")) for i in full}
         state: dict = {}
@@ -80,7 +79,7 @@ class Reconstruction:
             for start in range(0, n, self.chunk):
                 end = min(start + self.chunk, n)
                 rep = torch.cat([prompt, embeds[:, start:end]], dim=1)
-                state.update(first=stored - n + start, last=stored - n + end, start=start, sink=self.sink)
+                state.update(n=n, start=start, end=end, sink=self.sink)
                 model.model(inputs_embeds=rep, past_key_values=fork(cache), use_cache=True,
                             position_ids=torch.arange(past, past + rep.shape[1], device=rep.device)[None])
         finally:
@@ -105,8 +104,9 @@ def _score_hook(module, args, kwargs, output, *, state: dict, scores: dict):
     q_len = hidden.shape[1]
     queries = get_prerope_query_states(module, hidden)
     queries = queries * cos.unsqueeze(1) + rotate_half(queries) * sin.unsqueeze(1)
-    keys = kwargs["past_key_values"].layers[module.layer_idx].keys  # the fork's: prompt ... + this chunk
-    first, last = state["first"], state["last"]
+    keys = kwargs["past_key_values"].layers[module.layer_idx].keys  # the fork's: ... prompt, this chunk
+    prompt_at = keys.shape[-2] - q_len - state["n"]  # layers may hold different numbers of older entries
+    first, last = prompt_at + state["start"], prompt_at + state["end"]
     sink = min(state["sink"], first)
     keys = torch.cat([keys[:, :, :sink], keys[:, :, first:last], keys[:, :, -q_len:]], dim=2)
     b, h_kv, k_len, d = keys.shape
