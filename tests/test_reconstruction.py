@@ -151,3 +151,44 @@ def test_a_session_scores_each_turn_and_stays_within_budget():
         assert sum(layers) <= len(layers) * (uniform + 8)  # + a window's remainder per layer
     assert s.state.get_seq_length() > 4 * (2 + 8 + 16)  # well past the budget
     assert sum(layers) < 0.6 * len(layers) * s.state.get_seq_length()
+
+
+def test_each_layer_scores_the_prompt_among_its_own_entries(llama):
+    """A later prompt (a session's next turn) over layers that hold different numbers of older
+    entries: every layer scores the prompt's own entries (a reference computed here from each
+    layer's own length)."""
+    from kvpress.utils import get_prerope_query_states
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    model, tok = llama
+    cache, _ = _scored_cache(model, tok)
+    assert len(set(cache.kv_lengths())) > 1
+    cache.begin_turn()
+    more = _ids(40, seed=4)
+    pos = cache.get_seq_length()
+    with torch.no_grad():
+        model(input_ids=more, past_key_values=cache, use_cache=True, position_ids=torch.arange(pos, pos + 40)[None])
+    seen = {}
+
+    def spy(module, args, kwargs, output):  # what each attention block read in the repeat pass
+        seen[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"],
+                                  kwargs["past_key_values"].layers[module.layer_idx].keys)
+
+    hooks = [layer.self_attn.register_forward_hook(spy, with_kwargs=True) for layer in model.model.layers]
+    try:
+        cache.reconstruct.score(model, cache, model.get_input_embeddings()(more))
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, layer in enumerate(cache.layers):
+        hidden, (cos, sin), keys = seen[i]
+        attn = model.model.layers[i].self_attn
+        q = get_prerope_query_states(attn, hidden)
+        q = q * cos.unsqueeze(1) + rotate_half(q) * sin.unsqueeze(1)
+        n_q, own = hidden.shape[1], layer.stored() - 40  # the prompt starts after the layer's own older entries
+        h_kv, groups = keys.shape[1], q.shape[1] // keys.shape[1]
+        k = torch.cat([keys[:, :, :4], keys[:, :, own:own + 40], keys[:, :, -n_q:]], 2).repeat_interleave(groups, 1)
+        logits = q @ k.transpose(-1, -2) * attn.scaling
+        logits[..., -n_q:] += torch.full((n_q, n_q), float("-inf")).triu(1)
+        want = logits.softmax(-1)[..., 4:44].view(1, h_kv, groups, n_q, 40).amax(dim=(0, 2, 3))
+        torch.testing.assert_close(layer.exact_scores[:, -40:], want, atol=1e-5, rtol=1e-4)
