@@ -88,17 +88,17 @@ def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedu
     b, h, _, d = keys.shape
     w, keep = schedule.window, schedule.keep
     end = n_final + m * w
-    kw, vw = keys[:, :, n_final:end], values[:, :, n_final:end]
+    kw = keys[:, :, n_final:end].reshape(b, h, m, w, d)
+    vw = values[:, :, n_final:end].reshape(b, h, m, w, d)
     if keep:
-        score = compressor.importance(kw.view(b, h, m, w, d), vw.view(b, h, m, w, d), layer_idx).float().mean(1)
-        kept = score.topk(keep, dim=-1).indices.sort(-1).values  # (B, m, keep): one choice per row
-        kept = (kept + torch.arange(m, device=kw.device)[:, None] * w).reshape(b, 1, m * keep).expand(b, h, m * keep)
-        rest = (~torch.zeros(b, h, m * w, dtype=torch.bool, device=kw.device).scatter(-1, kept, True)
-                ).nonzero()[:, -1].view(b, h, m * (w - keep))
-        take = lambda x, idx: torch.gather(x, 2, idx[..., None].expand(b, h, idx.shape[-1], d))  # noqa: E731
-        exact_k, exact_v = take(kw, kept).view(b, h, m, keep, d), take(vw, kept).view(b, h, m, keep, d)
+        score = compressor.importance(kw, vw, layer_idx).float().mean(1)  # (B, m, W): one choice per row
+        kept = score.topk(keep, dim=-1).indices.sort(-1).values
+        rest = (~torch.zeros(b, m, w, dtype=torch.bool, device=kw.device).scatter(-1, kept, True)
+                ).nonzero()[:, -1].view(b, m, w - keep)
+        take = lambda x, idx: torch.gather(x, 3, idx[:, None, :, :, None].expand(b, h, m, idx.shape[-1], d))  # noqa: E731
+        exact_k, exact_v = take(kw, kept), take(vw, kept)
         kw, vw = take(kw, rest), take(vw, rest)
-    kt, vt = compressor(kw.reshape(b, h, m, w - keep, d), vw.reshape(b, h, m, w - keep, d), layer_idx)
+    kt, vt = compressor(kw, vw, layer_idx)
     kt, vt = kt.to(keys.dtype), vt.to(values.dtype)
     if keep:  # per window: its kept entries, then its super-token
         kt = torch.cat([exact_k, kt.unsqueeze(-2)], dim=-2).reshape(b, h, m * (keep + 1), d)
@@ -192,7 +192,8 @@ class CompressedLayer(DynamicLayer):
                 self.n_final = max(self.n_final - n_drop, 0)
         self.keys, self.values, self.last_pos, self.log_count = keys, values, last_pos, log_count
         if self.exact_scores is not None:  # the new entries are not scored (full-attention layers only)
-            self.exact_scores = torch.cat([self.exact_scores, self.exact_scores.new_full((len(self.exact_scores), q), float("nan"))], -1)
+            unscored = self.exact_scores.new_full((len(self.exact_scores), q), float("nan"))
+            self.exact_scores = torch.cat([self.exact_scores, unscored], -1)
         if not self.deferred:
             self.compact()
         return full_k, full_v  # this step's attention still sees what it was given
