@@ -192,3 +192,17 @@ def test_each_layer_scores_the_prompt_among_its_own_entries(llama):
         logits[..., -n_q:] += torch.full((n_q, n_q), float("-inf")).triu(1)
         want = logits.softmax(-1)[..., 4:44].view(1, h_kv, groups, n_q, 40).amax(dim=(0, 2, 3))
         torch.testing.assert_close(layer.exact_scores[:, -40:], want, atol=1e-5, rtol=1e-4)
+
+
+def test_an_agent_whose_settings_select_reconstruction_builds_that_cache():
+    """kv_compression.select reaches the replica's cache factory, with the model's tokenizer (the repeat
+    prompt is text), and an answer is generated through it."""
+    from services.agent import AgentServicer
+
+    agent = AgentServicer(dict(profile="tiny-llama", threads=1, kv_compression=dict(
+        method="mean_pool", window=16, sink=4, recent=16, keep=1, select="reconstruction")))
+    cache = agent.model.engine.new_cache()
+    assert isinstance(cache.reconstruct, Reconstruction) and cache.schedule.keep == 1
+    agent.model.eos_ids = set()
+    gen = agent.model.generate(agent.model.target_inputs(None, "word " * 120), 3)
+    assert len(gen.token_ids) == 3
