@@ -51,22 +51,26 @@ def proportional_sdpa(module, query, key, value, attention_mask, dropout: float 
         # holds another number of entries (a cache whose layers keep different budgets:
         # compression.cache.FMKVCCache.allocate_exact, one unpadded sequence). Its past is all visible,
         # the new queries causal among themselves.
-        q_len, kv_len = query.shape[-2], key.shape[-2]
-        qi = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
-        attention_mask = (torch.arange(kv_len, device=query.device)[None] <= qi)[None, None]
+        attention_mask = _causal(query, key)
     if log_count is not None:
-        q_len, kv_len = query.shape[-2], key.shape[-2]
+        kv_len = key.shape[-2]
         bias = torch.zeros(kv_len, dtype=query.dtype, device=query.device)
         bias[:log_count.shape[0]] = log_count.to(query.device, query.dtype)
-        if attention_mask is None:  # SDPA's causal shortcut: spell the causal mask out (queries are last)
-            qi = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
-            attention_mask = (torch.arange(kv_len, device=query.device)[None] <= qi)[None, None]
+        if attention_mask is None:  # SDPA's causal shortcut: spell the causal mask out
+            attention_mask = _causal(query, key)
         if attention_mask.dtype == torch.bool:
             attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device
                                          ).masked_fill(~attention_mask, torch.finfo(query.dtype).min)
         attention_mask = attention_mask[..., :kv_len] + bias
     # dropout positional-or-keyword: kvpress re-wraps every registered attention function and passes it so
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
+
+
+def _causal(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The causal mask (1, 1, q, kv) of one unpadded sequence whose queries are the newest of its keys."""
+    q_len, kv_len = query.shape[-2], key.shape[-2]
+    qi = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+    return (torch.arange(kv_len, device=query.device)[None] <= qi)[None, None]
 
 
 AttentionInterface.register(NAME, proportional_sdpa)

@@ -163,7 +163,7 @@ def method_spec(spec: str) -> tuple[str, dict]:
     ("fmkvc", {"keep": 1, "sliding_layers": "pool"}). `keep` exact entries per window (`Schedule.keep`)
     at the same ratio, so its window is ratio x (keep + 1) tokens; `sliding_layers` what the model's
     sliding-window layers do (compression.cache.sliding_layer_schedule); `select` how the exact
-    entries are chosen (compression.cache.reconstruction)."""
+    entries are chosen (`check_select`, compression.cache.reconstruction)."""
     name, *opts = spec.split(":")
     layout: dict = {}
     for opt in opts:
@@ -175,9 +175,20 @@ def method_spec(spec: str) -> tuple[str, dict]:
         else:
             raise ValueError(f"method {spec!r}: options are keep=N, sliding_layers={'|'.join(SLIDING_LAYERS)} "
                              f"and select={'|'.join(SELECT)}, not {opt!r}")
-    if layout.get("select", "window") != "window" and not layout.get("keep"):
-        raise ValueError(f"method {spec!r}: select={layout['select']} chooses the keep=N exact entries: set keep")
+    try:
+        check_select(layout.get("select", "window"), layout.get("keep", 0))
+    except ValueError as exc:
+        raise ValueError(f"method {spec!r}: {exc}") from None
     return name, layout
+
+
+def check_select(select: str, keep: int) -> None:
+    """A `select` option (SELECT) with the `keep` it chooses from: "reconstruction" chooses exact
+    entries, so it needs keep >= 1."""
+    if select not in SELECT:
+        raise ValueError(f"select={select!r}: one of {', '.join(SELECT)}")
+    if select != "window" and not keep:
+        raise ValueError(f"select={select!r} chooses the exact entries of the hybrid memory: it needs keep >= 1")
 
 
 def takes(option: str) -> list[str]:

@@ -39,7 +39,7 @@ from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
 from compression import attention
-from compression.base import SELECT, SLIDING_LAYERS, Compressor, Schedule, build
+from compression.base import SLIDING_LAYERS, Compressor, Schedule, build, check_select
 from compression.refine import refine_super_tokens
 
 def proportional(compressor: Compressor | None) -> bool:
@@ -68,6 +68,15 @@ def merge_positions(last_pos: torch.Tensor, start: int, m: int, schedule: Schedu
                       last_pos[start + m * w:]])
 
 
+def full_windows(length: int, n_final: int, schedule: Schedule) -> tuple[int, int]:
+    """(first entry, m) of the m full windows of W older than the newest `recent` that a layer holding
+    `length` entries, the first `n_final` final, compresses now (m = 0 with the schedule off); the
+    `sink` entries are final whatever n_final says."""
+    start = n_final if n_final >= schedule.sink else min(schedule.sink, length)
+    m = max(length - start - schedule.recent, 0) // schedule.window if schedule.enabled else 0
+    return start, m
+
+
 def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedule: Schedule,
                   compressor: Compressor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Coarse-grain every full window of the dense tail that is older than `recent`.
@@ -79,11 +88,8 @@ def compress_tail(keys: torch.Tensor, values: torch.Tensor, n_final: int, schedu
     m of windows compressed.
     (`compress_scored` is the one-shot variant whose exact entries are chosen across the windows.)
     """
-    length = keys.shape[-2]
-    if n_final < schedule.sink:
-        n_final = min(schedule.sink, length)
-    m = max(length - n_final - schedule.recent, 0) // schedule.window
-    if m == 0 or not schedule.enabled:
+    n_final, m = full_windows(keys.shape[-2], n_final, schedule)
+    if m == 0:
         return keys, values, n_final, 0
     b, h, _, d = keys.shape
     w, keep = schedule.window, schedule.keep
@@ -117,11 +123,8 @@ def compress_scored(keys: torch.Tensor, values: torch.Tensor, n_final: int, sche
     W - keep tokens each (the last one of fewer). The region then holds the exact entries, then the
     super-tokens. Returns new keys, values, n_final and the tokens each entry of the region stands
     for (None: nothing compressed)."""
-    length = keys.shape[-2]
-    if n_final < schedule.sink:
-        n_final = min(schedule.sink, length)
-    m = max(length - n_final - schedule.recent, 0) // schedule.window
-    if m == 0 or not schedule.enabled:
+    n_final, m = full_windows(keys.shape[-2], n_final, schedule)
+    if m == 0:
         return keys, values, n_final, None
     b, h, _, d = keys.shape
     region, group = m * schedule.window, schedule.window - schedule.keep
@@ -245,10 +248,8 @@ class CompressedLayer(DynamicLayer):
 
     def compressible(self) -> tuple[int, int]:
         """(first entry, entries) of the full windows the next `compact` would compress."""
-        s = self.schedule
-        start = max(self.n_final, min(s.sink, self.stored()))
-        m = max(self.stored() - start - s.recent, 0) // s.window if s.enabled and s.pool else 0
-        return start, m * s.window
+        start, m = full_windows(self.stored(), self.n_final, self.schedule)
+        return start, m * self.schedule.window if self.schedule.pool else 0
 
     def _forget_scores(self, start: int, region: int, left: int) -> None:
         """The `left` entries that replaced `region` entries from `start` are final: not scored."""
@@ -412,8 +413,8 @@ def new_cache(model, compressor: Compressor, schedule: Schedule, sliding_schedul
     on the prompt's tail after each prefill (`FMKVCCache.after_prefill`). `reconstruct` (a
     compression.reconstruction.Reconstruction): the schedule's exact entries are chosen by context
     reconstruction over each prompt (`select="reconstruction"`) instead of per window."""
-    if reconstruct is not None and schedule.enabled and not schedule.keep:
-        raise ValueError("select='reconstruction' chooses the exact entries of the hybrid memory: it needs keep >= 1")
+    if reconstruct is not None and schedule.enabled:
+        check_select("reconstruction", schedule.keep)
     compresses = compressor.compresses() and schedule.enabled
     schedule = replace(schedule, enabled=compresses)
     compressor.bind(model, schedule)
@@ -437,15 +438,15 @@ def cache_factory(model, *, method: str = "fmkvc", profile: str | None = None, w
     `factory(...)`, which checks them first) as `AgentModel(cache_factory=...)`. `select`: how the
     `keep` exact entries are chosen ("window": each window's by the method's importance;
     "reconstruction": by context reconstruction over each prompt, which needs the model's `tokenizer`)."""
+    check_select(select, keep)
     schedule = Schedule(window, sink, recent, keep=keep)
     return new_cache(model, _serving_method(method, profile, options), schedule,
                      sliding_layer_schedule(schedule, sliding_layers), reconstruction(select, tokenizer))
 
 
 def reconstruction(select: str, tokenizer=None):
-    """The `reconstruct` of `new_cache` for a `select` option: None for "window"."""
-    if select not in SELECT:
-        raise ValueError(f"select={select!r}: one of {', '.join(SELECT)}")
+    """The `reconstruct` of `new_cache` for a `select` option (`compression.base.check_select`): None
+    for "window"."""
     if select == "window":
         return None
     if tokenizer is None:
@@ -478,11 +479,7 @@ def factory(**kwargs) -> Callable:
                     {k: v for k, v in kwargs.items() if k not in LAYOUT})
     sliding_layer_schedule(Schedule(kwargs.get("window", 8), kwargs.get("sink", 4), kwargs.get("recent", 64),
                                     keep=kwargs.get("keep", 0)), kwargs.get("sliding_layers", "pool"))
-    select = kwargs.get("select", "window")
-    if select not in SELECT:
-        raise ValueError(f"select={select!r}: one of {', '.join(SELECT)}")
-    if select == "reconstruction" and not kwargs.get("keep"):  # its tokenizer may come later (services.agent)
-        raise ValueError("select='reconstruction' chooses the exact entries of the hybrid memory: it needs keep >= 1")
+    check_select(kwargs.get("select", "window"), kwargs.get("keep", 0))  # its tokenizer may come later (services.agent)
     return partial(cache_factory, **kwargs)
 
 

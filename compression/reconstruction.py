@@ -2,7 +2,7 @@
 
 A prompt's cache entries are scored once it is read: the model is asked to repeat it ("Repeat the
 previous context exactly." then the prompt again, in chunks) over the prompt's own cache, and each
-entry scores the largest attention any reconstruction query of any head pays it. An entry that must
+entry scores the largest attention any reconstruction query of its KV group pays it. An entry that must
 be read to reproduce the text (a name, a number: what no neighbour predicts) scores high; one the
 model could rebuild from its neighbours scores low. It is query-agnostic: no later question is known.
 

@@ -44,8 +44,7 @@ class AgentServicer(refusals("source", pb.DESCRIPTOR.services_by_name["BridgeSer
                                 local_path=s.local_path, cache_factory=cache_factory,
                                 batch_tokens=s.max_batch_tokens, prefill_dtype=s.prefill_dtype)
         if cache_factory is not None and s.kv_compression.select != "window":  # its repeat prompt needs the tokenizer
-            self.model.engine.cache_factory = cache_factory = factory(
-                profile=s.profile, tokenizer=self.model.tok, **s.kv_compression.model_dump())
+            self.model.engine.cache_factory = cache_factory = functools.partial(cache_factory, tokenizer=self.model.tok)
         if cache_factory is not None:  # a window the sidecar cannot compress: refuse the deployment, not each request
             cache_factory(self.model.model)
         self.limits = s.limits

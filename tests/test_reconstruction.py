@@ -123,7 +123,7 @@ def test_select_reconstruction_needs_kept_entries_and_a_tokenizer(llama):
     model, tok = llama
     with pytest.raises(ValueError, match="needs keep >= 1"):
         new_cache(model, mean_pool_compressor, Schedule(8, 4, 16), reconstruct=Reconstruction.for_tokenizer(tok))
-    with pytest.raises(ValueError, match="set keep"):
+    with pytest.raises(ValueError, match="'fmkvc:select=reconstruction'.*needs keep >= 1"):
         method_spec("fmkvc:select=reconstruction")
     with pytest.raises(ValueError, match="select='nope'"):
         factory(method="mean_pool", window=8, select="nope")
